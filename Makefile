@@ -1,0 +1,26 @@
+# Two entry points, each creating the environment it needs: `make validate` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: setup validate test clean
+
+# Idempotent: re-runs only when pyproject.toml changes. torch==2.13.0 first where the venv has no
+# torch (pip takes the CPU wheel from local disk); a GPU image's venv brings its own torch.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+validate: setup
+	$(PY) run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --dry-run
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV)
