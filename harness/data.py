@@ -1,0 +1,523 @@
+"""Chat dataset -> tokens with assistant-only labels -> a deterministic plan of packed micro-batches.
+
+    conversations = load_chat_dataset(path)                      # validated, DatasetError on bad lines
+    data = tokenize_conversations(conversations, tokenizer, 2048)
+    plan = plan_steps(data.samples, world_size, max_tokens_per_gpu=8192)
+    for step in plan:
+        for batch in rank_micro_batches(step, rank, data.samples, packing=True, pad_token_id=...):
+            local_sum += chunked_cross_entropy_sum(...)           # harness.loss
+        loss = local_sum / step.global_label_tokens
+
+Labels are computed from character spans, not from template tags: the conversation is rendered
+with the tokenizer's chat template, each assistant reply is located in the text (content through
+its end-of-turn marker), and tokens overlapping those spans are labelled. This works for templates
+without {% generation %} blocks, such as Gemma 3's.
+
+Packed rows carry position_ids that restart at 0 for each sample and no attention_mask: transformers
+5.x (masking_utils._preprocess_mask_arguments -> find_packed_sequence_indices) then builds a
+block-diagonal causal mask for sdpa/eager/flex, and flash-attention uses the same position_ids as
+varlen boundaries. That detection only runs when the model has no cache: call the model with
+use_cache=False (model_inputs() does), or packed samples see each other. tests/test_data.py checks
+the packed loss and gradients against the samples run alone (Llama sdpa/eager, Gemma 3 sliding window).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from harness.paths import cache_dir as default_cache_dir
+from harness.tokenizers import END_OF_TURN_MARKERS
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED_ERRORS = 10
+# Bump when the tokenisation or labelling changes, so cached tokenised datasets are not reused.
+TOKENIZATION_VERSION = "1"
+
+
+# ---------------------------------------------------------------- loading and validation
+
+
+class DatasetError(ValueError):
+    """A dataset file has malformed lines; the message lists them as PATH:LINE: why."""
+
+
+def load_chat_dataset(path: str | Path) -> list[list[dict]]:
+    """Read a JSONL file of {"messages": [{role, content}, ...]}; every line is checked first."""
+    path = Path(path)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file")
+    conversations, errors = [], []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue  # blank lines (a trailing newline) are not samples
+            messages, why = _parse_line(line)
+            if why:
+                errors.append(f"{path}:{line_number}: {why}")
+            else:
+                conversations.append(messages)
+    if errors:
+        raise DatasetError(_error_summary(errors))
+    if not conversations:
+        raise DatasetError(f"{path}: no samples")
+    return conversations
+
+
+def _error_summary(errors: list[str]) -> str:
+    shown = errors[:MAX_REPORTED_ERRORS]
+    more = len(errors) - len(shown)
+    header = f"{len(errors)} malformed line(s) in the dataset:"
+    return "\n".join([header, *shown] + ([f"... and {more} more"] if more else []))
+
+
+def _parse_line(line: str) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a valid line, else (None, why)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return None, f"not valid JSON ({error.msg} at column {error.colno})"
+    if not isinstance(record, dict) or "messages" not in record:
+        return None, 'no "messages" field (expected {"messages": [{"role": ..., "content": ...}, ...]})'
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        return None, '"messages" must be a non-empty list of {"role", "content"} objects'
+    for index, message in enumerate(messages):
+        why = _message_problem(message)
+        if why:
+            return None, f"message {index}: {why}"
+    if not any(message["role"] == "assistant" for message in messages):
+        return None, "no assistant turn: nothing to train on"
+    return [{"role": m["role"], "content": m["content"]} for m in messages], None
+
+
+def _message_problem(message) -> str | None:
+    if not isinstance(message, dict):
+        return f"expected an object with role and content, got {type(message).__name__}"
+    role = message.get("role")
+    if role not in ROLES:
+        return f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
+    content = message.get("content")
+    if not isinstance(content, str):
+        return f"{role} content must be a string, got {type(content).__name__}"
+    if role == "assistant" and not content.strip():
+        return "empty assistant turn"
+    return None
+
+
+# ---------------------------------------------------------------- tokenisation and labels
+
+
+@dataclass(frozen=True)
+class TokenizedSample:
+    input_ids: list[int]
+    # Already shifted: shift_labels[t] is the target of the prediction at position t; the last
+    # position is always IGNORE_INDEX so nothing is trained across a packed sample boundary.
+    shift_labels: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @cached_property
+    def num_label_tokens(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.shift_labels)
+
+
+@dataclass
+class TokenizedDataset:
+    samples: list[TokenizedSample]
+    n_samples: int
+    n_dropped_too_long: int
+    total_tokens: int
+    total_label_tokens: int
+    dropped_indices: list[int] = field(default_factory=list)  # positions in the input, for the report
+
+    def token_stats(self) -> dict[str, float]:
+        lengths = sorted(sample.num_tokens for sample in self.samples)
+        return {
+            "min": lengths[0],
+            "median": float(torch.tensor(lengths, dtype=torch.float64).median()),
+            "max": lengths[-1],
+            "mean": self.total_tokens / len(lengths),
+            "total_tokens": self.total_tokens,
+            "total_label_tokens": self.total_label_tokens,
+        }
+
+
+class LabelSpanError(ValueError):
+    """An assistant reply could not be located in the rendered chat template."""
+
+
+def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and each assistant reply's span (through end-of-turn)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    markers = _end_of_turn_markers(tokenizer)
+    spans, cursor = [], 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # The reply starts after the prompt that precedes it, when the template renders prefixes stably.
+        prompt = _render_prompt(messages[:index], tokenizer)
+        if prompt is not None and text.startswith(prompt):
+            cursor = max(cursor, len(prompt))
+        spans.append(_reply_span(text, message["content"], cursor, markers))
+        cursor = spans[-1][1]
+    return text, spans
+
+
+def _render_prompt(messages: list[dict], tokenizer) -> str | None:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # some templates refuse partial conversations; the search cursor still works
+        return None
+
+
+def _end_of_turn_markers(tokenizer) -> list[str]:
+    markers = list(END_OF_TURN_MARKERS.values())
+    if tokenizer.eos_token and tokenizer.eos_token not in markers:
+        markers.append(tokenizer.eos_token)
+    return markers
+
+
+def _reply_span(text: str, content: str, cursor: int, markers: list[str]) -> tuple[int, int]:
+    reply = content.strip()  # templates such as Gemma's trim the reply
+    start = text.find(reply, cursor)
+    if start < 0:
+        raise LabelSpanError(f"assistant reply {reply[:40]!r}... not found in the rendered template")
+    reply_end = start + len(reply)
+    rest = text[reply_end:]
+    for marker in markers:
+        # The marker must follow the reply directly (whitespace aside): it ends this turn.
+        if rest.lstrip(" \t\n").startswith(marker):
+            return start, reply_end + (len(rest) - len(rest.lstrip(" \t\n"))) + len(marker)
+    raise LabelSpanError(f"no end-of-turn marker after assistant reply {reply[:40]!r}; text after: {rest[:30]!r}")
+
+
+def tokenize_with_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """input_ids and unshifted labels: token ids inside assistant spans, IGNORE_INDEX elsewhere."""
+    text, spans = assistant_char_spans(messages, tokenizer)
+    # The template writes BOS itself where the family uses one; do not add a second.
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [
+        token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
+    ]
+    return input_ids, labels
+
+
+def shift(labels: list[int]) -> list[int]:
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def _tokenize_batch(batch: dict, tokenizer) -> dict:
+    input_ids, shift_labels = [], []
+    for messages in batch["messages"]:
+        ids, labels = tokenize_with_labels(messages, tokenizer)
+        input_ids.append(ids)
+        shift_labels.append(shift(labels))
+    return {"input_ids": input_ids, "shift_labels": shift_labels}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    digest = hashlib.sha256(content.encode())
+    digest.update(str(tokenizer.chat_template).encode())
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(conversations: list[list[dict]], tokenizer) -> str:
+    digest = hashlib.sha256(f"v{TOKENIZATION_VERSION}".encode())
+    digest.update(tokenizer_fingerprint(tokenizer).encode())
+    digest.update(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()[:24]
+
+
+def tokenize_conversations(
+    conversations: list[list[dict]],
+    tokenizer,
+    max_seq_len: int,
+    cache_dir: str | Path | None = None,
+    num_proc: int | None = None,
+) -> TokenizedDataset:
+    """Chat template + assistant-only labels via datasets.map, cached on disk by fingerprint.
+
+    Samples longer than max_seq_len are dropped (not truncated: a cut reply teaches the wrong end),
+    logged and counted in n_dropped_too_long.
+    """
+    import datasets
+
+    fingerprint = dataset_fingerprint(conversations, tokenizer)
+    folder = Path(cache_dir or default_cache_dir() / "tokenized") / fingerprint
+    if folder.exists():
+        tokenized = datasets.load_from_disk(str(folder))
+    else:
+        raw = datasets.Dataset.from_dict({"messages": conversations})
+        tokenized = raw.map(
+            _tokenize_batch,
+            fn_kwargs={"tokenizer": tokenizer},
+            batched=True,
+            batch_size=64,
+            remove_columns=["messages"],
+            num_proc=_worker_count(num_proc, len(conversations)),
+            new_fingerprint=fingerprint,
+            desc="tokenizing",
+        )
+        _save_dataset_atomically(tokenized, folder)
+    # The length filter runs after the cache, so changing max_seq_len reuses the tokenised data.
+    return _select_by_length(tokenized["input_ids"], tokenized["shift_labels"], max_seq_len)
+
+
+def _worker_count(num_proc: int | None, num_conversations: int) -> int | None:
+    """None runs map in this process: datasets 5.x starts a pool even for num_proc=1."""
+    if num_proc is None:
+        # Pickling a 262k-vocab tokenizer into workers costs ~8 s: only worth it for large sets.
+        num_proc = 1 if num_conversations < 20_000 else min(8, (os.cpu_count() or 1) // 2)
+    return num_proc if num_proc > 1 else None
+
+
+def _save_dataset_atomically(dataset, folder: Path) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        dataset.save_to_disk(str(tmp))
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not folder.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _select_by_length(all_input_ids, all_shift_labels, max_seq_len: int) -> TokenizedDataset:
+    samples, dropped = [], []
+    for index, (input_ids, shift_labels) in enumerate(zip(all_input_ids, all_shift_labels)):
+        if len(input_ids) > max_seq_len:
+            dropped.append(index)
+        else:
+            samples.append(TokenizedSample(list(input_ids), list(shift_labels)))
+    if dropped:
+        log.warning(
+            "dropped %d of %d samples longer than --max-seq-len %d (first: %s)",
+            len(dropped), len(all_input_ids), max_seq_len, dropped[:10],
+        )
+    return TokenizedDataset(
+        samples=samples,
+        n_samples=len(samples),
+        n_dropped_too_long=len(dropped),
+        total_tokens=sum(s.num_tokens for s in samples),
+        total_label_tokens=sum(s.num_label_tokens for s in samples),
+        dropped_indices=dropped,
+    )
+
+
+# ---------------------------------------------------------------- the step plan
+
+
+@dataclass
+class StepPlan:
+    """One optimizer step: micro_batches[rank][micro] is a list of sample indices (maybe empty)."""
+
+    index: int
+    micro_batches: list[list[list[int]]]
+    global_label_tokens: int
+    global_tokens: int
+
+    @property
+    def micro_batches_per_rank(self) -> int:
+        return len(self.micro_batches[0])
+
+    def for_rank(self, rank: int) -> list[list[int]]:
+        return self.micro_batches[rank]
+
+
+class PlanError(ValueError):
+    """The samples do not fit the requested token budget."""
+
+
+def plan_steps(
+    samples: list[TokenizedSample],
+    world_size: int,
+    max_tokens_per_gpu: int,
+    micro_batches_per_step: int = 1,
+    packing: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[StepPlan]:
+    """One epoch's deterministic plan, identical on every rank (no communication needed).
+
+    Samples are shuffled by (seed, epoch), cut into steps of about world_size x micro_batches x
+    max_tokens_per_gpu tokens, and placed longest-first on the least-loaded rank, so tokens are
+    balanced across ranks. Each sample appears once, on one rank. Every rank gets the same number of
+    micro-batches per step; a rank with nothing left gets empty ones (zero label tokens).
+    """
+    _check_budget(samples, max_tokens_per_gpu, packing)
+    order = list(range(len(samples)))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    lengths = [sample.num_tokens for sample in samples]
+    step_budget = world_size * micro_batches_per_step * max_tokens_per_gpu
+    steps: list[StepPlan] = []
+    pending = order
+    while pending:
+        chosen, pending = _take_up_to(pending, lengths, step_budget)
+        bins, left_over = _place_longest_first(chosen, lengths, world_size, micro_batches_per_step, max_tokens_per_gpu, packing)
+        pending = left_over + pending  # what did not fit opens the next step
+        steps.append(_make_step(len(steps), _drop_empty_micro_steps(bins), samples))
+    return steps
+
+
+def _check_budget(samples: list[TokenizedSample], max_tokens_per_gpu: int, packing: bool) -> None:
+    longest = max((sample.num_tokens for sample in samples), default=0)
+    if longest > max_tokens_per_gpu:
+        raise PlanError(
+            f"a sample has {longest} tokens, more than --max-tokens-per-gpu {max_tokens_per_gpu}: "
+            "raise --max-tokens-per-gpu or lower --max-seq-len"
+        )
+
+
+def _take_up_to(order: list[int], lengths: list[int], budget: int) -> tuple[list[int], list[int]]:
+    total = 0
+    for position, index in enumerate(order):
+        if total + lengths[index] > budget and position > 0:
+            return order[:position], order[position:]
+        total += lengths[index]
+    return order, []
+
+
+def _bin_cost(members: list[int], lengths: list[int], packing: bool) -> int:
+    """Tokens a micro-batch occupies: the sum when packed, rows x longest when padded."""
+    if not members:
+        return 0
+    if packing:
+        return sum(lengths[i] for i in members)
+    return len(members) * max(lengths[i] for i in members)
+
+
+def _place_longest_first(chosen, lengths, world_size, micro_batches, capacity, packing):
+    bins = [[[] for _ in range(micro_batches)] for _ in range(world_size)]
+    rank_tokens = [0] * world_size
+    left_over = []
+    # Longest first; ties broken by sample index so the plan never depends on anything but the inputs.
+    for index in sorted(chosen, key=lambda i: (-lengths[i], i)):
+        target = _least_loaded_fit(bins, rank_tokens, index, lengths, capacity, packing)
+        if target is None:
+            left_over.append(index)
+            continue
+        rank, micro = target
+        bins[rank][micro].append(index)
+        rank_tokens[rank] += lengths[index]
+    # Keep the shuffled order inside a micro-batch, and defer left-overs in shuffled order too.
+    position = {index: p for p, index in enumerate(chosen)}
+    for rank_bins in bins:
+        for members in rank_bins:
+            members.sort(key=position.__getitem__)
+    return bins, sorted(left_over, key=position.__getitem__)
+
+
+def _least_loaded_fit(bins, rank_tokens, index, lengths, capacity, packing):
+    for rank in sorted(range(len(bins)), key=lambda r: (rank_tokens[r], r)):
+        fits = [
+            (_bin_cost(members, lengths, packing), micro)
+            for micro, members in enumerate(bins[rank])
+            if _bin_cost(members + [index], lengths, packing) <= capacity
+        ]
+        if fits:
+            return rank, min(fits)[1]
+    return None
+
+
+def _drop_empty_micro_steps(bins: list[list[list[int]]]) -> list[list[list[int]]]:
+    """Remove micro-batch slots that are empty on every rank (ranks stay in lock-step)."""
+    keep = [micro for micro in range(len(bins[0])) if any(rank_bins[micro] for rank_bins in bins)]
+    return [[rank_bins[micro] for micro in keep] for rank_bins in bins]
+
+
+def _make_step(index: int, bins, samples: list[TokenizedSample]) -> StepPlan:
+    members = [i for rank_bins in bins for micro in rank_bins for i in micro]
+    return StepPlan(
+        index=index,
+        micro_batches=bins,
+        global_label_tokens=sum(samples[i].num_label_tokens for i in members),
+        global_tokens=sum(samples[i].num_tokens for i in members),
+    )
+
+
+# ---------------------------------------------------------------- collation
+
+
+def collate_micro_batch(samples: list[TokenizedSample], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for one forward pass; an empty list gives a one-token dummy batch with no labels.
+
+    packed: input_ids/position_ids/shift_labels of shape [1, T], position_ids restarting at 0 per
+    sample, and no attention_mask (transformers derives the block-diagonal mask from position_ids).
+    padded: [B, T] with right padding, attention_mask, and IGNORE_INDEX labels on the pads.
+    """
+    if not samples:
+        samples = [TokenizedSample([pad_token_id], [IGNORE_INDEX])]
+    batch = _collate_packed(samples) if packing else _collate_padded(samples, pad_token_id)
+    batch["num_label_tokens"] = torch.tensor(int((batch["shift_labels"] != IGNORE_INDEX).sum()))
+    return batch
+
+
+def _collate_packed(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
+    input_ids = [token for sample in samples for token in sample.input_ids]
+    labels = [label for sample in samples for label in sample.shift_labels]
+    positions = [p for sample in samples for p in range(sample.num_tokens)]
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        "shift_labels": torch.tensor([labels], dtype=torch.long),
+    }
+
+
+def _collate_padded(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    width = max(sample.num_tokens for sample in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        input_ids[row, : sample.num_tokens] = torch.tensor(sample.input_ids)
+        labels[row, : sample.num_tokens] = torch.tensor(sample.shift_labels)
+        attention_mask[row, : sample.num_tokens] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": torch.arange(width).expand(len(samples), width).clone(),
+        "shift_labels": labels,
+    }
+
+
+MODEL_INPUT_KEYS = ("input_ids", "position_ids", "attention_mask")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """Keyword arguments for model(...) / model.model(...) from a collated micro-batch.
+
+    use_cache=False matters for correctness, not only memory: with the config default (True)
+    transformers creates a DynamicCache, and masking_utils only detects packed sequences when there
+    is no cache, so packed samples would attend to each other (observed in 5.24).
+    """
+    return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch} | {"use_cache": False}
+
+
+def rank_micro_batches(step: StepPlan, rank: int, samples: list[TokenizedSample], packing: bool, pad_token_id: int):
+    """This rank's collated micro-batches for one step (the same count on every rank)."""
+    return [
+        collate_micro_batch([samples[i] for i in members], packing, pad_token_id)
+        for members in step.for_rank(rank)
+    ]

@@ -1,0 +1,83 @@
+"""torch.distributed set-up and FSDP2 sharding for one training job (torchrun starts the ranks)."""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistContext:
+    """NCCL on GPUs, gloo on CPU: the same code path either way (CI runs it with gloo)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for, but CUDA is not available here; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks to shard one by one: transformers names them in _no_split_modules."""
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    # Never shard a block nested in another block: the outer one owns its parameters.
+    nested = {id(inner) for outer in blocks for inner in outer.modules() if inner is not outer}
+    return [block for block in blocks if id(block) not in nested]
+
+
+def shard_model(model: nn.Module, *, bf16: bool, reshard_after_forward: bool = True) -> int:
+    """FSDP2: each decoder layer its own unit, then the root (embeddings, norm, lm_head).
+    bf16 compute over fp32 master weights, fp32 gradient reduction. Returns the unit count."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else torch.float32,
+        reduce_dtype=torch.float32,
+    )
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return len(layers) + 1
+
+
+def local_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of parameters this rank holds (its shards under FSDP2)."""
+    total = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        total += local.numel() * local.element_size()
+    return total

@@ -1,0 +1,115 @@
+"""One torchrun job per model, in its own process group, with a timeout.
+
+The parent never imports the model: it writes job.json, starts `python -m torch.distributed.run`,
+streams the log to <model>/train.log (echoing the progress lines), and reads back what the ranks
+wrote. A crash, a hang or a kill of one job never takes the sweep down.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.paths import REPO_ROOT
+
+LOG_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class Topology:
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of node 0 for multi-node runs
+    rdzv_id: str = "sft-harness"
+
+
+@dataclass
+class JobOutcome:
+    returncode: int | None
+    timed_out: bool
+    interrupted: bool
+    duration_s: float
+    log_path: Path
+    log_tail: list[str] = field(default_factory=list)
+
+    @property
+    def clean_exit(self) -> bool:
+        return self.returncode == 0 and not self.timed_out and not self.interrupted
+
+
+def torchrun_command(job_path: Path, topology: Topology) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topology.nproc_per_node}"]
+    if topology.nnodes > 1:
+        if not topology.rdzv_endpoint:
+            raise ValueError("multi-node runs need --rdzv-endpoint host:port (node 0's address)")
+        command += [
+            f"--nnodes={topology.nnodes}",
+            f"--node-rank={topology.node_rank}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={topology.rdzv_endpoint}",
+            f"--rdzv-id={topology.rdzv_id}",
+        ]
+    else:
+        command.append("--standalone")  # a free local port: jobs never collide
+    return command + ["-m", "harness.train", "--job", str(job_path)]
+
+
+def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, env=None) -> JobOutcome:
+    """Run command in a new session; on timeout or Ctrl-C end the whole process group."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+    started = time.monotonic()
+    job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), job_env.get("PYTHONPATH")]))
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True, env=job_env, cwd=REPO_ROOT,
+        )
+        reader = threading.Thread(target=_pump, args=(process.stdout, log, tail, on_line), daemon=True)
+        reader.start()
+        timed_out = interrupted = False
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            end_process_group(process)
+        except KeyboardInterrupt:
+            interrupted = True
+            end_process_group(process)
+        reader.join(timeout=10)
+    return JobOutcome(process.returncode, timed_out, interrupted, time.monotonic() - started, log_path, list(tail))
+
+
+def _pump(stream, log, tail: deque, on_line) -> None:
+    for line in stream:
+        log.write(line)
+        log.flush()
+        tail.append(line.rstrip("\n"))
+        if on_line is not None:
+            on_line(line.rstrip("\n"))
+
+
+def end_process_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM to every process of the job, SIGKILL to what is left after the grace period."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+            # torchrun may exit before its workers: make sure none of the group survives.
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        return

@@ -1,0 +1,101 @@
+"""Chunked LM-head cross-entropy and the loss normalisation of an optimizer step.
+
+With Gemma's 262k vocabulary the fp32 logits of 8k tokens take 8 GiB, twice that with their
+gradient. chunked_cross_entropy_sum never holds more than one chunk of logits: the forward pass
+keeps only the loss, and the backward pass recomputes each chunk's logits and turns them into
+gradients straight away (a custom autograd Function, so no logits are saved for backward).
+
+Normalisation: the step loss is sum(token losses) / (label tokens of the whole step, all ranks and
+micro-batches). Each rank backpropagates local_sum / global_label_tokens per micro-batch, so the
+sum over ranks and micro-batches is the step loss whatever the world size, packing or micro-batching.
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma-style final logit softcapping: cap * tanh(logits / cap)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
+    # The matmul runs in the model's dtype; the logits are upcast before softmax, as transformers does.
+    return softcap((hidden @ weight.t()).float(), cap)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy over rows of `hidden` (all labelled), chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_tokens, cap):
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            logits = _chunk_logits(hidden[start : start + chunk_tokens], weight, cap)
+            target = labels[start : start + chunk_tokens]
+            total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk_tokens, ctx.cap = chunk_tokens, cap
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        # fp32 accumulator across chunks, so bf16 weights do not lose precision chunk after chunk.
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            chunk = hidden[start : start + ctx.chunk_tokens]
+            logits = _chunk_logits(chunk, weight, ctx.cap)
+            # d(logsumexp - picked)/d(capped logits) = softmax - onehot
+            grad_logits = torch.softmax(logits, dim=-1)
+            grad_logits[torch.arange(chunk.shape[0], device=chunk.device), labels[start : start + ctx.chunk_tokens]] -= 1
+            if ctx.cap is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh^2 = 1 - (capped / cap)^2
+                grad_logits *= 1 - (logits / ctx.cap) ** 2
+            grad_logits = (grad_logits * grad_total).to(weight.dtype)
+            grad_hidden[start : start + ctx.chunk_tokens] = grad_logits @ weight
+            grad_weight += (grad_logits.t() @ chunk).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def chunked_cross_entropy_sum(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    chunk_tokens: int = 2048,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """Sum over labelled tokens of cross_entropy(softcap(hidden @ W^T), label), as an fp32 scalar.
+
+    hidden_states [..., H] and shift_labels [...] (already shifted, IGNORE_INDEX = -100 where not
+    trained). Only labelled positions go through the LM head. lm_head_weight must be a plain
+    (unsharded) tensor: under FSDP2 call this where the LM head's parameters are gathered.
+    Returns a zero that still carries gradients (zeros) when nothing is labelled, so dummy
+    micro-batches run the same backward as real ones.
+    """
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labels = shift_labels.reshape(-1).to(hidden.device)
+    labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    # index_select's backward scatters the gradient back to the labelled positions, zeros elsewhere.
+    return _ChunkedLinearCrossEntropy.apply(
+        hidden.index_select(0, labelled), lm_head_weight, labels[labelled], chunk_tokens, final_logit_softcapping
+    )
+
+
+def global_mean_loss(local_sum: torch.Tensor, global_label_tokens: int) -> torch.Tensor:
+    """This rank's share of the step loss: local token-loss sum over the step's global label count.
+
+    Summed over ranks (all_reduce SUM) and micro-batches it is the step's mean token loss.
+    """
+    return local_sum / max(int(global_label_tokens), 1)
+
+
+def loss_for_backward(local_sum: torch.Tensor, global_label_tokens: int, gradient_divide_factor: float) -> torch.Tensor:
+    """What to call backward() on so the summed gradient is that of the step's mean token loss.
+
+    FSDP2/DDP divide reduced gradients by the world size by default (gradient_divide_factor =
+    world_size); multiply it back here. Pass 1.0 if the data-parallel wrapper sums gradients.
+    """
+    return global_mean_loss(local_sum, global_label_tokens) * gradient_divide_factor

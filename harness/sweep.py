@@ -1,0 +1,163 @@
+"""The sweep: each planned model in turn -> job.json -> torchrun job -> verdict -> result.json."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+from harness.launch import JobOutcome, Topology, run_job, torchrun_command
+from harness.metrics import read_metrics
+from harness.report import read_json, write_json_atomic
+from harness.train import PROGRESS_PREFIX, RunConfig
+from harness.verdict import VerdictInput, judge
+
+# Defaults per weights mode; a registry model's `train:` section overrides them per mode.
+TRAIN_DEFAULTS = {
+    # A 0.4M-parameter model cannot memorise 42k label tokens of random facts: tiny CPU runs overfit
+    # the first 200 samples (~15k tokens), which takes ~40 epochs at this learning rate.
+    "tiny": {"lr": 3e-3, "max_tokens_per_gpu": 1024, "epochs": 100, "max_steps": 4000, "warmup_steps": 5,
+             "max_samples": 200},
+    "synthetic": {"lr": 1e-4, "max_tokens_per_gpu": 8192, "epochs": 30, "max_steps": 1000, "warmup_steps": 5},
+    "real": {"lr": 2e-5, "max_tokens_per_gpu": 8192, "epochs": 30, "max_steps": 1000, "warmup_steps": 5},
+}
+CLI_OVERRIDES = ("lr", "epochs", "max_steps", "max_tokens_per_gpu", "max_seq_len", "seed", "max_samples")
+
+
+def run_config_for(planned, args, model_dir: Path) -> RunConfig:
+    """Defaults < the registry's per-model settings < what the command line says."""
+    spec = planned.spec
+    settings = dict(TRAIN_DEFAULTS[args.weights])
+    settings.update(spec.train.get("all", {}))
+    settings.update(spec.train.get(args.weights, {}))
+    for name in CLI_OVERRIDES:
+        if getattr(args, name, None) is not None:
+            settings[name] = getattr(args, name)
+    if args.activation_checkpointing != "auto":
+        settings["activation_checkpointing"] = args.activation_checkpointing == "on"
+    return RunConfig(
+        model=spec.to_dict(), weights=args.weights, device=args.device, output_dir=str(model_dir),
+        dataset=str(args.dataset), packing=not args.no_packing, loss_threshold=spec.loss_threshold,
+        **settings,
+    )
+
+
+def run_model(planned, args, run_dir: Path, on_line=None) -> dict:
+    model_dir = run_dir / planned.spec.folder_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("worker.json", "metrics.jsonl", "result.json"):
+        (model_dir / stale).unlink(missing_ok=True)
+    cfg = run_config_for(planned, args, model_dir)
+    job_path = model_dir / "job.json"
+    write_json_atomic(job_path, cfg.to_dict())
+    topology = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint, run_dir.name)
+    started = time.monotonic()
+    outcome = run_job(torchrun_command(job_path, topology), model_dir / "train.log", args.timeout_per_model, on_line)
+    result = collect_result(planned, cfg, outcome, model_dir, topology)
+    result["time_s"]["wall"] = time.monotonic() - started
+    write_json_atomic(model_dir / "result.json", result)
+    return result
+
+
+def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, model_dir: Path, topology: Topology) -> dict:
+    worker = read_json(cfg.worker_path) if cfg.worker_path.exists() else {"status": "missing"}
+    metrics = read_metrics(cfg.metrics_path)
+    record = worker.get("load_record") or {}
+    towers = worker.get("towers") or {}
+    verdict = judge(VerdictInput(
+        clean_exit=outcome.clean_exit and worker.get("status") == "finished",
+        exit_detail=exit_detail(outcome, worker),
+        load_path=record.get("load_path"),
+        expected_load_path=planned.spec.expected_load_path,
+        weights=cfg.weights,
+        vocab_size=worker.get("vocab_size"),
+        losses=[m["loss"] for m in metrics],
+        grad_norms=[m["grad_norm"] for m in metrics],
+        loss_threshold=cfg.loss_threshold,
+        stop_reason=worker.get("stop_reason"),
+        non_finite_step=worker.get("non_finite_step"),
+        tower_params_in_model=towers.get("params", 0) if record.get("load_path") == "extract_causal_lm" else 0,
+        trainable_tower_params=towers.get("trainable", 0),
+        frozen_params_changed=bool(worker.get("frozen_params", {}).get("changed")),
+    ))
+    time_s = worker.get("time_s", {})
+    return {
+        "model": planned.spec.name,
+        "source": planned.spec.source,
+        "hf_id": planned.spec.hf_id,
+        "weights": cfg.weights,
+        "load_path": record.get("load_path") or planned.decision.load_path,
+        "load_path_reason": record.get("reason") or planned.decision.reason,
+        "expected_load_path": planned.spec.expected_load_path,
+        "classes": record.get("classes") or planned.decision.classes(),
+        **verdict.to_dict(),
+        "steps": len(metrics),
+        "stop_reason": worker.get("stop_reason"),
+        "world_size": worker.get("world_size", topology.nproc_per_node * topology.nnodes),
+        "gpu": worker.get("gpu"),
+        "time_s": {"load": time_s.get("load"), "train": time_s.get("train"), "total": time_s.get("total"),
+                   "first_step": time_s.get("first_step")},
+        "tokens_per_s": steady_mean(metrics, "tokens_per_s"),
+        "tokens_per_s_per_gpu": steady_mean(metrics, "tokens_per_s_per_gpu"),
+        "mfu": steady_mean(metrics, "mfu"),
+        "peak_mem_gib": max((m["peak_mem_allocated_gib"] or 0 for m in metrics), default=None) or None,
+        "load_record": record,
+        "data": worker.get("data"),
+        "towers": towers,
+        "sharding": worker.get("sharding"),
+        "exit": {"returncode": outcome.returncode, "timed_out": outcome.timed_out, "interrupted": outcome.interrupted},
+        "log_file": outcome.log_path.name,
+        "log_tail": [] if verdict.verdict == "PASS" else outcome.log_tail[-20:],
+        "metrics_file": "metrics.jsonl",
+    }
+
+
+def exit_detail(outcome: JobOutcome, worker: dict) -> str:
+    if outcome.timed_out:
+        return f"timed out after {outcome.duration_s:.0f}s; every process of the job was ended"
+    if outcome.interrupted:
+        return "interrupted (Ctrl-C); every process of the job was ended"
+    if worker.get("status") == "error":
+        return worker.get("error", "error")
+    if outcome.returncode != 0:
+        return f"torchrun exited with code {outcome.returncode} (a rank crashed or was killed)"
+    if worker.get("status") != "finished":
+        return f"the job left no finished record (status {worker.get('status')})"
+    return ""
+
+
+def steady_mean(metrics: list[dict], key: str) -> float | None:
+    """Mean over the steps after the first (which pays for warm-up and compilation)."""
+    values = [m[key] for m in metrics[1:] or metrics if m.get(key) is not None and math.isfinite(m[key])]
+    return sum(values) / len(values) if values else None
+
+
+def progress_printer(model_name: str):
+    def on_line(line: str) -> None:
+        if line.startswith(PROGRESS_PREFIX):
+            print(f"  {model_name}: {line[len(PROGRESS_PREFIX):]}", flush=True)
+    return on_line
+
+
+def echo(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)
+
+
+def run_sweep(planned_models: list, args, run_dir: Path) -> list[dict]:
+    """Models one after another; one model's failure never stops the next."""
+    results = []
+    for index, planned in enumerate(planned_models, 1):
+        name = planned.spec.name
+        echo(f"[{index}/{len(planned_models)}] {name}: {planned.decision.load_path}, {args.weights} weights, "
+             f"{args.nproc_per_node * args.nnodes} rank(s) on {args.device}")
+        result = run_model(planned, args, run_dir, on_line=progress_printer(name))
+        echo(f"[{index}/{len(planned_models)}] {name}: {result['verdict']} "
+             f"(initial loss {fmt(result['initial_loss'])}, final {fmt(result['final_loss'])}, {result['steps']} steps)")
+        for reason in result["reasons"]:
+            echo(f"    FAIL: {reason}")
+        results.append(result)
+    return results
+
+
+def fmt(value) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,375 @@
+"""The overfit trainer: one model, every rank of one torchrun job, FSDP2.
+
+Run by launch.py as `python -m torch.distributed.run ... -m harness.train --job job.json`. Reads top
+to bottom: load -> data -> shard -> loop (step, metrics, early stop) -> worker.json. Everything it
+uses is a small component elsewhere (loading, data, loss, distributed, metrics).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from harness import data as data_lib
+from harness import distributed as dist_lib
+from harness import loading
+from harness.loss import chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
+from harness.metrics import (
+    MetricsWriter,
+    StepMetrics,
+    gpu_name,
+    mfu,
+    peak_bf16_flops,
+    peak_memory_gib,
+    training_flops_per_token,
+)
+from harness.registry import ModelSpec
+from harness.report import write_json_atomic
+
+PROGRESS_PREFIX = "[progress] "
+MODEL_INPUTS = ("input_ids", "position_ids", "shift_labels", "attention_mask")
+
+
+@dataclass
+class RunConfig:
+    """Everything one training job needs; launch.py writes it as job.json."""
+
+    model: dict  # ModelSpec.to_dict()
+    weights: str  # real | synthetic | tiny
+    device: str  # cuda | cpu
+    output_dir: str  # the model's result folder
+    dataset: str
+    max_samples: int | None = None  # the first N samples only (tiny CPU models: see sweep.TRAIN_DEFAULTS)
+    max_seq_len: int = 2048
+    max_tokens_per_gpu: int = 8192
+    packing: bool = True
+    lr: float = 1e-4
+    warmup_steps: int = 5
+    schedule: str = "constant"  # constant | cosine
+    max_steps: int = 400
+    epochs: int = 40
+    seed: int = 0
+    loss_threshold: float = 0.05
+    patience: int = 5  # consecutive-step window whose mean must be below the threshold
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    activation_checkpointing: bool | None = None  # None: on above ~1B parameters
+    reshard_after_forward: bool = True
+    log_every: int = 25
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(**self.model)
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.output_dir) / "metrics.jsonl"
+
+    @property
+    def worker_path(self) -> Path:
+        return Path(self.output_dir) / "worker.json"
+
+    @classmethod
+    def from_json(cls, path: Path) -> "RunConfig":
+        return cls(**json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class TrainableLM(nn.Module):
+    """The FSDP root: runs the decoder and returns the SUM of token losses, computed in chunks so
+    the [tokens, vocab] logits never exist at once (Gemma's vocabulary is 262k)."""
+
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 2048):
+        super().__init__()
+        self.lm = lm
+        self._no_split_modules = getattr(lm, "_no_split_modules", None)
+        text_config = lm.config.get_text_config(decoder=True)
+        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None):
+        extra = loading.extra_forward_inputs(self.lm, input_ids)
+        outputs = self.lm.model(
+            input_ids=input_ids,
+            position_ids=loading.text_position_ids(self.lm, position_ids),
+            attention_mask=attention_mask,
+            use_cache=False,
+            **extra,
+        )
+        head = self.lm.get_output_embeddings()
+        return chunked_cross_entropy_sum(
+            outputs.last_hidden_state, head.weight, shift_labels,
+            chunk_tokens=self.chunk_tokens, final_logit_softcapping=self.softcap,
+        )
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    stop_reason: str | None = None
+    non_finite_step: int | None = None
+    recent_losses: deque = field(default_factory=lambda: deque(maxlen=5))
+    tokens_seen: int = 0
+    first_step_at: float | None = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one overfit training job (started by torchrun)")
+    parser.add_argument("--job", type=Path, required=True)
+    cfg = RunConfig.from_json(parser.parse_args(argv).job)
+    ctx = dist_lib.init_distributed(cfg.device)
+    summary: dict = {"status": "started", "rank_count": ctx.world_size}
+    try:
+        summary = train(cfg, ctx)
+        return 0
+    except Exception as exc:  # record what killed the job, then fail the exit code
+        summary = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        print(summary["traceback"], file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if ctx.is_main:
+            write_json_atomic(cfg.worker_path, summary)
+        dist_lib.close_distributed()
+
+
+def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    spec = cfg.spec
+
+    loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic")
+    tokenizer = loading.tokenizer_for(spec, cfg.weights)
+    conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
+    dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
+    load_done = time.monotonic()
+
+    model = TrainableLM(loaded.model)
+    use_ac = wants_activation_checkpointing(cfg, loaded.record.params.get("model_total", 0))
+    if use_ac:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    bf16 = ctx.device.type == "cuda"
+    fsdp_units = dist_lib.shard_model(model, bf16=bf16, reshard_after_forward=cfg.reshard_after_forward)
+    if cfg.weights == "synthetic":
+        loading.materialize(model.lm, ctx.device, seed=cfg.seed)
+    model.train()
+    frozen_before = frozen_checksum(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    shard_done = time.monotonic()
+
+    steps_per_epoch = len(plan_epoch(cfg, dataset, ctx, 0))
+    total_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    flops_per_token = model_flops_per_token(loaded.model, dataset)
+    peak_flops = peak_bf16_flops(ctx.device)
+    writer = MetricsWriter(cfg.metrics_path, enabled=ctx.is_main)
+    state = TrainState()
+    train_started = time.monotonic()
+
+    while state.stop_reason is None:
+        if state.epoch >= cfg.epochs:
+            state.stop_reason = "step_budget"
+            break
+        for step_plan in plan_epoch(cfg, dataset, ctx, state.epoch):
+            step_start = time.monotonic()
+            loss, grad_norm, tokens, label_tokens = train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer)
+            lr_now = scheduler.get_last_lr()[0]
+            state.step += 1
+            state.first_step_at = state.first_step_at or time.monotonic()
+            step_time = time.monotonic() - step_start
+            state.tokens_seen += tokens
+            metrics = build_metrics(state, loss, grad_norm, lr_now, tokens, label_tokens, step_time, ctx, flops_per_token, peak_flops, started)
+            writer.write(metrics)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                state.stop_reason, state.non_finite_step = "non_finite", state.step
+                break
+            scheduler.step()
+            state.recent_losses.append(loss)
+            report_progress(ctx, state, metrics, total_steps, cfg.log_every, train_started)
+            if target_reached(state, cfg):
+                state.stop_reason = "target_reached"
+                break
+            if state.step >= total_steps:
+                state.stop_reason = "step_budget"
+                break
+        state.epoch += 1
+
+    finished = time.monotonic()
+    frozen_after = frozen_checksum(model)
+    return {
+        "status": "finished",
+        "stop_reason": state.stop_reason,
+        "non_finite_step": state.non_finite_step,
+        "steps": state.step,
+        "epochs_started": state.epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "planned_steps": total_steps,
+        "world_size": ctx.world_size,
+        "device": str(ctx.device.type),
+        "gpu": gpu_name(ctx.device),
+        "load_record": loaded.record.to_dict(),
+        "data": dataset_stats(dataset),
+        "activation_checkpointing": use_ac,
+        "vocab_size": loaded.model.config.get_text_config(decoder=True).vocab_size,
+        "towers": tower_parameter_counts(model),
+        "sharding": sharding_record(model, ctx, fsdp_units),
+        "frozen_params": {"count": frozen_before[0], "changed": frozen_before[1] != frozen_after[1]},
+        "flops_per_token": flops_per_token,
+        "config": cfg.to_dict(),
+        "time_s": {
+            "load": load_done - started,
+            "shard": shard_done - load_done,
+            "first_step": (state.first_step_at or finished) - started,
+            "train": finished - train_started,
+            "total": finished - started,
+        },
+    }
+
+
+def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer):
+    """One optimizer step over this rank's micro-batches. The loss is the sum of token losses over
+    the global label-token count of the step, so it does not depend on world size or packing."""
+    local_loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
+    micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, cfg.packing, pad_id(tokenizer))
+    for batch in micro_batches:
+        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        loss_sum = model(**inputs)
+        # FSDP2 averages gradients over ranks: loss_for_backward multiplies by the world size back.
+        loss_for_backward(loss_sum, step_plan.global_label_tokens, ctx.world_size).backward()
+        local_loss_sum += loss_sum.detach().float()
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss = float(global_mean_loss(dist_lib.all_reduce_sum(local_loss_sum), step_plan.global_label_tokens))
+    grad_norm_value = float(grad_norm)
+    if math.isfinite(loss) and math.isfinite(grad_norm_value):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm_value, step_plan.global_tokens, step_plan.global_label_tokens
+
+
+def plan_epoch(cfg: RunConfig, dataset, ctx, epoch: int):
+    """The same plan on every rank (no communication): seeded by epoch."""
+    return data_lib.plan_steps(
+        dataset.samples, world_size=ctx.world_size, max_tokens_per_gpu=cfg.max_tokens_per_gpu,
+        packing=cfg.packing, seed=cfg.seed, epoch=epoch,
+    )
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def wants_activation_checkpointing(cfg: RunConfig, n_params: int) -> bool:
+    if cfg.activation_checkpointing is not None:
+        return cfg.activation_checkpointing
+    return n_params > 1_000_000_000
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    warmup = max(cfg.warmup_steps, 0)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.schedule == "cosine":
+            progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def model_flops_per_token(lm: nn.Module, dataset) -> float:
+    text_config = lm.config.get_text_config(decoder=True)
+    embeddings = {id(m.weight) for m in lm.modules() if isinstance(m, nn.Embedding)}
+    head = lm.get_output_embeddings()
+    matmul_params = sum(
+        p.numel() for p in lm.parameters() if p.requires_grad and id(p) not in embeddings
+    ) + (head.weight.numel() if id(head.weight) in embeddings else 0)
+    lengths = [sample.num_tokens for sample in dataset.samples]
+    effective_len = sum(n * n for n in lengths) / max(1, sum(lengths))
+    heads = getattr(text_config, "num_attention_heads", 0)
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // max(heads, 1)
+    return training_flops_per_token(matmul_params, text_config.num_hidden_layers, heads * head_dim, effective_len)
+
+
+def build_metrics(state, loss, grad_norm, lr, tokens, label_tokens, step_time, ctx, flops_per_token, peak_flops, started) -> StepMetrics:
+    tokens_per_s = tokens / max(step_time, 1e-9)
+    allocated, reserved = peak_memory_gib(ctx.device)
+    return StepMetrics(
+        step=state.step, epoch=state.epoch, loss=loss, grad_norm=grad_norm, lr=lr,
+        tokens=tokens, label_tokens=label_tokens, step_time_s=step_time,
+        tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / ctx.world_size,
+        mfu=mfu(tokens_per_s / ctx.world_size, flops_per_token, peak_flops),
+        peak_mem_allocated_gib=allocated, peak_mem_reserved_gib=reserved,
+        elapsed_s=time.monotonic() - started,
+    )
+
+
+def target_reached(state: TrainState, cfg: RunConfig) -> bool:
+    window = list(state.recent_losses)[-cfg.patience:]
+    return len(window) >= cfg.patience and sum(window) / len(window) < cfg.loss_threshold
+
+
+def report_progress(ctx, state: TrainState, metrics: StepMetrics, total_steps: int, every: int, train_started: float) -> None:
+    if not ctx.is_main or (state.step % max(every, 1) and state.step not in (1, total_steps)):
+        return
+    elapsed = time.monotonic() - train_started
+    eta = elapsed / state.step * max(total_steps - state.step, 0)
+    print(
+        f"{PROGRESS_PREFIX}step {state.step}/{total_steps} epoch {state.epoch} loss {metrics.loss:.4f} "
+        f"grad_norm {metrics.grad_norm:.3f} tok/s {metrics.tokens_per_s:,.0f} eta {eta:,.0f}s",
+        flush=True,
+    )
+
+
+def frozen_checksum(model: nn.Module) -> tuple[int, float]:
+    """(count, checksum) of the frozen parameters over all ranks: towers must not change."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    device = next(model.parameters()).device
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for param in frozen:
+        local = param.to_local() if hasattr(param, "to_local") else param
+        weights = torch.arange(1, local.numel() + 1, device=local.device, dtype=torch.float64)
+        total += (local.detach().double().flatten() * weights).sum()
+    return len(frozen), float(dist_lib.all_reduce_sum(total).item())
+
+
+# Parameter-name parts of the non-text towers across the VLM families the registry covers.
+TOWER_NAME_PARTS = ("vision_tower", "visual", "audio_tower", "multi_modal_projector", "embed_vision", "embed_audio", "vision_model", "mm_projector")
+
+
+def tower_parameter_counts(model: nn.Module) -> dict:
+    towers = [(n, p) for n, p in model.named_parameters() if any(part in n for part in TOWER_NAME_PARTS)]
+    numel = lambda p: p.numel()  # DTensor.numel() is the global size
+    return {"params": sum(numel(p) for _, p in towers), "trainable": sum(numel(p) for _, p in towers if p.requires_grad)}
+
+
+def sharding_record(model: nn.Module, ctx, fsdp_units: int) -> dict:
+    """FSDP really shards: each rank holds about total / world size of the parameter bytes."""
+    local = dist_lib.local_parameter_bytes(model)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"fsdp_units": fsdp_units, "param_bytes_this_rank": local, "param_bytes_total": total,
+            "world_size": ctx.world_size, "fraction_this_rank": local / max(total, 1)}
+
+
+def dataset_stats(dataset) -> dict:
+    return {k: getattr(dataset, k) for k in ("n_samples", "n_dropped_too_long", "total_tokens", "total_label_tokens") if hasattr(dataset, k)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

