@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -10,8 +11,9 @@ from pathlib import Path
 from harness import registry
 from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.plan import LoadPathDecision, resolve_load_path
+from harness.environment import redact_secrets
 from harness.registry import ModelSpec, UsageError
-from harness.report import print_table, write_json_atomic
+from harness.report import print_table, read_json, write_json_atomic, write_run_reports
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -55,19 +57,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--max-steps", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="after the warm-up")
+    train.add_argument("--warmup-steps", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
                        help="auto: on for models above ~1B parameters")
     train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")
+    gate = parser.add_argument_group("release gate")
+    gate.add_argument("--resume", type=Path, help="a run folder: skip the models finished there, run the rest into it")
+    gate.add_argument("--compare", type=Path, help="a baseline run folder: flag regressions per model")
+    gate.add_argument("--no-regressions-fail", dest="regressions_fail", action="store_false",
+                      help="record regressions without failing the gate")
+    gate.add_argument("--wandb-project", default="sft-harness")
+    gate.add_argument("--wandb-mode", dest="wandb", choices=("online", "offline", "disabled"),
+                      default=os.environ.get("WANDB_MODE", "online"),
+                      help="online falls back to offline without an API key or network")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_started = time.monotonic()
     try:
         if args.list_models:
             list_models()
             return EXIT_PASS
+        if args.resume:
+            args.models = args.models or models_of_run(args.resume)
         if not args.models:
             raise UsageError("nothing to do: give --models a,b,c (or --list-models)")
         planned = plan_models(args.models)
@@ -116,7 +132,7 @@ def dry_run(planned: list[PlannedModel], args) -> int:
     write_json_atomic(run_dir / "summary.json", {
         "run_id": run_dir.name,
         "mode": "dry-run",
-        "command": " ".join(sys.argv),
+        "command": " ".join(redact_secrets(sys.argv)),
         "exit_code": exit_code,
         "models": [{k: r[k] for k in ("model", "verdict", "load_path", "expected_load_path")} for r in results],
     })
@@ -172,25 +188,67 @@ def validate_dataset(path: Path) -> None:
         raise UsageError(str(exc)) from exc
 
 
-def train_models(planned: list[PlannedModel], args) -> int:
-    from harness.sweep import run_sweep
+def models_of_run(run_dir: Path) -> str:
+    run_file = Path(run_dir) / "run.json"
+    if not run_file.exists():
+        raise UsageError(f"--resume {run_dir}: not a run folder of this harness (no run.json)")
+    return ",".join(read_json(run_file)["models"])
 
-    run_dir = new_run_dir(args.output_dir, args.run_id)
-    results = run_sweep(planned, args, run_dir)
-    exit_code = EXIT_FAIL if any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
-    write_json_atomic(run_dir / "summary.json", {
+
+def train_models(planned: list[PlannedModel], args) -> int:
+    from harness.environment import environment_lock
+    from harness.sweep import finished_results, run_sweep
+
+    run_dir = args.resume or new_run_dir(args.output_dir, args.run_id)
+    finished = finished_results(run_dir) if args.resume else {}
+    environment = environment_lock(sys.argv)
+    write_json_atomic(run_dir / "environment.json", environment)
+    write_json_atomic(run_dir / "run.json", {"models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id
+                                                        for p in planned], "command": environment["command"]["line"]})
+    results = run_sweep(planned, args, run_dir, finished)
+    if args.compare:
+        apply_baseline(results, args.compare, fail=args.regressions_fail)
+    exit_code = EXIT_FAIL if len(results) < len(planned) or any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
+    summary = {
         "run_id": run_dir.name,
         "mode": "train",
-        "command": " ".join(sys.argv),
+        "command": environment["command"]["line"],
         "exit_code": exit_code,
-        "models": [{k: r.get(k) for k in ("model", "verdict", "load_path", "expected_load_path", "initial_loss",
-                                          "final_loss", "steps", "reasons")} for r in results],
-    })
+        "environment": environment,
+        "not_run": [p.spec.name for p in planned[len(results):]],
+        "models": [{k: r.get(k) for k in SUMMARY_KEYS} for r in results],
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    write_run_reports(run_dir, results, summary)
+    if args.wandb != "disabled":
+        from harness.tracking import track_sweep
+
+        track_sweep(run_dir, results, args.wandb_project, args.wandb, environment=environment)
     rows = [[r["model"], r["load_path"], r["weights"], r["world_size"], fmt_loss(r["initial_loss"]),
              fmt_loss(r["final_loss"]), r["steps"], r["verdict"]] for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
+    for name in summary["not_run"]:
+        print(f"{name}: not run (the sweep was interrupted); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
     return exit_code
+
+
+SUMMARY_KEYS = ("model", "verdict", "load_path", "expected_load_path", "weights", "world_size", "initial_loss",
+                "final_loss", "steps", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib", "time_to_verdict_s", "reasons")
+
+
+def apply_baseline(results: list[dict], baseline_dir: Path, fail: bool) -> None:
+    """--compare: per model, what regressed since the baseline run; regressions fail the gate
+    unless --no-regressions-fail."""
+    from harness.verdict import regressions
+
+    baseline = {r["model"]: r for r in map(read_json, sorted(Path(baseline_dir).glob("*/result.json")))}
+    for result in results:
+        found = regressions(result, baseline[result["model"]]) if result["model"] in baseline else []
+        result["regressions"] = found
+        if found and fail:
+            result["reasons"] += found
+            result["verdict"] = "FAIL"
 
 
 def fmt_loss(value) -> str:

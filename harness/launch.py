@@ -27,7 +27,6 @@ class Topology:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None  # host:port of node 0 for multi-node runs
-    rdzv_id: str = "sft-harness"
 
 
 @dataclass
@@ -49,12 +48,14 @@ def torchrun_command(job_path: Path, topology: Topology) -> list[str]:
     if topology.nnodes > 1:
         if not topology.rdzv_endpoint:
             raise ValueError("multi-node runs need --rdzv-endpoint host:port (node 0's address)")
+        # Static rendezvous: --node-rank fixes the global ranks, so global rank 0 (which writes the
+        # metrics and worker.json) is always on node 0, where the verdict is made.
+        host, _, port = topology.rdzv_endpoint.rpartition(":")
         command += [
             f"--nnodes={topology.nnodes}",
             f"--node-rank={topology.node_rank}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={topology.rdzv_endpoint}",
-            f"--rdzv-id={topology.rdzv_id}",
+            f"--master-addr={host}",
+            f"--master-port={port or 29500}",
         ]
     else:
         command.append("--standalone")  # a free local port: jobs never collide

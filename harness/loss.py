@@ -99,3 +99,25 @@ def loss_for_backward(local_sum: torch.Tensor, global_label_tokens: int, gradien
     world_size); multiply it back here. Pass 1.0 if the data-parallel wrapper sums gradients.
     """
     return global_mean_loss(local_sum, global_label_tokens) * gradient_divide_factor
+
+
+@torch.no_grad()
+def chunked_token_losses(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    chunk_tokens: int = 2048,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """Per-token cross-entropy (fp32, shaped like shift_labels, 0 where not labelled), chunk by
+    chunk; for evaluation, where each sample's own loss is wanted."""
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labels = shift_labels.reshape(-1).to(hidden.device)
+    losses = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    for start in range(0, labelled.numel(), chunk_tokens):
+        index = labelled[start : start + chunk_tokens]
+        logits = _chunk_logits(hidden.index_select(0, index), lm_head_weight, final_logit_softcapping)
+        target = labels[index]
+        losses[index] = torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)
+    return losses.reshape(shift_labels.shape)

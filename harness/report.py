@@ -1,26 +1,44 @@
-"""Run outputs: result.json per model, summary.json, and the console table. Every file is written
-atomically (temp file + rename), so an interrupted run never leaves a half-written file."""
+"""Run outputs: result.json per model, summary.json, the console table, and the run reports
+(junit.xml, summary.md, loss_curves.png). Every file is written atomically (temp file + rename), so
+an interrupted run never leaves a half-written file."""
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
+import re
+import sys
 import tempfile
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+JUNIT_FILE = "junit.xml"
+SUMMARY_MD_FILE = "summary.md"
+LOSS_PLOT_FILE = "loss_curves.png"
+JUNIT_CLASSNAME = "sft-harness"
 
-def write_text_atomic(path: Path, text: str) -> None:
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write to a temp file beside the target, fsync, then rename over it: readers see the old file
+    or the new one, never a part. On any error the temp file is removed and the target untouched."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -48,3 +66,236 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*(str(v) for v in row))
     Console(width=max(100, os.get_terminal_size().columns if os.isatty(1) else 160)).print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run reports: junit.xml (CI), summary.md (humans), loss_curves.png (one look at every model)
+
+
+def write_run_reports(run_dir: Path, results: list[dict], summary: dict) -> list[Path]:
+    """junit.xml, summary.md and loss_curves.png in run_dir, each written atomically. A report that
+    cannot be made (a plotting error, a full disk) is a one-line warning on stderr, never an
+    exception: the reports describe the verdict, they do not decide it. Returns the paths written."""
+    from harness.environment import redact_secrets
+
+    run_dir = Path(run_dir)
+    summary = redact_secrets(dict(summary))
+    results = [_with_threshold(run_dir, r) for r in results]
+    makers = (
+        (JUNIT_FILE, lambda: junit_xml(results, summary).encode("utf-8")),
+        (SUMMARY_MD_FILE, lambda: summary_markdown(results, summary).encode("utf-8")),
+        (LOSS_PLOT_FILE, lambda: loss_curves_png(run_dir, results, title=f"Run {summary.get('run_id') or run_dir.name}")),
+    )
+    written = []
+    for name, make in makers:
+        path = run_dir / name
+        try:
+            write_bytes_atomic(path, make())
+        except Exception as exc:  # noqa: BLE001 - a report never takes the gate down
+            print(f"warning: could not write {path}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            continue
+        written.append(path)
+    return written
+
+
+def model_folder(result: dict) -> str:
+    """The model's result folder: result["model_dir"] when recorded, else ModelSpec.folder_name."""
+    if result.get("model_dir"):
+        return Path(result["model_dir"]).name
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", str(result.get("model", ""))).strip("-") or "model"
+
+
+def metrics_path(run_dir: Path, result: dict) -> Path:
+    return Path(run_dir) / model_folder(result) / result.get("metrics_file", "metrics.jsonl")
+
+
+def time_to_verdict(result: dict) -> float | None:
+    """Seconds from start to verdict: the recorded value when the sweep sets one, else the job's wall
+    time, else the worker's own total."""
+    times = result.get("time_s") or {}
+    for value in (result.get("time_to_verdict_s"), times.get("to_verdict"), times.get("wall"), times.get("total")):
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def _num(value, spec: str = ".4f", default: str = "-") -> str:
+    if value is None:
+        return default
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    try:
+        return format(value, spec)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# ---- junit.xml
+
+
+def junit_xml(results: list[dict], summary: dict) -> str:
+    """One testsuite, one testcase per model. Every verdict other than PASS is a failure whose
+    message is the first reason and whose text is all of them."""
+    failures = sum(1 for r in results if r.get("verdict") != "PASS")
+    total_time = sum(_case_time(r) for r in results)
+    suites = ET.Element("testsuites", name=JUNIT_CLASSNAME, tests=str(len(results)), failures=str(failures),
+                        errors="0", time=f"{total_time:.3f}")
+    suite = ET.SubElement(suites, "testsuite", name=f"{JUNIT_CLASSNAME}.{summary.get('run_id', 'run')}",
+                          tests=str(len(results)), failures=str(failures), errors="0", skipped="0",
+                          time=f"{total_time:.3f}")
+    suite_props = ET.SubElement(suite, "properties")
+    for key in ("run_id", "mode", "command", "exit_code"):
+        if summary.get(key) is not None:
+            ET.SubElement(suite_props, "property", name=key, value=str(summary[key]))
+    for result in results:
+        case = ET.SubElement(suite, "testcase", classname=JUNIT_CLASSNAME, name=str(result.get("model")),
+                             time=f"{_case_time(result):.3f}")
+        props = ET.SubElement(case, "properties")
+        for key, value in _case_properties(result).items():
+            ET.SubElement(props, "property", name=key, value=value)
+        verdict = result.get("verdict")
+        if verdict != "PASS":
+            reasons = [str(r) for r in result.get("reasons") or []] or [f"verdict is {verdict}, not PASS"]
+            failure = ET.SubElement(case, "failure", message=reasons[0], type=str(verdict or "FAIL"))
+            failure.text = "\n".join(reasons)
+        ET.SubElement(case, "system-out").text = "\n".join(f"{k}: {v}" for k, v in _case_properties(result).items())
+        if verdict != "PASS" and result.get("log_tail"):
+            ET.SubElement(case, "system-err").text = "\n".join(str(line) for line in result["log_tail"])
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _case_time(result: dict) -> float:
+    times = result.get("time_s") or {}
+    for value in (times.get("total"), times.get("wall")):
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+    return 0.0
+
+
+def _case_properties(result: dict) -> dict[str, str]:
+    return {
+        "verdict": str(result.get("verdict")),
+        "load_path": str(result.get("load_path")),
+        "expected_load_path": str(result.get("expected_load_path")),
+        "weights": str(result.get("weights")),
+        "initial_loss": _num(result.get("initial_loss"), ".6f", "None"),
+        "final_loss": _num(result.get("final_loss"), ".6f", "None"),
+        "loss_threshold": str(result.get("loss_threshold")),
+        "steps": str(result.get("steps")),
+    }
+
+
+# ---- summary.md
+
+SUMMARY_COLUMNS = ["model", "load path", "expected", "weights", "ranks", "initial loss", "final loss", "steps",
+                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict", "verdict"]
+
+
+def summary_markdown(results: list[dict], summary: dict) -> str:
+    lines = [f"# SFT validation run {summary.get('run_id', '')}".rstrip(), ""]
+    for key, label in (("mode", "mode"), ("command", "command"), ("exit_code", "exit code")):
+        if summary.get(key) is not None:
+            value = summary[key]
+            lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
+    passed = sum(1 for r in results if r.get("verdict") == "PASS")
+    lines += [f"- models: {len(results)}, PASS {passed}, not PASS {len(results) - passed}", ""]
+    lines.append("| " + " | ".join(SUMMARY_COLUMNS) + " |")
+    lines.append("|" + "|".join(" --- " for _ in SUMMARY_COLUMNS) + "|")
+    for r in results:
+        mfu = r.get("mfu")
+        row = [
+            r.get("model"), r.get("load_path"), r.get("expected_load_path") or "-", r.get("weights") or "-",
+            r.get("world_size") if r.get("world_size") is not None else "-",
+            _num(r.get("initial_loss")), _num(r.get("final_loss")),
+            r.get("steps") if r.get("steps") is not None else "-",
+            _num(r.get("tokens_per_s_per_gpu"), ",.0f"),
+            "-" if mfu is None else _num(100 * mfu, ".1f") + "%",
+            _num(r.get("peak_mem_gib"), ".2f"),
+            "-" if time_to_verdict(r) is None else _num(time_to_verdict(r), ".1f") + " s",
+            f"**{r.get('verdict')}**",
+        ]
+        lines.append("| " + " | ".join(_md_cell(v) for v in row) + " |")
+    lines += ["", "## Reasons", ""]
+    failing = [r for r in results if r.get("verdict") != "PASS"]
+    if not failing:
+        lines.append("Every model passed.")
+    for r in failing:
+        lines.append(f"### {r.get('model')} ({r.get('verdict')})")
+        lines.append("")
+        lines += [f"- {_md_text(reason)}" for reason in r.get("reasons") or ["(no reason recorded)"]]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_cell(value) -> str:
+    return _md_text(value).replace("|", "\\|")
+
+
+def _md_text(value) -> str:
+    return " ".join(str(value).split())
+
+
+# ---- loss_curves.png
+
+
+def loss_curves(run_dir: Path, results: list[dict]) -> tuple[list[tuple[str, list, list]], list[float]]:
+    """(label, steps, losses) per model, in order, and the distinct loss thresholds. A model with no
+    plottable step keeps its place in the legend as "<model> (no steps)". Losses that are not finite
+    or not positive cannot sit on a log axis and are left out."""
+    from harness.metrics import read_metrics
+
+    curves, thresholds = [], {}
+    for result in results:
+        name = str(result.get("model"))
+        rows = read_metrics(metrics_path(run_dir, result))
+        points = [(m["step"], m["loss"]) for m in rows
+                  if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"]) and m["loss"] > 0]
+        if points:
+            steps, losses = (list(v) for v in zip(*points))
+            curves.append((f"{name} ({result.get('verdict')})", steps, losses))
+        else:
+            curves.append((f"{name} (no steps)", [], []))
+        threshold = result.get("loss_threshold")
+        if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold > 0:
+            thresholds.setdefault(float(threshold), None)
+    return curves, list(thresholds)
+
+
+def loss_curves_png(run_dir: Path, results: list[dict], title: str = "Loss") -> bytes:
+    """One loss curve per model (log y), a dashed line per distinct loss threshold; PNG bytes.
+    Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend change."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves, thresholds = loss_curves(run_dir, results)
+    fig = Figure(figsize=(9, 5.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, steps, losses in curves:
+        ax.plot(steps, losses, linewidth=1.3, label=label)
+    for threshold in thresholds:
+        ax.axhline(threshold, linestyle="--", color="0.35", linewidth=1.0, label=f"threshold {threshold:g}")
+    ax.set_yscale("log")
+    if not thresholds and not any(steps for _, steps, _ in curves):
+        ax.set_ylim(1e-2, 1e1)  # nothing to scale to: a sane empty log axis
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _with_threshold(run_dir: Path, result: dict) -> dict:
+    """The result, with loss_threshold taken from the model's job.json when the result lacks it."""
+    if result.get("loss_threshold") is not None:
+        return result
+    try:
+        threshold = read_json(Path(run_dir) / model_folder(result) / "job.json").get("loss_threshold")
+    except (OSError, ValueError, AttributeError):
+        return result
+    return {**result, "loss_threshold": threshold}

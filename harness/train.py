@@ -22,8 +22,9 @@ from torch import nn
 
 from harness import data as data_lib
 from harness import distributed as dist_lib
+from harness import faults
 from harness import loading
-from harness.loss import chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
+from harness.loss import chunked_cross_entropy_sum, chunked_token_losses, global_mean_loss, loss_for_backward
 from harness.metrics import (
     MetricsWriter,
     StepMetrics,
@@ -100,7 +101,7 @@ class TrainableLM(nn.Module):
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None):
+    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False):
         extra = loading.extra_forward_inputs(self.lm, input_ids)
         outputs = self.lm.model(
             input_ids=input_ids,
@@ -110,7 +111,8 @@ class TrainableLM(nn.Module):
             **extra,
         )
         head = self.lm.get_output_embeddings()
-        return chunked_cross_entropy_sum(
+        loss_fn = chunked_token_losses if per_token else chunked_cross_entropy_sum
+        return loss_fn(
             outputs.last_hidden_state, head.weight, shift_labels,
             chunk_tokens=self.chunk_tokens, final_logit_softcapping=self.softcap,
         )
@@ -122,7 +124,7 @@ class TrainState:
     epoch: int = 0
     stop_reason: str | None = None
     non_finite_step: int | None = None
-    recent_losses: deque = field(default_factory=lambda: deque(maxlen=5))
+    recent_losses: deque = field(default_factory=deque)
     tokens_seen: int = 0
     first_step_at: float | None = None
 
@@ -177,16 +179,22 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
     flops_per_token = model_flops_per_token(loaded.model, dataset)
     peak_flops = peak_bf16_flops(ctx.device)
     writer = MetricsWriter(cfg.metrics_path, enabled=ctx.is_main)
-    state = TrainState()
+    state = TrainState(recent_losses=deque(maxlen=cfg.patience))
+    fault = faults.fault_from_env()
     train_started = time.monotonic()
+    epoch_records: list[dict] = []
 
     while state.stop_reason is None:
         if state.epoch >= cfg.epochs:
             state.stop_reason = "step_budget"
             break
-        for step_plan in plan_epoch(cfg, dataset, ctx, state.epoch):
+        accounting = EpochAccounting(len(dataset.samples))
+        epoch_plan = plan_epoch(cfg, dataset, ctx, state.epoch)
+        for step_index, step_plan in enumerate(epoch_plan):
             step_start = time.monotonic()
-            loss, grad_norm, tokens, label_tokens = train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer)
+            loss, grad_norm, tokens, label_tokens = train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer,
+                                                              inject=lambda loss_sum: faults.inject(fault, state.step + 1, ctx.rank, loss_sum, model=spec.name),
+                                                              accounting=accounting)
             lr_now = scheduler.get_last_lr()[0]
             state.step += 1
             state.first_step_at = state.first_step_at or time.monotonic()
@@ -206,10 +214,14 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
             if state.step >= total_steps:
                 state.stop_reason = "step_budget"
                 break
+        if step_index == len(epoch_plan) - 1:  # a complete epoch: check what was fed
+            epoch_records.append(accounting.summary(state.epoch, dataset, ctx))
         state.epoch += 1
 
     finished = time.monotonic()
     frozen_after = frozen_checksum(model)
+    evaluation = evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) if state.step else None
+    evaluated = time.monotonic()
     return {
         "status": "finished",
         "stop_reason": state.stop_reason,
@@ -228,6 +240,8 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
         "towers": tower_parameter_counts(model),
         "sharding": sharding_record(model, ctx, fsdp_units),
         "frozen_params": {"count": frozen_before[0], "changed": frozen_before[1] != frozen_after[1]},
+        "evaluation": evaluation,
+        "data_accounting": data_accounting(epoch_records),
         "flops_per_token": flops_per_token,
         "config": cfg.to_dict(),
         "time_s": {
@@ -235,19 +249,25 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
             "shard": shard_done - load_done,
             "first_step": (state.first_step_at or finished) - started,
             "train": finished - train_started,
-            "total": finished - started,
+            "evaluate": evaluated - finished,
+            "total": evaluated - started,
         },
     }
 
 
-def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer):
+def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, inject=None, accounting=None):
     """One optimizer step over this rank's micro-batches. The loss is the sum of token losses over
     the global label-token count of the step, so it does not depend on world size or packing."""
     local_loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
+    members_per_micro = step_plan.for_rank(ctx.rank)
     micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, cfg.packing, pad_id(tokenizer))
-    for batch in micro_batches:
+    for members, batch in zip(members_per_micro, micro_batches):
+        if accounting is not None:
+            accounting.record(members, int(batch["num_label_tokens"]))
         inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
         loss_sum = model(**inputs)
+        if inject is not None:  # test-only fault injection (harness.faults)
+            loss_sum = inject(loss_sum)
         # FSDP2 averages gradients over ranks: loss_for_backward multiplies by the world size back.
         loss_for_backward(loss_sum, step_plan.global_label_tokens, ctx.world_size).backward()
         local_loss_sum += loss_sum.detach().float()
@@ -347,6 +367,80 @@ def frozen_checksum(model: nn.Module) -> tuple[int, float]:
         weights = torch.arange(1, local.numel() + 1, device=local.device, dtype=torch.float64)
         total += (local.detach().double().flatten() * weights).sum()
     return len(frozen), float(dist_lib.all_reduce_sum(total).item())
+
+
+class EpochAccounting:
+    """What one epoch actually fed to the model on this rank: each sample's count, label tokens."""
+
+    def __init__(self, n_samples: int):
+        self.fed = torch.zeros(n_samples, dtype=torch.float64)
+        self.label_tokens = 0
+
+    def record(self, members: list[int], label_tokens: int) -> None:
+        for index in members:
+            self.fed[index] += 1
+        self.label_tokens += label_tokens
+
+    def summary(self, epoch: int, dataset, ctx) -> dict:
+        counts = dist_lib.all_reduce_sum(self.fed.to(ctx.device)).cpu()
+        label_tokens = int(dist_lib.all_reduce_sum(torch.tensor(float(self.label_tokens), device=ctx.device)).item())
+        return {
+            "epoch": epoch,
+            "samples": len(counts),
+            "samples_seen_once": int((counts == 1).sum()),
+            "samples_missing": int((counts == 0).sum()),
+            "samples_repeated": int((counts > 1).sum()),
+            "label_tokens": label_tokens,
+            "expected_label_tokens": dataset.total_label_tokens,
+        }
+
+
+def data_accounting(epoch_records: list[dict]) -> dict:
+    """Every complete epoch must feed each sample once, on one rank, and all its label tokens."""
+    bad = [r for r in epoch_records if r["samples_seen_once"] != r["samples"] or r["label_tokens"] != r["expected_label_tokens"]]
+    return {"complete_epochs": len(epoch_records), "first_epoch": epoch_records[0] if epoch_records else None,
+            "consistent": not bad, "first_inconsistent_epoch": bad[0] if bad else None}
+
+
+@torch.no_grad()
+def evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) -> dict:
+    """One pass over EVERY sample, no gradient: the mean token loss that decides convergence,
+    and the worst sample (a model can fit the average and still miss some samples)."""
+    model.eval()
+    sums = torch.zeros(len(dataset.samples), 2, dtype=torch.float64, device=ctx.device)  # loss sum, labels
+    for step_plan in plan_epoch(cfg, dataset, ctx, epoch=0):
+        micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, cfg.packing, pad_id(tokenizer))
+        for members, batch in zip(step_plan.for_rank(ctx.rank), micro_batches):
+            inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
+            token_losses = model(**inputs, per_token=True)
+            labelled = (inputs["shift_labels"] != data_lib.IGNORE_INDEX)
+            for index, (loss_sum, count) in zip(members, per_sample_sums(token_losses, labelled, members, dataset, cfg.packing)):
+                sums[index, 0] += loss_sum
+                sums[index, 1] += count
+    model.train()
+    sums = dist_lib.all_reduce_sum(sums).cpu()
+    labelled = sums[:, 1] > 0
+    per_sample = torch.where(labelled, sums[:, 0] / sums[:, 1].clamp(min=1), torch.zeros_like(sums[:, 0]))
+    worst = int(per_sample.argmax())
+    return {
+        "loss": float(sums[:, 0].sum() / sums[:, 1].sum().clamp(min=1)),
+        "worst_sample_loss": float(per_sample[worst]),
+        "worst_sample_index": worst,
+        "samples": int(labelled.sum()),
+        "label_tokens": int(sums[:, 1].sum()),
+    }
+
+
+def per_sample_sums(token_losses, labelled, members, dataset, packing: bool):
+    """(loss sum, label count) of each sample of a micro-batch: packed rows are cut by the
+    samples' lengths, padded batches hold one sample per row."""
+    if packing:
+        lengths = [dataset.samples[i].num_tokens for i in members]
+        losses = token_losses.reshape(-1).split(lengths)
+        masks = labelled.reshape(-1).split(lengths)
+    else:
+        losses, masks = token_losses, labelled
+    return [(float(loss.sum()), int(mask.sum())) for loss, mask in zip(losses, masks)]
 
 
 # Parameter-name parts of the non-text towers across the VLM families the registry covers.

@@ -31,6 +31,9 @@ class VerdictInput:
     tower_params_in_model: int = 0
     trainable_tower_params: int = 0
     frozen_params_changed: bool = False
+    eval_loss: float | None = None  # mean token loss of the full-dataset pass after training
+    data_accounting: dict | None = None  # harness.train.data_accounting
+    sharding: dict | None = None  # harness.train.sharding_record
 
 
 @dataclass
@@ -58,9 +61,11 @@ def judge(inp: VerdictInput) -> Verdict:
     reasons += finiteness_reasons(inp)
     initial = inp.losses[0] if inp.losses else None
     reasons += initial_loss_reasons(initial, inp)
-    final = final_loss(inp.losses)
+    final = inp.eval_loss if inp.eval_loss is not None else final_loss(inp.losses)
     reasons += final_loss_reasons(final, inp)
     reasons += tower_reasons(inp)
+    reasons += accounting_reasons(inp.data_accounting)
+    reasons += sharding_reasons(inp.sharding)
     return Verdict("FAIL" if reasons else "PASS", reasons, initial, final)
 
 
@@ -106,7 +111,31 @@ def final_loss_reasons(final: float | None, inp: VerdictInput) -> list[str]:
         return []  # already reported: no step recorded
     if not math.isfinite(final) or final >= inp.loss_threshold:
         n = min(len(inp.losses), FINAL_LOSS_WINDOW)
-        return [f"final loss {final:.4f} (mean of the last {n} steps) is not below the threshold {inp.loss_threshold}"]
+        measured = "over the whole dataset" if inp.eval_loss is not None else f"mean of the last {n} steps"
+        return [f"final loss {final:.4f} ({measured}) is not below the threshold {inp.loss_threshold}"]
+    return []
+
+
+def accounting_reasons(accounting: dict | None) -> list[str]:
+    if not accounting or accounting.get("consistent", True):
+        return []
+    bad = accounting["first_inconsistent_epoch"]
+    return [
+        f"data accounting broken in epoch {bad['epoch']}: {bad['samples_seen_once']}/{bad['samples']} samples seen "
+        f"exactly once ({bad['samples_missing']} missing, {bad['samples_repeated']} repeated), "
+        f"{bad['label_tokens']} label tokens fed, {bad['expected_label_tokens']} in the dataset"
+    ]
+
+
+SHARDING_SLACK = 1.25  # padding of uneven shards: rank 0 may hold a little more than 1/world
+
+
+def sharding_reasons(sharding: dict | None) -> list[str]:
+    if not sharding or sharding.get("world_size", 1) <= 1:
+        return []
+    fraction, world = sharding["fraction_this_rank"], sharding["world_size"]
+    if fraction > SHARDING_SLACK / world:
+        return [f"FSDP did not shard: rank 0 holds {fraction:.0%} of the parameter bytes with {world} ranks"]
     return []
 
 
@@ -119,3 +148,28 @@ def tower_reasons(inp: VerdictInput) -> list[str]:
     if inp.frozen_params_changed:
         reasons.append("frozen (tower) parameters changed during training")
     return reasons
+
+
+# Regression rules against a baseline run (--compare).
+STEPS_TO_TARGET_SLACK = 0.25  # steps to reach the target may grow by 25%
+THROUGHPUT_SLACK = 0.10  # tokens/s per GPU may fall by 10%
+
+
+def regressions(current: dict, baseline: dict) -> list[str]:
+    """What got worse for one model since a baseline run's result.json."""
+    found = []
+    if baseline.get("load_path") and current.get("load_path") != baseline["load_path"]:
+        found.append(f"regression: load path changed from {baseline['load_path']} to {current.get('load_path')}")
+    if baseline.get("verdict") and current.get("verdict") != baseline["verdict"]:
+        found.append(f"regression: verdict changed from {baseline['verdict']} to {current.get('verdict')}")
+    old_steps, new_steps = steps_to_target(baseline), steps_to_target(current)
+    if old_steps and new_steps and new_steps > old_steps * (1 + STEPS_TO_TARGET_SLACK):
+        found.append(f"regression: {new_steps} steps to the loss target, baseline {old_steps} (+{new_steps / old_steps - 1:.0%})")
+    old_tps, new_tps = baseline.get("tokens_per_s_per_gpu"), current.get("tokens_per_s_per_gpu")
+    if old_tps and new_tps and new_tps < old_tps * (1 - THROUGHPUT_SLACK):
+        found.append(f"regression: {new_tps:,.0f} tokens/s per GPU, baseline {old_tps:,.0f} ({new_tps / old_tps - 1:.0%})")
+    return found
+
+
+def steps_to_target(result: dict) -> int | None:
+    return result.get("steps") if result.get("stop_reason") == "target_reached" else None

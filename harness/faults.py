@@ -1,0 +1,64 @@
+"""Test-only fault injection, so the tests can prove the gate survives and reports broken jobs.
+
+SFT_HARNESS_INJECT_FAULT=KIND@STEP[:RANK][/MODEL] (rank 0 by default) makes the trainer, at that
+optimizer step: `raise` an exception, `hang` forever, `kill` its own process with SIGKILL, or turn
+the loss `nan`. With /MODEL only the job of that model (its registry name) is hit, so one sweep can
+hold a faulty model and a healthy one; several faults are separated by commas
+(`kill@3:1/modelA,raise@2/modelB`). Unset (always, outside tests), it does nothing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+
+ENV_VAR = "SFT_HARNESS_INJECT_FAULT"
+KINDS = ("raise", "hang", "kill", "nan")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    step: int
+    rank: int = 0
+    model: str | None = None  # None: every model of the sweep
+
+    def hits(self, step: int, rank: int, model: str | None) -> bool:
+        return self.step == step and self.rank == rank and (self.model is None or self.model == model)
+
+
+def parse_fault(spec: str) -> Fault:
+    where, _, model = spec.strip().partition("/")
+    kind, _, at = where.partition("@")
+    step, _, rank = at.partition(":")
+    if kind not in KINDS or not step.isdigit() or not (rank == "" or rank.isdigit()):
+        raise ValueError(f"{ENV_VAR}={spec!r}: expected KIND@STEP[:RANK][/MODEL] with KIND in {KINDS}")
+    return Fault(kind, int(step), int(rank or 0), model or None)
+
+
+def fault_from_env() -> tuple[Fault, ...]:
+    """The faults the environment asks for; () when unset."""
+    spec = os.environ.get(ENV_VAR)
+    if not spec:
+        return ()
+    return tuple(parse_fault(part) for part in spec.split(",") if part.strip())
+
+
+def inject(fault: Fault | tuple[Fault, ...] | None, step: int, rank: int, loss_sum: torch.Tensor,
+           model: str | None = None) -> torch.Tensor:
+    """Called on every micro-batch loss of optimizer step `step` (1-based) of `model`'s job."""
+    candidates = (fault,) if isinstance(fault, Fault) else (fault or ())
+    hit = next((f for f in candidates if f.hits(step, rank, model)), None)
+    if hit is None:
+        return loss_sum
+    if hit.kind == "raise":
+        raise RuntimeError(f"injected fault at step {step} on rank {rank}")
+    if hit.kind == "hang":
+        while True:
+            time.sleep(60)
+    if hit.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return loss_sum * float("nan")
