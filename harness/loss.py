@@ -26,6 +26,17 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None)
     return softcap((hidden @ weight.t()).float(), cap)
 
 
+def _token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)
+
+
+def _flatten_labelled(hidden_states: torch.Tensor, shift_labels: torch.Tensor):
+    """Tokens as rows: (hidden [N, H], labels [N], indices of the labelled rows)."""
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    labels = shift_labels.reshape(-1).to(hidden.device)
+    return hidden, labels, (labels != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy over rows of `hidden` (all labelled), chunk by chunk."""
 
@@ -34,8 +45,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             logits = _chunk_logits(hidden[start : start + chunk_tokens], weight, cap)
-            target = labels[start : start + chunk_tokens]
-            total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            total += _token_cross_entropy(logits, labels[start : start + chunk_tokens]).sum()
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk_tokens, ctx.cap = chunk_tokens, cap
         return total
@@ -75,9 +85,7 @@ def chunked_cross_entropy_sum(
     Returns a zero that still carries gradients (zeros) when nothing is labelled, so dummy
     micro-batches run the same backward as real ones.
     """
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    labels = shift_labels.reshape(-1).to(hidden.device)
-    labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+    hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
     # index_select's backward scatters the gradient back to the labelled positions, zeros elsewhere.
     return _ChunkedLinearCrossEntropy.apply(
         hidden.index_select(0, labelled), lm_head_weight, labels[labelled], chunk_tokens, final_logit_softcapping
@@ -111,13 +119,10 @@ def chunked_token_losses(
 ) -> torch.Tensor:
     """Per-token cross-entropy (fp32, shaped like shift_labels, 0 where not labelled), chunk by
     chunk; for evaluation, where each sample's own loss is wanted."""
-    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    labels = shift_labels.reshape(-1).to(hidden.device)
+    hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
     losses = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    labelled = (labels != IGNORE_INDEX).nonzero().squeeze(1)
     for start in range(0, labelled.numel(), chunk_tokens):
         index = labelled[start : start + chunk_tokens]
         logits = _chunk_logits(hidden.index_select(0, index), lm_head_weight, final_logit_softcapping)
-        target = labels[index]
-        losses[index] = torch.logsumexp(logits, dim=-1) - logits.gather(1, target[:, None]).squeeze(1)
+        losses[index] = _token_cross_entropy(logits, labels[index])
     return losses.reshape(shift_labels.shape)

@@ -67,7 +67,6 @@ class RunConfig:
     activation_checkpointing: bool | None = None  # None: on above ~1B parameters
     reshard_after_forward: bool = True
     log_every: int = 25
-    extra: dict = field(default_factory=dict)
 
     @property
     def spec(self) -> ModelSpec:
@@ -264,7 +263,7 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
     for members, batch in zip(members_per_micro, micro_batches):
         if accounting is not None:
             accounting.record(members, int(batch["num_label_tokens"]))
-        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
+        inputs = device_inputs(batch, ctx.device)
         loss_sum = model(**inputs)
         if inject is not None:  # test-only fault injection (harness.faults)
             loss_sum = inject(loss_sum)
@@ -279,6 +278,11 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm_value, step_plan.global_tokens, step_plan.global_label_tokens
+
+
+def device_inputs(batch: dict, device: torch.device) -> dict:
+    """The tensors TrainableLM.forward takes (not the counts collate adds), on the rank's device."""
+    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def plan_epoch(cfg: RunConfig, dataset, ctx, epoch: int):
@@ -411,7 +415,7 @@ def evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) -> dict:
     for step_plan in plan_epoch(cfg, dataset, ctx, epoch=0):
         micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, cfg.packing, pad_id(tokenizer))
         for members, batch in zip(step_plan.for_rank(ctx.rank), micro_batches):
-            inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in MODEL_INPUTS}
+            inputs = device_inputs(batch, ctx.device)
             token_losses = model(**inputs, per_token=True)
             labelled = (inputs["shift_labels"] != data_lib.IGNORE_INDEX)
             for index, (loss_sum, count) in zip(members, per_sample_sums(token_losses, labelled, members, dataset, cfg.packing)):
