@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_PASS
         if args.resume:
             args.models = args.models or models_of_run(args.resume)
+            adopt_run_settings(args, build_parser())
         if not args.models:
             raise UsageError("nothing to do: give --models a,b,c (or --list-models)")
         planned = plan_models(args.models)
@@ -188,6 +189,20 @@ def validate_dataset(path: Path) -> None:
         raise UsageError(str(exc)) from exc
 
 
+# Settings a resumed run keeps from its first invocation, unless given again on the command line.
+RUN_SETTINGS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "max_samples", "max_seq_len",
+                "max_tokens_per_gpu", "no_packing", "epochs", "max_steps", "lr", "schedule", "warmup_steps", "seed",
+                "activation_checkpointing", "timeout_per_model")
+
+
+def adopt_run_settings(args, parser: argparse.ArgumentParser) -> None:
+    """--resume finishes a run with the settings it started with: only what is given again differs."""
+    stored = read_json(Path(args.resume) / "run.json").get("settings", {}) if (Path(args.resume) / "run.json").exists() else {}
+    for key, value in stored.items():
+        if key in RUN_SETTINGS and getattr(args, key) == parser.get_default(key):
+            setattr(args, key, Path(value) if key == "dataset" else value)
+
+
 def models_of_run(run_dir: Path) -> str:
     run_file = Path(run_dir) / "run.json"
     if not run_file.exists():
@@ -203,11 +218,16 @@ def train_models(planned: list[PlannedModel], args) -> int:
     finished = finished_results(run_dir) if args.resume else {}
     environment = environment_lock(sys.argv)
     write_json_atomic(run_dir / "environment.json", environment)
-    write_json_atomic(run_dir / "run.json", {"models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id
-                                                        for p in planned], "command": environment["command"]["line"]})
+    write_json_atomic(run_dir / "run.json", {
+        "models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id for p in planned],
+        "command": environment["command"]["line"],
+        "settings": {key: str(v) if isinstance(v := getattr(args, key), Path) else v for key in RUN_SETTINGS},
+    })
     results = run_sweep(planned, args, run_dir, finished)
     if args.compare:
         apply_baseline(results, args.compare, fail=args.regressions_fail)
+        for result in results:  # result.json must say what the gate decided
+            write_json_atomic(run_dir / result["model_dir"] / "result.json", result)
     exit_code = EXIT_FAIL if len(results) < len(planned) or any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
     summary = {
         "run_id": run_dir.name,
@@ -215,7 +235,7 @@ def train_models(planned: list[PlannedModel], args) -> int:
         "command": environment["command"]["line"],
         "exit_code": exit_code,
         "environment": environment,
-        "not_run": [p.spec.name for p in planned[len(results):]],
+        "not_run": [p.spec.name for p in planned[len(results):]] + [r["model"] for r in results if r["exit"]["interrupted"]],
         "models": [{k: r.get(k) for k in SUMMARY_KEYS} for r in results],
     }
     write_json_atomic(run_dir / "summary.json", summary)
@@ -228,13 +248,14 @@ def train_models(planned: list[PlannedModel], args) -> int:
              fmt_loss(r["final_loss"]), r["steps"], r["verdict"]] for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
     for name in summary["not_run"]:
-        print(f"{name}: not run (the sweep was interrupted); finish it with --resume {run_dir}")
+        print(f"{name}: not finished (the sweep was interrupted); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
     return exit_code
 
 
 SUMMARY_KEYS = ("model", "verdict", "load_path", "expected_load_path", "weights", "world_size", "initial_loss",
-                "final_loss", "steps", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib", "time_to_verdict_s", "reasons")
+                "final_loss", "steps", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib", "time_to_verdict_s", "reasons",
+                "regressions")
 
 
 def apply_baseline(results: list[dict], baseline_dir: Path, fail: bool) -> None:

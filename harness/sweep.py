@@ -133,10 +133,11 @@ def exit_detail(outcome: JobOutcome, worker: dict) -> str:
         return f"timed out after {outcome.duration_s:.0f}s; every process of the job was ended"
     if outcome.interrupted:
         return "interrupted (Ctrl-C); every process of the job was ended"
-    if worker.get("status") == "error":
-        return worker.get("error", "error")
+    rank0 = f"; rank 0: {worker['error']}" if worker.get("status") == "error" else ""
     if outcome.returncode != 0:
-        return f"torchrun exited with code {outcome.returncode} (a rank crashed or was killed)"
+        return f"torchrun exited with code {outcome.returncode} (a rank crashed or was killed){rank0}"
+    if rank0:
+        return worker["error"]
     if worker.get("status") != "finished":
         return f"the job left no finished record (status {worker.get('status')})"
     return ""

@@ -133,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=Path, required=True)
     cfg = RunConfig.from_json(parser.parse_args(argv).job)
     ctx = dist_lib.init_distributed(cfg.device)
-    summary: dict = {"status": "started", "rank_count": ctx.world_size}
+    known: dict = {"status": "started", "world_size": ctx.world_size}  # filled in as the job goes
+    summary = known
     try:
-        summary = train(cfg, ctx)
+        summary = train(cfg, ctx, known)
         return 0
-    except Exception as exc:  # record what killed the job, then fail the exit code
-        summary = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+    except Exception as exc:  # record what killed the job (and what was known), then fail the exit code
+        summary = {**known, "status": "error", "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
         print(summary["traceback"], file=sys.stderr, flush=True)
         return 1
     finally:
@@ -147,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         dist_lib.close_distributed()
 
 
-def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
+def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) -> dict:
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
 
     loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic")
+    if known is not None:
+        known.update(load_record=loaded.record.to_dict(), vocab_size=loaded.model.config.get_text_config(decoder=True).vocab_size)
     tokenizer = loading.tokenizer_for(spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
     dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
@@ -182,6 +185,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
     fault = faults.fault_from_env()
     train_started = time.monotonic()
     epoch_records: list[dict] = []
+    evaluation, evaluated_at = None, None
 
     while state.stop_reason is None:
         if state.epoch >= cfg.epochs:
@@ -208,8 +212,13 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
             state.recent_losses.append(loss)
             report_progress(ctx, state, metrics, total_steps, cfg.log_every, train_started)
             if target_reached(state, cfg):
-                state.stop_reason = "target_reached"
-                break
+                # The verdict judges the whole dataset: stop only when that is below the target too.
+                evaluation = evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer)
+                evaluated_at = state.step
+                if evaluation["loss"] < cfg.loss_threshold:
+                    state.stop_reason = "target_reached"
+                    break
+                state.recent_losses.clear()  # look again after another window of steps
             if state.step >= total_steps:
                 state.stop_reason = "step_budget"
                 break
@@ -219,7 +228,8 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext) -> dict:
 
     finished = time.monotonic()
     frozen_after = frozen_checksum(model)
-    evaluation = evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) if state.step else None
+    if state.step and evaluated_at != state.step:
+        evaluation = evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer)
     evaluated = time.monotonic()
     return {
         "status": "finished",
@@ -437,7 +447,9 @@ def evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) -> dict:
 
 def per_sample_sums(token_losses, labelled, members, dataset, packing: bool):
     """(loss sum, label count) of each sample of a micro-batch: packed rows are cut by the
-    samples' lengths, padded batches hold one sample per row."""
+    samples' lengths, padded batches hold one sample per row. A dummy micro-batch holds none."""
+    if not members:
+        return []
     if packing:
         lengths = [dataset.samples[i].num_tokens for i in members]
         losses = token_losses.reshape(-1).split(lengths)

@@ -160,8 +160,8 @@ def regressions(current: dict, baseline: dict) -> list[str]:
     found = []
     if baseline.get("load_path") and current.get("load_path") != baseline["load_path"]:
         found.append(f"regression: load path changed from {baseline['load_path']} to {current.get('load_path')}")
-    if baseline.get("verdict") and current.get("verdict") != baseline["verdict"]:
-        found.append(f"regression: verdict changed from {baseline['verdict']} to {current.get('verdict')}")
+    if baseline.get("verdict") == "PASS" and current.get("verdict") != "PASS":  # FAIL -> PASS is a fix
+        found.append(f"regression: verdict changed from PASS to {current.get('verdict')}")
     old_steps, new_steps = steps_to_target(baseline), steps_to_target(current)
     if old_steps and new_steps and new_steps > old_steps * (1 + STEPS_TO_TARGET_SLACK):
         found.append(f"regression: {new_steps} steps to the loss target, baseline {old_steps} (+{new_steps / old_steps - 1:.0%})")

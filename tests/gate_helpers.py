@@ -1,0 +1,92 @@
+"""Helpers of tests/test_gate.py: run the CLI as a user does, find processes a run left behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from harness.paths import REPO_ROOT
+
+# A tiny CPU sweep: 2 gloo ranks, 32 samples. Ministral-3-3B-Instruct-2512 (tiny) reaches its target in ~60 steps
+# (~15 s a job on 2 cores), Llama-3.2-1B-Instruct (tiny) in ~115 (~20-35 s).
+TINY_ARGS = ("--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2", "--max-samples", "32")
+FAKE_HF_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz"
+FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, str(REPO_ROOT / "run_validation.py"), *args]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "SFT_HARNESS_INJECT_FAULT"}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=REPO_ROOT,
+                          timeout=timeout, env=env or cli_env())
+
+
+def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout: float = 300,
+                       poll_s: float = 0.2) -> subprocess.CompletedProcess:
+    """Start the CLI in its own process group, press Ctrl-C (SIGINT to the group, as a terminal
+    does) once ready() is true, and wait for the CLI to wind down."""
+    process = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO_ROOT, env=env or cli_env(), start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            if process.poll() is not None:
+                out, err = process.communicate()
+                raise AssertionError(f"the CLI ended before the interrupt point (exit {process.returncode})\n"
+                                     f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the interrupt point was never reached")
+            time.sleep(poll_s)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    except BaseException:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def leftover_processes(run_dir: Path, grace_s: float = 5.0) -> list[str]:
+    """Live processes whose command line names the run folder (torchrun and its ranks carry
+    <run_dir>/<model>/job.json), after a short grace period for the kernel to reap them."""
+    needle = str(run_dir)
+    deadline = time.monotonic() + grace_s
+    while True:
+        found = []
+        for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                cmdline = " ".join(proc.info["cmdline"] or [])
+                if needle in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                    found.append(f"{proc.info['pid']}: {cmdline}")
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def failure_context(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file())
