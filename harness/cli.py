@@ -212,7 +212,7 @@ def models_of_run(run_dir: Path) -> str:
 
 def train_models(planned: list[PlannedModel], args) -> int:
     from harness.environment import environment_lock
-    from harness.sweep import finished_results, run_sweep
+    from harness.sweep import finished_results, fmt, run_sweep
 
     run_dir = args.resume or new_run_dir(args.output_dir, args.run_id)
     finished = finished_results(run_dir) if args.resume else {}
@@ -244,8 +244,8 @@ def train_models(planned: list[PlannedModel], args) -> int:
         from harness.tracking import track_sweep
 
         track_sweep(run_dir, results, args.wandb_project, args.wandb, environment=environment)
-    rows = [[r["model"], r["load_path"], r["weights"], r["world_size"], fmt_loss(r["initial_loss"]),
-             fmt_loss(r["final_loss"]), r["steps"], r["verdict"]] for r in results]
+    rows = [[r["model"], r["load_path"], r["weights"], r["world_size"], fmt(r["initial_loss"]),
+             fmt(r["final_loss"]), r["steps"], r["verdict"]] for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
     for name in summary["not_run"]:
         print(f"{name}: not finished (the sweep was interrupted); finish it with --resume {run_dir}")
@@ -270,7 +270,3 @@ def apply_baseline(results: list[dict], baseline_dir: Path, fail: bool) -> None:
         if found and fail:
             result["reasons"] += found
             result["verdict"] = "FAIL"
-
-
-def fmt_loss(value) -> str:
-    return "-" if value is None else f"{value:.4f}"
