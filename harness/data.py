@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from harness import mutations
 from harness.paths import cache_dir as default_cache_dir
 from harness.tokenizers import END_OF_TURN_MARKERS
 
@@ -198,6 +199,8 @@ def _reply_span(text: str, content: str, cursor: int, markers: list[str]) -> tup
     if start < 0:
         raise LabelSpanError(f"assistant reply {reply[:40]!r}... not found in the rendered template")
     reply_end = start + len(reply)
+    if mutations.active("eot_not_labelled"):  # test-only injected bug
+        return start, reply_end
     rest = text[reply_end:]
     for marker in markers:
         # The marker must follow the reply directly (whitespace aside): it ends this turn.
@@ -212,6 +215,8 @@ def tokenize_with_labels(messages: list[dict], tokenizer) -> tuple[list[int], li
     # The template writes BOS itself where the family uses one; do not add a second.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
+    if mutations.active("labels_not_masked"):  # test-only injected bug
+        return input_ids, list(input_ids)
     labels = [
         token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
         for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
@@ -244,6 +249,7 @@ def dataset_fingerprint(conversations: list[list[dict]], tokenizer) -> str:
     digest = hashlib.sha256(f"v{TOKENIZATION_VERSION}".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode())
+    digest.update(mutations.fingerprint_salt().encode())  # empty (no change) outside tests
     return digest.hexdigest()[:24]
 
 
@@ -478,11 +484,16 @@ def _collate_packed(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
     input_ids = [token for sample in samples for token in sample.input_ids]
     labels = [label for sample in samples for label in sample.shift_labels]
     positions = [p for sample in samples for p in range(sample.num_tokens)]
-    return {
+    if mutations.active("position_ids_not_reset"):  # test-only injected bug
+        positions = list(range(len(input_ids)))
+    batch = {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "shift_labels": torch.tensor([labels], dtype=torch.long),
     }
+    if mutations.active("packed_cross_attention"):  # test-only injected bug: hides the sample boundaries
+        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    return batch
 
 
 def _collate_padded(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -516,8 +527,15 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
 
 
 def rank_micro_batches(step: StepPlan, rank: int, samples: list[TokenizedSample], packing: bool, pad_token_id: int):
-    """This rank's collated micro-batches for one step (the same count on every rank)."""
+    """This rank's collated micro-batches for one step (the same count on every rank). A rank with
+    nothing to do runs a real sample of the step with every label masked: it takes part in FSDP's
+    collectives and adds zero loss and zero gradient (a one-token pad batch gave Gemma 3n NaN grads)."""
+    stand_in = unlabelled_copy(samples[next(i for rank_bins in step.micro_batches for micro in rank_bins for i in micro)])
     return [
-        collate_micro_batch([samples[i] for i in members], packing, pad_token_id)
+        collate_micro_batch([samples[i] for i in members] or [stand_in], packing, pad_token_id)
         for members in step.for_rank(rank)
     ]
+
+
+def unlabelled_copy(sample: TokenizedSample) -> TokenizedSample:
+    return TokenizedSample(list(sample.input_ids), [IGNORE_INDEX] * sample.num_tokens)

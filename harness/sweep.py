@@ -86,6 +86,12 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, model_dir: Path
         eval_loss=(worker.get("evaluation") or {}).get("loss"),
         data_accounting=worker.get("data_accounting"),
         sharding=worker.get("sharding"),
+        preflight=worker.get("preflight"),
+        lrs=[m["lr"] for m in metrics],
+        warmup_steps=cfg.warmup_steps,
+        trainable_params_changed=(worker.get("trainable_params") or {}).get("changed"),
+        params_loaded=(record.get("params") or {}).get("loaded"),
+        params_total=(record.get("params") or {}).get("model_total"),
     ))
     time_s = worker.get("time_s", {})
     return {
@@ -115,6 +121,7 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, model_dir: Path
         "data": worker.get("data"),
         "towers": towers,
         "sharding": worker.get("sharding"),
+        "preflight": worker.get("preflight"),
         "exit": {"returncode": outcome.returncode, "timed_out": outcome.timed_out, "interrupted": outcome.interrupted},
         "log_file": outcome.log_path.name,
         "log_tail": [] if verdict.verdict == "PASS" else outcome.log_tail[-20:],

@@ -24,6 +24,8 @@ from harness import data as data_lib
 from harness import distributed as dist_lib
 from harness import faults
 from harness import loading
+from harness import mutations
+from harness import preflight
 from harness.loss import chunked_cross_entropy_sum, chunked_token_losses, global_mean_loss, loss_for_backward
 from harness.metrics import (
     MetricsWriter,
@@ -152,6 +154,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
+    mutations.bind_model(spec.name)  # test-only injected bugs (harness.mutations); no-op when unset
 
     loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic")
     if known is not None:
@@ -159,6 +162,10 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     tokenizer = loading.tokenizer_for(spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
     dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
+    mutate_loaded_model(loaded)
+    checks = {"labels": preflight.label_check(conversations, dataset, tokenizer, preflight.end_of_turn_marker(spec, tokenizer))}
+    if ctx.is_main:  # before sharding: the plain extracted model against the full VLM
+        checks["extraction"] = preflight.extraction_parity(spec, cfg.weights, loaded, dataset.samples[0].input_ids)
     load_done = time.monotonic()
 
     model = TrainableLM(loaded.model)
@@ -166,11 +173,12 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     if use_ac:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     bf16 = ctx.device.type == "cuda"
-    fsdp_units = dist_lib.shard_model(model, bf16=bf16, reshard_after_forward=cfg.reshard_after_forward)
+    shard = mutations.shard_without_reduction if mutations.active("grads_not_reduced") else dist_lib.shard_model
+    fsdp_units = shard(model, bf16=bf16, reshard_after_forward=cfg.reshard_after_forward)
     if cfg.weights == "synthetic":
         loading.materialize(model.lm, ctx.device, seed=cfg.seed)
     model.train()
-    frozen_before = frozen_checksum(model)
+    frozen_before, trainable_before = parameter_checksum(model, trainable=False), parameter_checksum(model, trainable=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     shard_done = time.monotonic()
@@ -186,6 +194,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     train_started = time.monotonic()
     epoch_records: list[dict] = []
     evaluation, evaluated_at = None, None
+    reference = None
 
     while state.stop_reason is None:
         if state.epoch >= cfg.epochs:
@@ -194,10 +203,18 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         accounting = EpochAccounting(len(dataset.samples))
         epoch_plan = plan_epoch(cfg, dataset, ctx, state.epoch)
         for step_index, step_plan in enumerate(epoch_plan):
+            if state.step == 0:  # preflight on the first step's data, before its parameters change
+                checks["packing"] = preflight.packing_check(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
+                reference = preflight.first_step_reference(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
+            if mutations.active("micro_batch_dropped") and state.step + 1 == 2:
+                step_plan = mutations.drop_last_micro_batch(step_plan)
             step_start = time.monotonic()
             loss, grad_norm, tokens, label_tokens = train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer,
                                                               inject=lambda loss_sum: faults.inject(fault, state.step + 1, ctx.rank, loss_sum, model=spec.name),
                                                               accounting=accounting)
+            if reference is not None:
+                checks.update(preflight.first_step_checks(reference, loss, grad_norm, ctx.device, ctx.world_size))
+                reference = None
             lr_now = scheduler.get_last_lr()[0]
             state.step += 1
             state.first_step_at = state.first_step_at or time.monotonic()
@@ -227,7 +244,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         state.epoch += 1
 
     finished = time.monotonic()
-    frozen_after = frozen_checksum(model)
+    frozen_after, trainable_after = parameter_checksum(model, trainable=False), parameter_checksum(model, trainable=True)
     if state.step and evaluated_at != state.step:
         evaluation = evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer)
     evaluated = time.monotonic()
@@ -249,6 +266,8 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         "towers": tower_parameter_counts(model),
         "sharding": sharding_record(model, ctx, fsdp_units),
         "frozen_params": {"count": frozen_before[0], "changed": frozen_before[1] != frozen_after[1]},
+        "trainable_params": {"count": trainable_before[0], "changed": trainable_before[1] != trainable_after[1]},
+        "preflight": checks,
         "evaluation": evaluation,
         "data_accounting": data_accounting(epoch_records),
         "flops_per_token": flops_per_token,
@@ -270,6 +289,9 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
     local_loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
     members_per_micro = step_plan.for_rank(ctx.rank)
     micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, cfg.packing, pad_id(tokenizer))
+    label_tokens, divide_factor = step_plan.global_label_tokens, ctx.world_size
+    if mutations.active("loss_per_rank_mean"):  # test-only injected bug: this rank's tokens, ranks averaged
+        label_tokens, divide_factor = sum(int(b["num_label_tokens"]) for b in micro_batches), 1
     for members, batch in zip(members_per_micro, micro_batches):
         if accounting is not None:
             accounting.record(members, int(batch["num_label_tokens"]))
@@ -278,16 +300,31 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
         if inject is not None:  # test-only fault injection (harness.faults)
             loss_sum = inject(loss_sum)
         # FSDP2 averages gradients over ranks: loss_for_backward multiplies by the world size back.
-        loss_for_backward(loss_sum, step_plan.global_label_tokens, ctx.world_size).backward()
+        loss_for_backward(loss_sum, label_tokens, divide_factor).backward()
         local_loss_sum += loss_sum.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    loss = float(global_mean_loss(dist_lib.all_reduce_sum(local_loss_sum), step_plan.global_label_tokens))
+    if mutations.active("loss_per_rank_mean"):
+        loss = float(dist_lib.all_reduce_sum(global_mean_loss(local_loss_sum, label_tokens))) / ctx.world_size
+    else:
+        loss = float(global_mean_loss(dist_lib.all_reduce_sum(local_loss_sum), step_plan.global_label_tokens))
     grad_norm_value = float(grad_norm)
-    if math.isfinite(loss) and math.isfinite(grad_norm_value):
+    if math.isfinite(loss) and math.isfinite(grad_norm_value) and not mutations.active("optimizer_never_steps"):
         optimizer.step()
+    if mutations.active("towers_updated"):
+        mutations.nudge_frozen(model)
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm_value, step_plan.global_tokens, step_plan.global_label_tokens
+
+
+def mutate_loaded_model(loaded) -> None:
+    """Test-only injected bugs on the freshly loaded model (harness.mutations); no-op when unset."""
+    if mutations.active("extracted_random_init"):
+        mutations.reinitialise(loaded.model)
+    if mutations.active("vision_tower_trainable"):
+        for name, param in loaded.model.named_parameters():
+            if any(part in name for part in TOWER_NAME_PARTS):
+                param.requires_grad_(True)
 
 
 def device_inputs(batch: dict, device: torch.device) -> dict:
@@ -297,10 +334,13 @@ def device_inputs(batch: dict, device: torch.device) -> dict:
 
 def plan_epoch(cfg: RunConfig, dataset, ctx, epoch: int):
     """The same plan on every rank (no communication): seeded by epoch."""
-    return data_lib.plan_steps(
+    plan = data_lib.plan_steps(
         dataset.samples, world_size=ctx.world_size, max_tokens_per_gpu=cfg.max_tokens_per_gpu,
         packing=cfg.packing, seed=cfg.seed, epoch=epoch,
     )
+    if mutations.active("same_batch_every_step"):  # test-only injected bug
+        plan = [dataclasses.replace(plan[0], index=i) for i in range(len(plan))]
+    return plan
 
 
 def pad_id(tokenizer) -> int:
@@ -319,6 +359,8 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
+        if mutations.active("lr_zero_after_warmup"):  # test-only injected bug
+            return 0.0
         if cfg.schedule == "cosine":
             progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
             return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
@@ -373,14 +415,20 @@ def report_progress(ctx, state: TrainState, metrics: StepMetrics, total_steps: i
 
 def frozen_checksum(model: nn.Module) -> tuple[int, float]:
     """(count, checksum) of the frozen parameters over all ranks: towers must not change."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return parameter_checksum(model, trainable=False)
+
+
+def parameter_checksum(model: nn.Module, trainable: bool) -> tuple[int, float]:
+    """(count, position-weighted checksum over all ranks) of the trainable or the frozen parameters:
+    frozen ones must not change, trainable ones must (else the optimizer never stepped)."""
+    chosen = [p for p in model.parameters() if p.requires_grad == trainable]
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for param in frozen:
+    for param in chosen:
         local = param.to_local() if hasattr(param, "to_local") else param
         weights = torch.arange(1, local.numel() + 1, device=local.device, dtype=torch.float64)
         total += (local.detach().double().flatten() * weights).sum()
-    return len(frozen), float(dist_lib.all_reduce_sum(total).item())
+    return len(chosen), float(dist_lib.all_reduce_sum(total).item())
 
 
 class EpochAccounting:

@@ -34,6 +34,12 @@ class VerdictInput:
     eval_loss: float | None = None  # mean token loss of the full-dataset pass after training
     data_accounting: dict | None = None  # harness.train.data_accounting
     sharding: dict | None = None  # harness.train.sharding_record
+    preflight: dict | None = None  # harness.preflight: check name -> {"status", "detail"}
+    lrs: list[float] = field(default_factory=list)  # per optimizer step
+    warmup_steps: int = 0
+    trainable_params_changed: bool | None = None  # None: not recorded
+    params_loaded: int | None = None  # load record: elements read from the checkpoint
+    params_total: int | None = None  # load record: the model's parameters
 
 
 @dataclass
@@ -66,6 +72,9 @@ def judge(inp: VerdictInput) -> Verdict:
     reasons += tower_reasons(inp)
     reasons += accounting_reasons(inp.data_accounting)
     reasons += sharding_reasons(inp.sharding)
+    reasons += preflight_reasons(inp.preflight)
+    reasons += optimizer_reasons(inp)
+    reasons += load_count_reasons(inp)
     return Verdict("FAIL" if reasons else "PASS", reasons, initial, final)
 
 
@@ -136,6 +145,33 @@ def sharding_reasons(sharding: dict | None) -> list[str]:
     fraction, world = sharding["fraction_this_rank"], sharding["world_size"]
     if fraction > SHARDING_SLACK / world:
         return [f"FSDP did not shard: rank 0 holds {fraction:.0%} of the parameter bytes with {world} ranks"]
+    return []
+
+
+def preflight_reasons(preflight: dict | None) -> list[str]:
+    """One reason per failed preflight check (harness.preflight), named after the check."""
+    return [f"preflight {name} check failed: {check.get('detail', '')}" for name, check in (preflight or {}).items()
+            if isinstance(check, dict) and check.get("status") == "fail"]
+
+
+def optimizer_reasons(inp: VerdictInput) -> list[str]:
+    reasons = []
+    if inp.trainable_params_changed is False and inp.losses:
+        reasons.append(f"trainable parameters are unchanged after {len(inp.losses)} steps: the optimizer never stepped")
+    zero = [step for step, lr in enumerate(inp.lrs, start=1) if not lr > 0]
+    if zero:
+        when = "after warm-up" if zero[0] > inp.warmup_steps else "during warm-up"
+        reasons.append(f"learning rate is 0 at {len(zero)} step(s) from step {zero[0]} ({when}, "
+                       f"{inp.warmup_steps} warm-up steps): those steps cannot learn")
+    return reasons
+
+
+def load_count_reasons(inp: VerdictInput) -> list[str]:
+    if inp.weights == "synthetic" or inp.params_loaded is None or not inp.params_total:
+        return []
+    if inp.params_loaded < inp.params_total:
+        return [f"only {inp.params_loaded:,} of the model's {inp.params_total:,} parameters were loaded from the "
+                "checkpoint: the rest are left at random init"]
     return []
 
 

@@ -1,0 +1,243 @@
+"""Preflight: cheap checks on the first step's data, inside the job, before the loop trusts anything.
+
+Each check returns {"status": "pass" | "fail" | "skipped", "detail": ...}; the trainer records them
+in worker.json["preflight"] and the verdict names every failed one.
+
+- packing: the packed loss of a few samples equals their padded loss (samples alone in a row).
+  Catches packed samples attending across boundaries and position ids not reset.
+- labels: the labelled tokens of a few samples decode to the assistant replies + end-of-turn
+  markers, nothing else. Catches labels not masked and end-of-turn not labelled.
+- extraction: extract_causal_lm with real/tiny weights: the extracted model's logits equal the full
+  VLM's on one prompt (rank 0, CPU, when the VLM is small enough). Catches weights left random.
+- step_loss: the loss train_step reports for step 1 equals sum(per-token losses of every rank's
+  micro-batches) / (label tokens counted in those batches, all ranks). Catches a per-rank mean.
+- grad_reduction: the grad norm train_step reports for step 1 (data split over the ranks) equals
+  the norm of the same step's gradient with ALL of its micro-batches run on rank 0 (the other
+  ranks run empty ones). Under a correct reduction both are the norm of the summed gradient; if
+  gradients do not cross ranks, the first is rank 0's own share and the second the whole: they
+  differ. Comparing full parameters across ranks would prove nothing under FSDP2, since every
+  full_tensor() is gathered from the same shards.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from harness import data as data_lib
+from harness import loading
+from harness.tokenizers import END_OF_TURN_MARKERS
+
+# Relative tolerances: (bf16 on GPU, fp32 on CPU).
+PACKING_TOL = {"cuda": 1e-3, "cpu": 1e-4}
+STEP_LOSS_TOL = {"cuda": 1e-3, "cpu": 1e-5}
+GRAD_NORM_TOL = {"cuda": 5e-3, "cpu": 1e-4}
+LOGITS_TOL = 1e-4  # fp32 on CPU, relative to the largest reference logit (at least 1)
+PACKING_SAMPLES = 8  # at most this many samples of each rank's first micro-batch
+LABEL_SAMPLES = 4
+PARITY_MAX_PARAMS = 600_000_000  # the full VLM is loaded on rank 0's CPU: only when small
+PARITY_PROMPT_TOKENS = 64
+
+
+def result(ok: bool, detail: str, **values) -> dict:
+    return {"status": "pass" if ok else "fail", "detail": detail, **values}
+
+
+def skipped(detail: str) -> dict:
+    return {"status": "skipped", "detail": detail}
+
+
+def tolerance(table: dict, device: torch.device) -> float:
+    return table["cuda" if device.type == "cuda" else "cpu"]
+
+
+def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    value = value.detach().clone()
+    if dist.is_initialized():
+        dist.all_reduce(value, op=op)
+    return value
+
+
+# ---------------------------------------------------------------- (a) packed vs padded
+
+
+@torch.no_grad()
+def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
+    """Every rank runs its first micro-batch's first samples packed, then padded (2 forwards each)."""
+    if not packing:
+        return skipped("packing is off: nothing to compare")
+    members = step_plan.for_rank(ctx.rank)[0][:PACKING_SAMPLES]
+    samples = [dataset.samples[i] for i in members]
+    was_training = model.training
+    model.eval()
+    packed = _per_sample_sums(model, samples, True, pad_id, ctx.device)
+    padded = _per_sample_sums(model, samples, False, pad_id, ctx.device)
+    model.train(was_training)
+    worst = max((abs(a - b) / max(abs(b), 1e-12) for a, b, n in zip(packed, padded, _labels(samples)) if n), default=0.0)
+    worst = float(all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
+    compared = int(all_reduce(torch.tensor(float(len(samples)), device=ctx.device)))
+    tol = tolerance(PACKING_TOL, ctx.device)
+    detail = (f"packed vs padded per-sample loss of {compared} samples: worst relative difference {worst:.2e} "
+              f"(tolerance {tol:.0e})")
+    if worst > tol:
+        detail += ": packed samples see each other or their position ids do not restart at 0"
+    return result(worst <= tol, detail, worst_rel_diff=worst, samples=compared)
+
+
+def _labels(samples) -> list[int]:
+    return [s.num_label_tokens for s in samples]
+
+
+def _per_sample_sums(model, samples, packing: bool, pad_id: int, device) -> list[float]:
+    batch = data_lib.collate_micro_batch(samples, packing, pad_id)
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
+    losses = model(**inputs, per_token=True)
+    if not samples:
+        return []
+    if packing:
+        return [float(chunk.sum()) for chunk in losses.reshape(-1).split([s.num_tokens for s in samples])]
+    return [float(row.sum()) for row in losses]
+
+
+# ---------------------------------------------------------------- (b) labels
+
+
+def end_of_turn_marker(spec, tokenizer) -> str | None:
+    """The family's end-of-turn text: from the registry's chat family, else the first known marker
+    the tokenizer holds as a token of its own."""
+    if spec.chat_family in END_OF_TURN_MARKERS:
+        return END_OF_TURN_MARKERS[spec.chat_family]
+    vocab = tokenizer.get_vocab()
+    return next((m for m in END_OF_TURN_MARKERS.values() if m in vocab), tokenizer.eos_token)
+
+
+def _squash(text: str) -> str:
+    return "".join(text.split())
+
+
+def label_check(conversations, dataset, tokenizer, marker: str | None) -> dict:
+    """The labelled token ids of the first samples, decoded, are the assistant replies each followed
+    by the end-of-turn marker (whitespace aside: tokens at a span's edge may carry a newline)."""
+    if not marker:
+        return skipped("no end-of-turn marker known for this tokenizer")
+    dropped = set(dataset.dropped_indices)
+    kept = [i for i in range(len(conversations)) if i not in dropped][: len(dataset.samples)]
+    for position, index in enumerate(kept[:LABEL_SAMPLES]):
+        labelled = [t for t in dataset.samples[position].shift_labels if t != data_lib.IGNORE_INDEX]
+        decoded = tokenizer.decode(labelled, skip_special_tokens=False)
+        expected = "".join(m["content"].strip() + marker for m in conversations[index] if m["role"] == "assistant")
+        if _squash(decoded) != _squash(expected):
+            why = "end-of-turn marker not labelled" if _squash(decoded) == _squash(expected.replace(marker, "")) else (
+                "prompt tokens labelled" if len(_squash(decoded)) > len(_squash(expected)) else "labels differ")
+            return result(False, f"sample {index}: labelled tokens decode to {decoded[:120]!r}, expected the assistant "
+                                  f"replies + {marker!r}: {expected[:120]!r} ({why})", sample=index)
+    n = min(LABEL_SAMPLES, len(kept))
+    return result(True, f"the labelled tokens of {n} samples are exactly their assistant replies + {marker!r}")
+
+
+# ---------------------------------------------------------------- (c) extraction parity
+
+
+@torch.no_grad()
+def extraction_parity(spec, weights: str, loaded, prompt_ids: list[int]) -> dict:
+    """Rank 0, before sharding: logits of the extracted text model vs the full VLM from the same checkpoint."""
+    record = loaded.record
+    if record.load_path != "extract_causal_lm":
+        return skipped(f"load path {record.load_path}: nothing was extracted")
+    if weights == "synthetic":
+        return skipped("synthetic weights: random by design, nothing to compare with")
+    total = record.params.get("checkpoint_total") or 0
+    if total > PARITY_MAX_PARAMS:
+        return skipped(f"the full VLM has {total:,} parameters, above the {PARITY_MAX_PARAMS:,} loaded on CPU for this check")
+    try:
+        from transformers import AutoModelForImageTextToText
+
+        folder, _ = loading.checkpoint_folder(spec, weights)
+        vlm = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    except Exception as exc:  # e.g. Gemma 3n's VLM class needs timm
+        return skipped(f"the full VLM could not be built here ({type(exc).__name__}: {str(exc)[:200]})")
+    ids = torch.tensor([prompt_ids[:PARITY_PROMPT_TOKENS]])
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    vlm.eval()
+    try:
+        ours = model(input_ids=ids, use_cache=False).logits.float()
+        reference = vlm(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        model.train(was_training)
+    scale = max(1.0, float(reference.abs().max()))
+    diff = float((ours - reference).abs().max()) / scale
+    detail = f"extracted vs full-VLM logits on a {ids.shape[1]}-token prompt: max relative difference {diff:.2e} (tolerance {LOGITS_TOL:.0e})"
+    if diff > LOGITS_TOL:
+        detail += ": the extracted weights are not the checkpoint's (left at random init?)"
+    return result(diff <= LOGITS_TOL, detail, max_rel_diff=diff)
+
+
+# ---------------------------------------------------------------- (d) and (e): the first step
+
+
+@torch.no_grad()
+def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
+    """Per-token losses of this rank's micro-batches of the step, summed over ranks, over the label
+    tokens counted in those batches (not the plan's count) on all ranks."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id):
+        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
+        losses = model(**inputs, per_token=True)
+        totals[0] += losses.double().sum()
+        totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
+    model.train(was_training)
+    totals = all_reduce(totals)
+    return {"loss": float(totals[0] / totals[1].clamp(min=1)), "label_tokens": int(totals[1])}
+
+
+def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> float:
+    """The step's gradient with every rank's micro-batches run on rank 0; its norm; then the
+    gradients are cleared. The other ranks run the same micro-batches with a zero weight, so the
+    collectives match (not one-token dummies: their backward is NaN in Gemma 3n's attention)."""
+    everything = [members for rank_bins in step_plan.micro_batches for members in rank_bins if members]
+    # FSDP2 divides the reduced gradient by the world size: scale by it, over the step's label tokens.
+    weight = ctx.world_size / max(step_plan.global_label_tokens, 1) if ctx.rank == 0 else 0.0
+    for members in everything:
+        batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id)
+        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
+        (model(**inputs) * weight).backward()
+    squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for param in model.parameters():
+        if param.grad is not None:
+            local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+            squares += local.double().pow(2).sum()
+            param.grad = None
+    return math.sqrt(float(all_reduce(squares)))
+
+
+def first_step_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
+    """Run before the first train_step, on the same parameters and micro-batches."""
+    reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing)
+    reference["grad_norm"] = grad_norm_reference(model, step_plan, dataset, ctx, pad_id, packing)
+    return reference
+
+
+def first_step_checks(reference: dict, loss: float, grad_norm: float, device: torch.device, world_size: int) -> dict:
+    loss_tol, norm_tol = tolerance(STEP_LOSS_TOL, device), tolerance(GRAD_NORM_TOL, device)
+    loss_diff = abs(loss - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
+    loss_detail = (f"train_step reported {loss:.6f} for step 1; per-token losses summed over ranks / "
+                   f"{reference['label_tokens']} global label tokens give {reference['loss']:.6f} "
+                   f"(relative difference {loss_diff:.1e}, tolerance {loss_tol:.0e})")
+    if not loss_diff <= loss_tol:
+        loss_detail += ": the step loss is not normalised by the global label-token count (averaged per rank?)"
+    norm_diff = abs(grad_norm - reference["grad_norm"]) / max(abs(reference["grad_norm"]), 1e-12)
+    norm_detail = (f"step-1 grad norm {grad_norm:.6f} with the data split over {world_size} rank(s), "
+                   f"{reference['grad_norm']:.6f} with all of it on rank 0 (relative difference {norm_diff:.1e}, "
+                   f"tolerance {norm_tol:.0e})")
+    if not norm_diff <= norm_tol:
+        norm_detail += ": gradients are not reduced across ranks (or not normalised like the loss)"
+    return {
+        "step_loss": result(loss_diff <= loss_tol, loss_detail, reported=loss, recomputed=reference["loss"]),
+        "grad_reduction": result(norm_diff <= norm_tol, norm_detail, reported=grad_norm, reference=reference["grad_norm"]),
+    }
+

@@ -1,0 +1,193 @@
+"""Mutation tests: deliberately injected training bugs must each turn the verdict to FAIL, with a
+reason that names the bug; and no false alarms (healthy seeds PASS, an unfittable dataset FAILs).
+
+The bugs live behind SFT_HARNESS_MUTATION=NAME/MODEL (harness/mutations.py), so they reach the
+torchrun ranks. One CLI sweep carries one bug per model: two sweeps cover the catalogue, one on
+2 ranks (the distributed bugs, and those a complete epoch or warm-up must reveal: 8 steps), one on
+1 rank for the bugs the preflight catches before step 1 is over (2 steps). The 1-rank CLI runs
+(that sweep, the healthy seeds, the unfittable dataset) go two at a time: CI has 2 cores.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from gate_helpers import cli_command, cli_env, failure_context, read_json
+from harness import mutations
+from harness.paths import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+# mutation -> (model whose job carries it, sweep, fragments the naming reason must hold)
+MUTATIONS = {
+    "loss_per_rank_mean": ("Llama-3.2-1B-Instruct", "ranks2", ["preflight step_loss check failed", "averaged per rank"]),
+    "grads_not_reduced": ("Ministral-3-3B-Instruct-2512", "ranks2", ["preflight grad_reduction check failed", "not reduced across ranks"]),
+    "micro_batch_dropped": ("gemma-3-4b-it", "ranks2", ["data accounting broken", "missing"]),
+    "same_batch_every_step": ("Qwen3-4B-Instruct-2507", "ranks2", ["data accounting broken", "repeated"]),
+    "lr_zero_after_warmup": ("gemma-3-270m", "ranks2", ["learning rate is 0", "after warm-up"]),
+    "vision_tower_trainable": ("Qwen3-VL-2B-Instruct", "ranks2", ["tower parameters were trainable"]),
+    "optimizer_never_steps": ("gemma-3n-E4B-it", "ranks2", ["trainable parameters are unchanged", "optimizer never stepped"]),
+    "labels_not_masked": ("Llama-3.2-1B-Instruct", "rank1", ["preflight labels check failed", "prompt tokens labelled"]),
+    "eot_not_labelled": ("gemma-3-270m", "rank1", ["preflight labels check failed", "end-of-turn marker not labelled"]),
+    "packed_cross_attention": ("gemma-3-4b-it", "rank1", ["preflight packing check failed", "packed samples see each other"]),
+    "position_ids_not_reset": ("Qwen3-4B-Instruct-2507", "rank1", ["preflight packing check failed", "position ids do not restart"]),
+    "extracted_random_init": ("Ministral-3-3B-Instruct-2512", "rank1", ["preflight extraction check failed", "random init"]),
+    "towers_updated": ("Qwen3-VL-2B-Instruct", "rank1", ["frozen (tower) parameters changed"]),
+}
+SWEEPS = {
+    # 24 samples at 512 tokens a rank: 2 steps an epoch, so 8 steps finish epochs and pass the 5 warm-up steps.
+    "ranks2": ("--nproc-per-node", "2", "--max-samples", "24", "--max-tokens-per-gpu", "512", "--max-steps", "8"),
+    "rank1": ("--nproc-per-node", "1", "--max-samples", "24", "--max-steps", "2"),
+}
+# Reasons a mutation may bring beside its own: short runs miss the loss target; a rank that keeps a
+# full replica is also reported as unsharded; a per-rank loss mean also scales the gradient.
+SIDE_EFFECTS = {
+    "any": ["final loss"],
+    "grads_not_reduced": ["FSDP did not shard"],
+    "loss_per_rank_mean": ["preflight grad_reduction check failed"],
+}
+BASE = ("--weights", "tiny", "--device", "cpu", "--timeout-per-model", "240")
+
+
+def test_catalogue_is_complete():
+    assert set(MUTATIONS) == set(mutations.CATALOGUE)
+    assert len(MUTATIONS) >= 12
+
+
+SEED_MODEL = "Ministral-3-3B-Instruct-2512"
+SEEDS = (1, 2, 3, 4, 5)
+# The same questions, each asked twice with different answers that share their first words (so
+# nothing before the first differing token tells the two apart): no model can fit both.
+CONTRADICTIONS = [("Is the sky green?", "The answer is yes.", "The answer is no."),
+                  ("What colour is snow?", "The answer is white.", "The answer is purple."),
+                  ("How many legs has a cat?", "The answer is four.", "The answer is nine."),
+                  ("Which city is in France?", "The answer is Paris.", "The answer is Tokyo.")]
+
+
+def sweep_run(sweep: str, output) -> tuple[list[str], dict]:
+    chosen = {name: model for name, (model, where, _) in MUTATIONS.items() if where == sweep}
+    assert len(set(chosen.values())) == len(chosen), f"{sweep}: one mutation per model"
+    spec = ",".join(f"{name}/{model}" for name, model in chosen.items())
+    args = ["--models", ",".join(chosen.values()), *BASE, *SWEEPS[sweep], "--output-dir", str(output), "--run-id", sweep]
+    return args, cli_env(**{mutations.ENV_VAR: spec})
+
+
+def run_all(runs: dict[str, tuple[list[str], dict]], width: int, timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
+    """CLI runs, `width` at a time."""
+    pending, running, done = list(runs.items()), {}, {}
+    deadline = time.monotonic() + timeout
+    while pending or running:
+        while pending and len(running) < width:
+            key, (args, env) = pending.pop(0)
+            running[key] = subprocess.Popen(cli_command(*args), cwd=REPO_ROOT, env=env, text=True,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for key, process in list(running.items()):
+            if process.poll() is not None:
+                out, err = process.communicate()
+                done[key] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+                del running[key]
+        if time.monotonic() > deadline:
+            for process in running.values():
+                process.kill()
+            raise AssertionError(f"CLI runs still going after {timeout}s: {list(running)}")
+        time.sleep(0.2)
+    return done
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every CLI run of this module: the 2-rank sweep alone, then the 1-rank runs two at a time."""
+    output = tmp_path_factory.mktemp("mutations")
+    dataset = output / "contradictory.jsonl"
+    dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                               for q, *answers in CONTRADICTIONS for a in answers))
+    single = {"rank1": sweep_run("rank1", output)}
+    single |= {f"seed{seed}": (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--max-samples", "24",
+                                "--seed", str(seed), "--output-dir", str(output), "--run-id", f"seed{seed}"], cli_env())
+               for seed in SEEDS}
+    single["contradictory"] = (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--dataset", str(dataset),
+                                "--output-dir", str(output), "--run-id", "contradictory"], cli_env())
+    for _, env in single.values():  # one intra-op thread each, or two jobs on 2 cores spin against each other
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = run_all({"ranks2": sweep_run("ranks2", output)}, width=1) | run_all(single, width=2)
+    return {"output": output, "procs": procs}
+
+
+@pytest.fixture(scope="module")
+def sweeps(runs) -> dict[str, dict]:
+    """mutation -> the result.json of the model that carried it."""
+    results = {}
+    for sweep in SWEEPS:
+        proc = runs["procs"][sweep]
+        assert proc.returncode == 1, failure_context(proc)  # FAIL, not a crash of the CLI
+        for name, (model, where, _) in MUTATIONS.items():
+            if where == sweep:
+                results[name] = read_json(runs["output"] / sweep / model / "result.json")
+    print_table(results)
+    return results
+
+
+def print_table(results: dict[str, dict]) -> None:
+    width = max(map(len, results))
+    lines = ["", "mutation -> verdict: naming reason", "-" * 100]
+    for name, result in results.items():
+        fragments = MUTATIONS[name][2]
+        naming = next((r for r in result["reasons"] if fragments[0] in r), "(none)")
+        lines.append(f"{name:<{width}}  {result['verdict']}: {naming[:220]}")
+    print("\n".join(lines), flush=True)
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_mutation_fails_the_verdict_with_a_naming_reason(sweeps, name):
+    result = sweeps[name]
+    model, _, fragments = MUTATIONS[name]
+    assert result["model"] == model
+    assert result["verdict"] == "FAIL"
+    naming = [r for r in result["reasons"] if all(f in r for f in fragments)]
+    assert naming, f"{name}: no reason holds {fragments}: {result['reasons']}"
+    # Nothing else was blamed: every other reason is a known side effect of this bug.
+    allowed = SIDE_EFFECTS["any"] + SIDE_EFFECTS.get(name, []) + [fragments[0]]
+    stray = [r for r in result["reasons"] if not any(a in r for a in allowed)]
+    assert not stray, f"{name}: unexpected reasons {stray}"
+    assert result["exit"]["returncode"] == 0  # the job ran to its end: the verdict, not a crash, failed it
+
+
+def test_mutations_are_off_without_the_variable(monkeypatch):
+    monkeypatch.delenv(mutations.ENV_VAR, raising=False)
+    mutations.bind_model("Llama-3.2-1B-Instruct")
+    assert not any(mutations.active(name) for name in mutations.CATALOGUE)
+    assert mutations.fingerprint_salt() == ""
+    monkeypatch.setenv(mutations.ENV_VAR, "labels_not_masked/gemma-3-270m,lr_zero_after_warmup")
+    assert not mutations.active("labels_not_masked") and mutations.active("lr_zero_after_warmup")
+    monkeypatch.setenv(mutations.ENV_VAR, "no_such_bug")
+    with pytest.raises(ValueError, match="unknown mutation 'no_such_bug'"):
+        mutations.active("labels_not_masked")
+    mutations.bind_model(None)
+
+
+# ---------------------------------------------------------------- no false alarms
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_healthy_model_passes_for_every_seed(runs, seed):
+    proc = runs["procs"][f"seed{seed}"]
+    assert proc.returncode == 0, failure_context(proc)
+    folder = runs["output"] / f"seed{seed}" / SEED_MODEL
+    result = read_json(folder / "result.json")
+    assert result["verdict"] == "PASS" and result["reasons"] == []
+    assert {check["status"] for check in result["preflight"].values()} == {"pass"}  # extraction parity ran too
+    assert read_json(folder / "job.json")["seed"] == seed
+
+
+def test_contradictory_dataset_is_judged_fail(runs):
+    proc = runs["procs"]["contradictory"]
+    assert proc.returncode == 1, failure_context(proc)
+    result = read_json(runs["output"] / "contradictory" / SEED_MODEL / "result.json")
+    assert result["verdict"] == "FAIL" and result["stop_reason"] == "step_budget"
+    assert result["data"]["n_samples"] == 2 * len(CONTRADICTIONS)
+    # The only failure is the loss: the pipeline itself (preflight, accounting) is healthy.
+    assert len(result["reasons"]) == 1 and "final loss" in result["reasons"][0], result["reasons"]
+    assert result["final_loss"] > 0.05

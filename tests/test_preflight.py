@@ -1,0 +1,52 @@
+"""Verdict rules fed by the preflight and the new worker.json records (pure, fast)."""
+import math
+
+from harness.verdict import VerdictInput, judge
+
+LN_1024 = math.log(1024)
+
+
+def healthy(**overrides) -> VerdictInput:
+    values = dict(
+        clean_exit=True, exit_detail="", load_path="extract_causal_lm", expected_load_path="extract_causal_lm",
+        weights="tiny", vocab_size=1024, losses=[LN_1024, 3.0, 1.0, 0.04, 0.03, 0.02, 0.02, 0.01],
+        grad_norms=[1.0] * 8, loss_threshold=0.05, stop_reason="target_reached",
+        preflight={"labels": {"status": "pass", "detail": "ok"}, "extraction": {"status": "skipped", "detail": "no VLM"}},
+        lrs=[1e-3] * 8, warmup_steps=5, trainable_params_changed=True, params_loaded=100, params_total=100,
+    )
+    values.update(overrides)
+    return VerdictInput(**values)
+
+
+def only_reason(inp: VerdictInput) -> str:
+    verdict = judge(inp)
+    assert verdict.verdict == "FAIL" and len(verdict.reasons) == 1, verdict.reasons
+    return verdict.reasons[0]
+
+
+def test_healthy_records_pass_and_skipped_checks_are_not_failures():
+    assert judge(healthy()).reasons == []
+
+
+def test_each_failed_preflight_check_is_a_named_reason():
+    preflight = {"packing": {"status": "fail", "detail": "diff 1e-2"}, "labels": {"status": "fail", "detail": "prompt"},
+                 "step_loss": {"status": "pass", "detail": ""}}
+    reasons = judge(healthy(preflight=preflight)).reasons
+    assert reasons == ["preflight packing check failed: diff 1e-2", "preflight labels check failed: prompt"]
+
+
+def test_unchanged_trainable_parameters_fail():
+    assert "optimizer never stepped" in only_reason(healthy(trainable_params_changed=False))
+    assert judge(healthy(trainable_params_changed=None)).verdict == "PASS"  # older records: not judged
+
+
+def test_zero_learning_rate_fails_and_says_when():
+    reason = only_reason(healthy(lrs=[1e-3] * 6 + [0.0, 0.0]))
+    assert "learning rate is 0 at 2 step(s) from step 7 (after warm-up" in reason
+    assert "during warm-up" in only_reason(healthy(lrs=[0.0] + [1e-3] * 7))
+
+
+def test_partly_loaded_checkpoint_fails_for_real_and_tiny_weights_only():
+    assert "left at random init" in only_reason(healthy(params_loaded=60, params_total=100))
+    assert judge(healthy(weights="synthetic", params_loaded=0, params_total=100,
+                         losses=[LN_1024] + [0.01] * 5, grad_norms=[1.0] * 6, lrs=[1e-3] * 6)).verdict == "PASS"
