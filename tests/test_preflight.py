@@ -1,21 +1,9 @@
 """Verdict rules fed by the preflight and the new worker.json records (pure, fast)."""
-import math
 
 from harness.verdict import VerdictInput, judge
 
-LN_1024 = math.log(1024)
+from verdict_inputs import LN_1024, healthy
 
-
-def healthy(**overrides) -> VerdictInput:
-    values = dict(
-        clean_exit=True, exit_detail="", load_path="extract_causal_lm", expected_load_path="extract_causal_lm",
-        weights="tiny", vocab_size=1024, losses=[LN_1024, 3.0, 1.0, 0.04, 0.03, 0.02, 0.02, 0.01],
-        grad_norms=[1.0] * 8, loss_threshold=0.05, stop_reason="target_reached",
-        preflight={"labels": {"status": "pass", "detail": "ok"}, "extraction": {"status": "skipped", "detail": "no VLM"}},
-        lrs=[1e-3] * 8, warmup_steps=5, trainable_params_changed=True, params_loaded=100, params_total=100,
-    )
-    values.update(overrides)
-    return VerdictInput(**values)
 
 
 def only_reason(inp: VerdictInput) -> str:
