@@ -84,6 +84,7 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, model_dir: Path
         trainable_tower_params=towers.get("trainable", 0),
         frozen_params_changed=bool(worker.get("frozen_params", {}).get("changed")),
         eval_loss=(worker.get("evaluation") or {}).get("loss"),
+        eval_label_tokens=(worker.get("evaluation") or {}).get("label_tokens"),
         data_accounting=worker.get("data_accounting"),
         sharding=worker.get("sharding"),
         preflight=worker.get("preflight"),

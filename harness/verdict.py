@@ -32,6 +32,7 @@ class VerdictInput:
     trainable_tower_params: int = 0
     frozen_params_changed: bool = False
     eval_loss: float | None = None  # mean token loss of the full-dataset pass after training
+    eval_label_tokens: int | None = None  # label tokens that pass scored
     data_accounting: dict | None = None  # harness.train.data_accounting
     sharding: dict | None = None  # harness.train.sharding_record
     preflight: dict | None = None  # harness.preflight: check name -> {"status", "detail"}
@@ -118,6 +119,8 @@ def initial_loss_reasons(initial: float | None, inp: VerdictInput) -> list[str]:
 def final_loss_reasons(final: float | None, inp: VerdictInput) -> list[str]:
     if final is None:
         return []  # already reported: no step recorded
+    if inp.eval_loss is not None and not inp.eval_label_tokens:  # a loss of 0 over nothing is no evidence
+        return ["the full-dataset evaluation scored no label tokens: convergence is unproven"]
     if not math.isfinite(final) or final >= inp.loss_threshold:
         n = min(len(inp.losses), FINAL_LOSS_WINDOW)
         measured = "over the whole dataset" if inp.eval_loss is not None else f"mean of the last {n} steps"

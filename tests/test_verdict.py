@@ -86,3 +86,10 @@ def test_every_failed_condition_is_a_reason():
     verdict = judge(healthy(clean_exit=False, exit_detail="x", expected_load_path="causal_lm",
                             losses=[1.0, 1.0], grad_norms=[1.0, 1.0]))
     assert len(verdict.reasons) == 4  # exit, load path, initial loss, final loss
+
+
+def test_full_dataset_loss_decides_and_an_empty_evaluation_is_no_pass():
+    # The training window looks converged, the whole dataset does not: FAIL.
+    assert "over the whole dataset" in only_reason(healthy(eval_loss=0.2, eval_label_tokens=500))
+    assert judge(healthy(eval_loss=0.01, eval_label_tokens=500)).verdict == "PASS"
+    assert "no label tokens" in only_reason(healthy(eval_loss=0.0, eval_label_tokens=0))
