@@ -30,18 +30,20 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--warmup-steps", type=int, default=10)
-    parser.add_argument("--tokens-per-gpu", type=int, default=4096)
+    parser.add_argument("--tokens-per-gpu", type=int, default=8192)
+    parser.add_argument("--num-gpus", type=int, default=1)
+    parser.add_argument("--only", choices=("ours", "peer", "both"), default="both")
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--name", required=True)
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
     args = parser.parse_args()
     common = ["--max-steps", str(args.max_steps), "--lr", str(args.lr), "--schedule", args.schedule,
               "--warmup-steps", str(args.warmup_steps)] + (["--max-samples", str(args.max_samples)] if args.max_samples else [])
-    ours = run_ours(args, common)
-    peer = run_peer(args, common)
+    ours = run_ours(args, common) if args.only != "peer" else {}
+    peer = run_peer(args, common) if args.only != "ours" else {}
     report = {
         "name": args.name, "model": args.model, "weights": args.weights,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "num_gpus": 1,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "num_gpus": args.num_gpus,
         "settings": {"max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule,
                      "warmup_steps": args.warmup_steps, "tokens_per_gpu": args.tokens_per_gpu},
         "ours": ours, "peer": peer, "ratios": ratios(ours, peer),
@@ -55,7 +57,7 @@ def main() -> int:
 def run_ours(args, common: list[str]) -> dict:
     run_id = f"bench-{args.name}"
     command = [sys.executable, str(ROOT / "run_validation.py"), "--models", args.model, "--weights", args.weights,
-               "--nproc-per-node", "1", "--max-tokens-per-gpu", str(args.tokens_per_gpu), "--run-id", run_id,
+               "--nproc-per-node", str(args.num_gpus), "--max-tokens-per-gpu", str(args.tokens_per_gpu), "--run-id", run_id,
                "--wandb-mode", "disabled", *common]
     subprocess.run(command, cwd=ROOT, check=False)
     result = json.loads(next((ROOT / "results" / run_id).glob("*/result.json")).read_text())
@@ -67,7 +69,8 @@ def run_ours(args, common: list[str]) -> dict:
 
 def run_peer(args, common: list[str]) -> dict:
     out = args.out_dir / f".{args.name}-peer.json"
-    command = [sys.executable, str(BENCH / "trl_peer.py"), "--model", args.model, "--weights", args.weights,
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.num_gpus}"] if args.num_gpus > 1 else [sys.executable]
+    command = [*launcher, str(BENCH / "trl_peer.py"), "--model", args.model, "--weights", args.weights,
                "--tokens-per-gpu", str(args.tokens_per_gpu), "--out", str(out), *common]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run(command, cwd=ROOT, check=True, env=env)

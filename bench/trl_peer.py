@@ -5,12 +5,14 @@ Bench only: TRL is not a dependency of the harness (install it in the bench's ow
 the GPU machine's wheels: `bash ../shared/device/wheels.sh trl==1.16.0`). Settings are those a careful
 user would pick: bf16, gradient checkpointing, padding-free packing into rows of the same token budget
 per GPU as ours, assistant-only loss with the same labels (a generation-tagged copy of the template).
-One GPU (plain) here; writes a JSON of the figures the comparison needs.
+One GPU: plain; several (started by torchrun): FSDP2 through accelerate, each decoder layer a unit,
+activation checkpointing by FSDP. Rank 0 writes a JSON of the figures the comparison needs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +50,11 @@ def run_peer(args) -> dict:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     spec = registry.lookup(args.model)
     started = time.monotonic()
     lm = loading.load_model(spec, args.weights, on_meta=args.weights == "synthetic").model
@@ -72,10 +78,15 @@ def run_peer(args) -> dict:
                                   "t": time.monotonic() - started})
 
     log = StepLog()
+    # Several GPUs: what a careful user sets for FSDP2 through accelerate (checkpointing by FSDP, not
+    # by gradient_checkpointing, which would add an all-gather in backward).
+    sharded = world_size > 1
+    fsdp = dict(fsdp=True, fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": list(lm._no_split_modules),
+                                        "activation_checkpointing": True, "reshard_after_forward": True}) if sharded else {}
     config = SFTConfig(
         output_dir=tempfile.mkdtemp(prefix="trl-peer-"), max_steps=args.max_steps, learning_rate=args.lr,
         lr_scheduler_type=args.schedule, warmup_steps=args.warmup_steps, weight_decay=0.0, adam_beta2=0.95,
-        max_grad_norm=1.0, bf16=device.type == "cuda", gradient_checkpointing=True,
+        max_grad_norm=1.0, bf16=device.type == "cuda", gradient_checkpointing=not sharded, **fsdp,
         gradient_checkpointing_kwargs={"use_reentrant": False}, packing=True, padding_free=True,
         max_length=args.tokens_per_gpu, per_device_train_batch_size=1, assistant_only_loss=True,
         logging_steps=1, save_strategy="no", report_to="none", seed=0, dataloader_num_workers=0,
@@ -86,15 +97,18 @@ def run_peer(args) -> dict:
     train_started = time.monotonic()
     trainer.train()
     train_s = time.monotonic() - train_started
-    return write_figures(args, log.rows, train_s, started, device, flops_per_token)
+    if int(os.environ.get("RANK", 0)) != 0:
+        return {}
+    return write_figures(args, log.rows, train_s, started, device, flops_per_token, world_size)
 
 
-def write_figures(args, rows: list[dict], train_s: float, started: float, device, flops_per_token: float) -> dict:
+def write_figures(args, rows: list[dict], train_s: float, started: float, device, flops_per_token: float, world_size: int = 1) -> dict:
     steady = rows[1:] or rows  # the first step pays for warm-up
     tokens = [r["num_tokens"] for r in rows if r["num_tokens"] is not None]
     steady_s = steady[-1]["t"] - rows[0]["t"] if len(rows) > 1 else train_s
     steady_tokens = (tokens[-1] - tokens[0]) if len(tokens) > 1 else (tokens[-1] if tokens else 0)
-    tokens_per_s = steady_tokens / steady_s if steady_s > 0 else None
+    # TRL's num_tokens counts every rank's tokens
+    tokens_per_s = steady_tokens / steady_s / world_size if steady_s > 0 else None
     target = next((r for i, r in enumerate(rows) if i >= 4 and sum(x["loss"] for x in rows[i - 4 : i + 1]) / 5 < args.threshold), None)
     figures = {
         "tokens_per_s_per_gpu": tokens_per_s,
@@ -103,6 +117,7 @@ def write_figures(args, rows: list[dict], train_s: float, started: float, device
         "time_to_target_s": target["t"] if target else None,  # from process start, like ours
         "steps_to_target": target["step"] if target else None,
         "steps": len(rows),
+        "num_gpus": world_size,
         "final_train_loss": sum(r["loss"] for r in rows[-5:]) / len(rows[-5:]) if rows else None,
         "train_s": train_s,
         "losses": [r["loss"] for r in rows],

@@ -61,7 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--warmup-steps", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
-                       help="auto: on for models above ~1B parameters")
+                       help="auto: on where the estimated memory without it would not fit the GPU (CPU: above ~1B parameters)")
+    train.add_argument("--attention", choices=("auto", "sdpa", "varlen"), default="auto",
+                       help="auto: varlen flash kernel for packed rows on CUDA, sdpa otherwise")
+    train.add_argument("--reshard-after-forward", choices=("auto", "on", "off"), default="auto",
+                       help="FSDP2: free gathered weights after each layer's forward (auto: with several ranks)")
+    train.add_argument("--init-std", type=float, default=None, help="synthetic weights: std of the random init")
+    train.add_argument("--compile", action="store_true", help="torch.compile the MLP and norm modules (costs compile time)")
     train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")
     gate = parser.add_argument_group("release gate")
     gate.add_argument("--resume", type=Path, help="a run folder: skip the models finished there, run the rest into it")
@@ -192,7 +198,7 @@ def validate_dataset(path: Path) -> None:
 # Settings a resumed run keeps from its first invocation, unless given again on the command line.
 RUN_SETTINGS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "max_samples", "max_seq_len",
                 "max_tokens_per_gpu", "no_packing", "epochs", "max_steps", "lr", "schedule", "warmup_steps", "seed",
-                "activation_checkpointing", "timeout_per_model")
+                "activation_checkpointing", "attention", "compile", "init_std", "reshard_after_forward", "timeout_per_model")
 
 
 def adopt_run_settings(args, parser: argparse.ArgumentParser) -> None:

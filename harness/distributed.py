@@ -52,7 +52,8 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks to shard one by one: transformers names them in _no_split_modules."""
     block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    # by class or base class: fully_shard swaps a module's class for an FSDP<Name> subclass
+    blocks = [m for m in model.modules() if any(cls.__name__ in block_names for cls in type(m).__mro__)]
     # Never shard a block nested in another block: the outer one owns its parameters.
     nested = {id(inner) for outer in blocks for inner in outer.modules() if inner is not outer}
     return [block for block in blocks if id(block) not in nested]

@@ -26,11 +26,12 @@ import torch
 import torch.distributed as dist
 
 from harness import data as data_lib
+from harness import distributed as dist_lib
 from harness import loading
 from harness.tokenizers import END_OF_TURN_MARKERS
 
 # Relative tolerances: (bf16 on GPU, fp32 on CPU).
-PACKING_TOL = {"cuda": 1e-3, "cpu": 1e-4}
+PACKING_TOL = {"cuda": 5e-2, "cpu": 1e-4}  # relative L2; bf16: the FINAL states of healthy gemma-3-4b-it differed by 2e-2 on H200
 STEP_LOSS_TOL = {"cuda": 1e-3, "cpu": 1e-5}
 GRAD_NORM_TOL = {"cuda": 5e-3, "cpu": 1e-4}
 LOGITS_TOL = 1e-4  # fp32 on CPU, relative to the largest reference logit (at least 1)
@@ -64,40 +65,58 @@ def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
 
 @torch.no_grad()
 def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
-    """Every rank runs its first micro-batch's first samples packed, then padded (2 forwards each)."""
+    """Every rank runs its first micro-batch's first samples packed, then padded, and compares each
+    sample's output of the FIRST decoder layer (relative L2). Not the loss: near a random init every
+    loss sits close to ln(vocab) whatever the model attends to. Not the final states: a deep random
+    Gemma 3n amplifies bf16 rounding to O(1) differences by the last layer (measured 1.24 on 4x H200
+    with correct attention). A leak between packed samples, or positions that do not restart, changes
+    the first layer's attention output at once (1.2 relative L2 for position_ids_not_reset)."""
     if not packing:
         return skipped("packing is off: nothing to compare")
     members = step_plan.for_rank(ctx.rank)[0][:PACKING_SAMPLES]
     samples = [dataset.samples[i] for i in members]
     was_training = model.training
     model.eval()
-    packed = _per_sample_sums(model, samples, True, pad_id, ctx.device)
-    padded = _per_sample_sums(model, samples, False, pad_id, ctx.device)
+    packed = _per_sample_first_layer(model, samples, True, pad_id, ctx.device)
+    padded = _per_sample_first_layer(model, samples, False, pad_id, ctx.device)
     model.train(was_training)
-    worst = max((abs(a - b) / max(abs(b), 1e-12) for a, b, n in zip(packed, padded, _labels(samples)) if n), default=0.0)
+    worst = max((float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(packed, padded)), default=0.0)
     worst = float(all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
     compared = int(all_reduce(torch.tensor(float(len(samples)), device=ctx.device)))
     tol = tolerance(PACKING_TOL, ctx.device)
-    detail = (f"packed vs padded per-sample loss of {compared} samples: worst relative difference {worst:.2e} "
+    detail = (f"packed vs padded first-layer outputs of {compared} samples: worst relative L2 difference {worst:.2e} "
               f"(tolerance {tol:.0e})")
     if worst > tol:
         detail += ": packed samples see each other or their position ids do not restart at 0"
     return result(worst <= tol, detail, worst_rel_diff=worst, samples=compared)
 
 
-def _labels(samples) -> list[int]:
-    return [s.num_label_tokens for s in samples]
-
-
-def _per_sample_sums(model, samples, packing: bool, pad_id: int, device) -> list[float]:
+def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device) -> list[torch.Tensor]:
+    """Each sample's [tokens, features] output of the first decoder layer (fp32), cut out of the
+    packed row or its padded row. Gemma 3n's layers output [altup copies, B, T, H]: the copies
+    become features."""
     batch = data_lib.collate_micro_batch(samples, packing, pad_id)
     inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
-    losses = model(**inputs, per_token=True)
+    captured = []
+
+    def keep_first(_module, _args, out):  # the first layer to run (a VLM's vision blocks never do)
+        if not captured:
+            captured.append(out[0] if isinstance(out, tuple) else out)
+
+    handles = [layer.register_forward_hook(keep_first) for layer in dist_lib.decoder_layers(model)]
+    try:
+        model(**inputs, hidden=True)
+    finally:
+        for handle in handles:
+            handle.remove()
     if not samples:
         return []
+    out = captured[0].float().movedim(-3, 0).movedim(-2, 1)  # [B, T, *features]
+    out = out.reshape(out.shape[0], out.shape[1], -1)
+    lengths = [s.num_tokens for s in samples]
     if packing:
-        return [float(chunk.sum()) for chunk in losses.reshape(-1).split([s.num_tokens for s in samples])]
-    return [float(row.sum()) for row in losses]
+        return list(out.reshape(-1, out.shape[-1]).split(lengths))
+    return [row[:n] for row, n in zip(out, lengths)]
 
 
 # ---------------------------------------------------------------- (b) labels

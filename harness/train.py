@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from harness import attention as attention_lib
 from harness import data as data_lib
 from harness import distributed as dist_lib
 from harness import faults
 from harness import loading
 from harness import mutations
 from harness import preflight
+from harness import profiling
 from harness.loss import chunked_cross_entropy_sum, chunked_token_losses, global_mean_loss, loss_for_backward
 from harness.metrics import (
     MetricsWriter,
@@ -66,8 +68,11 @@ class RunConfig:
     patience: int = 5  # consecutive-step window whose mean must be below the threshold
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    activation_checkpointing: bool | None = None  # None: on above ~1B parameters
-    reshard_after_forward: bool = True
+    activation_checkpointing: bool | None = None  # None: on where memory needs it (see wants_activation_checkpointing)
+    reshard_after_forward: bool | None = None  # None: only with several ranks (one rank saves nothing by it)
+    attention: str = "auto"  # auto | sdpa | varlen (harness.attention)
+    compile: bool = False  # torch.compile the MLP and norm modules of each layer
+    init_std: float | None = None  # synthetic weights: the random init's std (None: the config's initializer_range)
     log_every: int = 25
 
     @property
@@ -94,16 +99,20 @@ class TrainableLM(nn.Module):
     """The FSDP root: runs the decoder and returns the SUM of token losses, computed in chunks so
     the [tokens, vocab] logits never exist at once (Gemma's vocabulary is 262k)."""
 
-    def __init__(self, lm: nn.Module, chunk_tokens: int = 2048):
+    def __init__(self, lm: nn.Module, chunk_tokens: int = 2048, varlen: bool = False):
         super().__init__()
         self.lm = lm
+        self.varlen = varlen  # tell the varlen kernel where packed samples start
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
         text_config = lm.config.get_text_config(decoder=True)
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False):
+    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False, hidden: bool = False):
         extra = loading.extra_forward_inputs(self.lm, input_ids)
+        if self.varlen and attention_mask is None:
+            cu_seqlens, longest = attention_lib.sequence_boundaries(position_ids, *input_ids.shape, input_ids.device)
+            extra.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
         outputs = self.lm.model(
             input_ids=input_ids,
             position_ids=loading.text_position_ids(self.lm, position_ids),
@@ -111,6 +120,8 @@ class TrainableLM(nn.Module):
             use_cache=False,
             **extra,
         )
+        if hidden:  # the final hidden states themselves (preflight's packing check)
+            return outputs.last_hidden_state
         head = self.lm.get_output_embeddings()
         loss_fn = chunked_token_losses if per_token else chunked_cross_entropy_sum
         return loss_fn(
@@ -168,19 +179,30 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         checks["extraction"] = preflight.extraction_parity(spec, cfg.weights, loaded, dataset.samples[0].input_ids)
     load_done = time.monotonic()
 
-    model = TrainableLM(loaded.model)
-    use_ac = wants_activation_checkpointing(cfg, loaded.record.params.get("model_total", 0))
+    attention = attention_lib.choose_attention(cfg.attention, ctx.device, cfg.packing)
+    if attention != "sdpa" or cfg.attention == "sdpa":  # auto -> sdpa keeps what the model loaded with
+        attention_lib.apply_attention(loaded.model, attention)
+    model = TrainableLM(loaded.model, varlen=attention == "varlen")
+    n_params = loaded.record.params.get("model_total", 0)
+    use_ac = wants_activation_checkpointing(cfg, n_params, loaded.model, ctx)
     if use_ac:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.compile:
+        compiled_modules = compile_pointwise_modules(loaded.model)
     bf16 = ctx.device.type == "cuda"
+    reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
     shard = mutations.shard_without_reduction if mutations.active("grads_not_reduced") else dist_lib.shard_model
-    fsdp_units = shard(model, bf16=bf16, reshard_after_forward=cfg.reshard_after_forward)
+    fsdp_units = shard(model, bf16=bf16, reshard_after_forward=reshard)
     if cfg.weights == "synthetic":
+        if cfg.init_std is not None:
+            set_initializer_range(loaded.model, cfg.init_std)
         loading.materialize(model.lm, ctx.device, seed=cfg.seed)
     model.train()
     frozen_before, trainable_before = parameter_checksum(model, trainable=False), parameter_checksum(model, trainable=True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    # fused: one kernel for all parameters instead of a loop of small ones (CUDA only)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
+                                  fused=ctx.device.type == "cuda")
     shard_done = time.monotonic()
 
     steps_per_epoch = len(plan_epoch(cfg, dataset, ctx, 0))
@@ -191,6 +213,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     writer = MetricsWriter(cfg.metrics_path, enabled=ctx.is_main)
     state = TrainState(recent_losses=deque(maxlen=cfg.patience))
     fault = faults.fault_from_env()
+    profiler = profiling.StepProfiler(Path(cfg.output_dir), ctx.is_main)
     train_started = time.monotonic()
     epoch_records: list[dict] = []
     evaluation, evaluated_at = None, None
@@ -209,9 +232,10 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
             if mutations.active("micro_batch_dropped") and state.step + 1 == 2:
                 step_plan = mutations.drop_last_micro_batch(step_plan)
             step_start = time.monotonic()
-            loss, grad_norm, tokens, label_tokens = train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer,
-                                                              inject=lambda loss_sum: faults.inject(fault, state.step + 1, ctx.rank, loss_sum, model=spec.name),
-                                                              accounting=accounting)
+            with profiler.around(state.step + 1):
+                loss, grad_norm, tokens, label_tokens = train_step(
+                    model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=accounting,
+                    inject=lambda loss_sum: faults.inject(fault, state.step + 1, ctx.rank, loss_sum, model=spec.name))
             if reference is not None:
                 checks.update(preflight.first_step_checks(reference, loss, grad_norm, ctx.device, ctx.world_size))
                 reference = None
@@ -262,6 +286,9 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         "load_record": loaded.record.to_dict(),
         "data": dataset_stats(dataset),
         "activation_checkpointing": use_ac,
+        "attention": loaded.model.config._attn_implementation,
+        "reshard_after_forward": reshard,
+        "compiled_modules": compiled_modules if cfg.compile else 0,
         "vocab_size": loaded.model.config.get_text_config(decoder=True).vocab_size,
         "towers": tower_parameter_counts(model),
         "sharding": sharding_record(model, ctx, fsdp_units),
@@ -347,10 +374,56 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def wants_activation_checkpointing(cfg: RunConfig, n_params: int) -> bool:
+def wants_activation_checkpointing(cfg: RunConfig, n_params: int, lm: nn.Module, ctx) -> bool:
+    """Recomputing activations costs a third more compute: only where they would not fit. On GPU
+    the estimate is fp32 weights + grads + two Adam moments (16 bytes a parameter, sharded), the
+    bf16 weights gathered for compute, the logits of one loss chunk and the saved activations."""
     if cfg.activation_checkpointing is not None:
         return cfg.activation_checkpointing
-    return n_params > 1_000_000_000
+    if ctx.device.type != "cuda":
+        return n_params > 1_000_000_000
+    needed = estimated_training_bytes(lm, n_params, ctx.world_size, cfg.max_tokens_per_gpu, checkpointing=False)
+    return needed > MEMORY_HEADROOM * torch.cuda.get_device_properties(ctx.device).total_memory
+
+
+MEMORY_HEADROOM = 0.85  # of the GPU's memory; the allocator's fragmentation and NCCL buffers take the rest
+
+
+def estimated_training_bytes(lm: nn.Module, n_params: int, world_size: int, tokens: int, checkpointing: bool) -> int:
+    text = lm.config.get_text_config(decoder=True)
+    hidden, layers = text.hidden_size, text.num_hidden_layers
+    intermediate = text.intermediate_size if isinstance(text.intermediate_size, int) else max(text.intermediate_size)
+    states = 16 * n_params / world_size
+    gathered = 2 * n_params  # bf16 copies: all of them at once when nothing is resharded
+    loss_chunk = 3 * 2048 * text.vocab_size * 4  # fp32 logits and their softmax/gradient
+    # Gemma 3n carries altup_num_inputs copies of the hidden stream through every layer
+    streams = getattr(text, "altup_num_inputs", 1) or 1
+    per_token_layer = ACTIVATION_BYTES_PER_HIDDEN * hidden * streams + ACTIVATION_BYTES_PER_INTERMEDIATE * intermediate
+    activations = tokens * (2 * hidden if checkpointing else per_token_layer) * layers
+    return int(states + gathered + loss_chunk + activations)
+
+
+# Saved bytes per token and layer, per unit of hidden / MLP width: gemma-3-4b-it without checkpointing
+# peaked at 88.2 GiB (4k tokens) and 116.2 GiB (8k) on one H200, about 175 kB per token and layer.
+# gemma-3n-E4B-it on 4x H200 without checkpointing ran out of memory (140 GiB) where a single stream
+# predicted 103 GB: its four AltUp streams are counted now (127 GB: checkpointing on).
+ACTIVATION_BYTES_PER_HIDDEN = 40
+ACTIVATION_BYTES_PER_INTERMEDIATE = 7
+
+
+def set_initializer_range(lm: nn.Module, std: float) -> None:
+    """The std transformers' _init_weights draws from, on the model's config and its text config."""
+    for config in {id(c): c for c in (lm.config, lm.config.get_text_config(decoder=True))}.values():
+        config.initializer_range = std
+
+
+def compile_pointwise_modules(lm: nn.Module) -> int:
+    """torch.compile each MLP and RMSNorm (pointwise chains around the matmuls fuse into one
+    kernel); attention stays eager. Dynamic shapes: packed rows change length every step."""
+    chosen = [m for m in lm.modules() if type(m).__name__.endswith(("MLP", "RMSNorm"))]
+    for module in chosen:
+        module.compile(dynamic=True)
+    return len(chosen)
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):
@@ -425,10 +498,16 @@ def parameter_checksum(model: nn.Module, trainable: bool) -> tuple[int, float]:
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     for param in chosen:
-        local = param.to_local() if hasattr(param, "to_local") else param
-        weights = torch.arange(1, local.numel() + 1, device=local.device, dtype=torch.float64)
-        total += (local.detach().double().flatten() * weights).sum()
+        local = (param.to_local() if hasattr(param, "to_local") else param).detach().flatten()
+        # in slices: a float64 copy of Gemma 3n's 2.3B-entry per-layer embedding would take 17.5 GiB
+        for start in range(0, local.numel(), CHECKSUM_SLICE):
+            part = local[start : start + CHECKSUM_SLICE].double()
+            weights = torch.arange(start + 1, start + part.numel() + 1, device=part.device, dtype=torch.float64)
+            total += (part * weights).sum()
     return len(chosen), float(dist_lib.all_reduce_sum(total).item())
+
+
+CHECKSUM_SLICE = 1 << 24
 
 
 class EpochAccounting:

@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 
-from harness import data
+from harness import attention, data
 from harness.data import IGNORE_INDEX, DatasetError, TokenizedSample
 from harness.loss import chunked_cross_entropy_sum
 from harness.paths import DATASETS_DIR, DEFAULT_DATASET, REPO_ROOT
@@ -290,8 +290,12 @@ def loss_and_grads(model, batches, total_labels):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa")])
+@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa"),
+                                       ("llama", "harness_varlen"), ("gemma3", "harness_varlen")])
 def test_packed_loss_and_grads_equal_samples_run_alone(chatml_dataset, kind, attn):
+    # harness_varlen: sample boundaries from the position ids (the CPU reference of the varlen
+    # kernel: GQA, Gemma's query scale, a 16-token sliding window that longer samples hit).
+    attention.register()
     tokenizer = tiny_tokenizer("chatml")
     samples = sorted(chatml_dataset.samples, key=lambda s: s.num_tokens)[::25][:8]  # 3 to several hundred tokens
     model = tiny_model(kind, len(tokenizer), attn)

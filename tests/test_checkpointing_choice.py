@@ -1,0 +1,31 @@
+"""The auto choice of activation checkpointing from the memory estimate (full-size models on meta)."""
+from __future__ import annotations
+
+import pytest
+
+from harness import loading, registry, train
+
+H200_BYTES = 143771 * 2**20
+
+
+def estimate(name: str, world: int, tokens: int) -> float:
+    lm = loading.load_model(registry.lookup(name), "synthetic", on_meta=True).model
+    n_params = sum(p.numel() for p in lm.parameters())
+    return train.estimated_training_bytes(lm, n_params, world, tokens, checkpointing=False)
+
+
+@pytest.mark.parametrize("name,world,tokens,needs_checkpointing", [
+    # measured on H200: gemma-3-4b-it without checkpointing peaked at 116.2 GiB on 1 GPU at 8k tokens
+    ("gemma-3-4b-it", 1, 8192, False),
+    ("gemma-3-4b-it", 2, 8192, False),
+    ("gemma-3-4b-it", 1, 16384, True),
+    # measured: gemma-3n-E4B-it without checkpointing ran out of memory on 4x H200 at 8k tokens
+    ("gemma-3n-E4B-it", 4, 8192, True),
+    ("gemma-3n-E4B-it", 1, 4096, True),
+])
+def test_checkpointing_where_memory_needs_it(name, world, tokens, needs_checkpointing):
+    assert (estimate(name, world, tokens) > train.MEMORY_HEADROOM * H200_BYTES) == needs_checkpointing
+
+
+def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
+    assert estimate("gemma-3-4b-it", 1, 8192) > estimate("gemma-3-4b-it", 1, 4096) > estimate("gemma-3-4b-it", 2, 4096)
