@@ -120,7 +120,7 @@ class TrainableLM(nn.Module):
             use_cache=False,
             **extra,
         )
-        if hidden:  # the final hidden states themselves (preflight's packing check)
+        if hidden:  # no loss wanted (preflight's packing check reads a layer's output through a hook)
             return outputs.last_hidden_state
         head = self.lm.get_output_embeddings()
         loss_fn = chunked_token_losses if per_token else chunked_cross_entropy_sum
@@ -187,8 +187,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     use_ac = wants_activation_checkpointing(cfg, n_params, loaded.model, ctx)
     if use_ac:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.compile:
-        compiled_modules = compile_pointwise_modules(loaded.model)
+    compiled_modules = compile_pointwise_modules(loaded.model) if cfg.compile else 0
     bf16 = ctx.device.type == "cuda"
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
     shard = mutations.shard_without_reduction if mutations.active("grads_not_reduced") else dist_lib.shard_model
@@ -288,7 +287,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         "activation_checkpointing": use_ac,
         "attention": loaded.model.config._attn_implementation,
         "reshard_after_forward": reshard,
-        "compiled_modules": compiled_modules if cfg.compile else 0,
+        "compiled_modules": compiled_modules,
         "vocab_size": loaded.model.config.get_text_config(decoder=True).vocab_size,
         "towers": tower_parameter_counts(model),
         "sharding": sharding_record(model, ctx, fsdp_units),
@@ -406,7 +405,7 @@ def estimated_training_bytes(lm: nn.Module, n_params: int, world_size: int, toke
 # Saved bytes per token and layer, per unit of hidden / MLP width: gemma-3-4b-it without checkpointing
 # peaked at 88.2 GiB (4k tokens) and 116.2 GiB (8k) on one H200, about 175 kB per token and layer.
 # gemma-3n-E4B-it on 4x H200 without checkpointing ran out of memory (140 GiB) where a single stream
-# predicted 103 GB: its four AltUp streams are counted now (127 GB: checkpointing on).
+# predicted 103 GB: its four AltUp streams are counted now (174 GB: checkpointing on).
 ACTIVATION_BYTES_PER_HIDDEN = 40
 ACTIVATION_BYTES_PER_INTERMEDIATE = 7
 
