@@ -1,8 +1,8 @@
 """Test-only fault injection, so the tests can prove the gate survives and reports broken jobs.
 
 SFT_HARNESS_INJECT_FAULT=KIND@STEP[:RANK][/MODEL] (rank 0 by default) makes the trainer, at that
-optimizer step: `raise` an exception, `hang` forever, `kill` its own process with SIGKILL, or turn
-the loss `nan`. With /MODEL only the job of that model (its registry name) is hit, so one sweep can
+optimizer step: `raise` an exception, `hang` forever, `kill` its own process with SIGKILL, turn
+the loss `nan`, or raise `oom` (torch.OutOfMemoryError) when activation checkpointing is off. With /MODEL only the job of that model (its registry name) is hit, so one sweep can
 hold a faulty model and a healthy one; several faults are separated by commas
 (`kill@3:1/modelA,raise@2/modelB`). Unset (always, outside tests), it does nothing.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 ENV_VAR = "SFT_HARNESS_INJECT_FAULT"
-KINDS = ("raise", "hang", "kill", "nan")
+KINDS = ("raise", "hang", "kill", "nan", "oom")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def fault_from_env() -> tuple[Fault, ...]:
 
 
 def inject(fault: Fault | tuple[Fault, ...] | None, step: int, rank: int, loss_sum: torch.Tensor,
-           model: str | None = None) -> torch.Tensor:
+           model: str | None = None, checkpointing: bool = False) -> torch.Tensor:
     """Called on every micro-batch loss of optimizer step `step` (1-based) of `model`'s job."""
     candidates = (fault,) if isinstance(fault, Fault) else (fault or ())
     hit = next((f for f in candidates if f.hits(step, rank, model)), None)
@@ -61,4 +61,8 @@ def inject(fault: Fault | tuple[Fault, ...] | None, step: int, rank: int, loss_s
             time.sleep(60)
     if hit.kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if hit.kind == "oom":  # what a too-large activation footprint does; checkpointing avoids it
+        if checkpointing:
+            return loss_sum
+        raise torch.OutOfMemoryError(f"injected: CUDA out of memory at step {step} on rank {rank}")
     return loss_sum * float("nan")

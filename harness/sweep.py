@@ -1,6 +1,7 @@
 """The sweep: each planned model in turn -> job.json -> torchrun job -> verdict -> result.json."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 import time
@@ -57,19 +58,40 @@ def run_config_for(planned, args, model_dir: Path) -> RunConfig:
 def run_model(planned, args, run_dir: Path, on_line=None) -> dict:
     model_dir = run_dir / planned.spec.folder_name
     model_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("worker.json", "metrics.jsonl", "result.json"):
-        (model_dir / stale).unlink(missing_ok=True)
     cfg = run_config_for(planned, args, model_dir)
-    job_path = model_dir / "job.json"
-    write_json_atomic(job_path, cfg.to_dict())
-    topology = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
     started = time.monotonic()
-    outcome = run_job(torchrun_command(job_path, topology), model_dir / "train.log", args.timeout_per_model, on_line)
-    result = collect_result(planned, cfg, outcome, model_dir, topology)
+    result = run_job_once(planned, args, cfg, model_dir, on_line)
+    first_error = out_of_memory_without_checkpointing(cfg)
+    if first_error and not result["exit"].get("interrupted"):
+        # The auto choice left activation checkpointing off and the GPU ran out: once more with it on.
+        if on_line:
+            on_line(f"{PROGRESS_PREFIX}out of memory without activation checkpointing: running again with it on")
+        (model_dir / "train.log").replace(model_dir / "train-out-of-memory.log")
+        cfg = dataclasses.replace(cfg, activation_checkpointing=True)
+        result = run_job_once(planned, args, cfg, model_dir, on_line)
+        result["retried_with_activation_checkpointing"] = first_error
     result["time_s"]["wall"] = time.monotonic() - started
     result["time_to_verdict_s"] = time.monotonic() - args.command_started
     write_json_atomic(model_dir / "result.json", result)
     return result
+
+
+def run_job_once(planned, args, cfg: RunConfig, model_dir: Path, on_line) -> dict:
+    for stale in ("worker.json", "metrics.jsonl", "result.json"):
+        (model_dir / stale).unlink(missing_ok=True)
+    job_path = model_dir / "job.json"
+    write_json_atomic(job_path, cfg.to_dict())
+    topology = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    outcome = run_job(torchrun_command(job_path, topology), model_dir / "train.log", args.timeout_per_model, on_line)
+    return collect_result(planned, cfg, outcome, model_dir, topology)
+
+
+def out_of_memory_without_checkpointing(cfg: RunConfig) -> str | None:
+    """The job's error when it ran out of memory with checkpointing off by the auto choice, else None."""
+    worker = read_json(cfg.worker_path) if cfg.worker_path.exists() else {}
+    error = str(worker.get("error") or "")
+    auto_off = cfg.activation_checkpointing is None and worker.get("activation_checkpointing") is False
+    return error if auto_off and error.startswith("OutOfMemoryError") else None
 
 
 def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, model_dir: Path, topology: Topology) -> dict:

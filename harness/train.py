@@ -185,6 +185,8 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
     model = TrainableLM(loaded.model, varlen=attention == "varlen")
     n_params = loaded.record.params.get("model_total", 0)
     use_ac = wants_activation_checkpointing(cfg, n_params, loaded.model, ctx)
+    if known is not None:  # the sweep retries an out-of-memory job whose auto choice was "off"
+        known["activation_checkpointing"] = use_ac
     if use_ac:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled_modules = compile_pointwise_modules(loaded.model) if cfg.compile else 0
@@ -234,7 +236,8 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
             with profiler.around(state.step + 1):
                 loss, grad_norm, tokens, label_tokens = train_step(
                     model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=accounting,
-                    inject=lambda loss_sum: faults.inject(fault, state.step + 1, ctx.rank, loss_sum, model=spec.name))
+                    inject=lambda loss_sum: faults.inject(fault, state.step + 1, ctx.rank, loss_sum, model=spec.name,
+                                                          checkpointing=use_ac))
             if reference is not None:
                 checks.update(preflight.first_step_checks(reference, loss, grad_norm, ctx.device, ctx.world_size))
                 reference = None

@@ -29,3 +29,21 @@ def test_checkpointing_where_memory_needs_it(name, world, tokens, needs_checkpoi
 
 def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
     assert estimate("gemma-3-4b-it", 1, 8192) > estimate("gemma-3-4b-it", 1, 4096) > estimate("gemma-3-4b-it", 2, 4096)
+
+
+@pytest.mark.parametrize("asked,chosen,error,retry", [
+    (None, False, "OutOfMemoryError: CUDA out of memory", True),   # auto chose off and ran out: retry
+    (False, False, "OutOfMemoryError: CUDA out of memory", False),  # the user asked for off: their call
+    (None, True, "OutOfMemoryError: CUDA out of memory", False),   # already on: nothing to gain
+    (None, False, "RuntimeError: something else", False),
+    (None, False, None, False),
+])
+def test_out_of_memory_retry_only_after_an_auto_off_choice(tmp_path, asked, chosen, error, retry):
+    from harness.report import write_json_atomic
+    from harness.sweep import out_of_memory_without_checkpointing
+
+    cfg = train.RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
+                          output_dir=str(tmp_path), dataset="unused.jsonl", activation_checkpointing=asked)
+    write_json_atomic(cfg.worker_path, {"status": "error" if error else "finished", "error": error,
+                                        "activation_checkpointing": chosen})
+    assert bool(out_of_memory_without_checkpointing(cfg)) == retry

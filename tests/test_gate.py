@@ -8,7 +8,8 @@ Three sweeps cover everything (each CLI run costs start-up, so they are shared b
   "full sweep" whose files, reports, environment, secrets and wandb runs are checked.
 - `faulty`: four faulty models, each hit by its own injected fault (SFT_HARNESS_INJECT_FAULT with
   /MODEL), then a healthy one: every fault is a FAIL with its reason, nothing is left running, and the
-  sweep goes on to a PASS.
+  sweep goes on to a PASS. The healthy model first runs out of memory (an injected OutOfMemoryError,
+  raised only without activation checkpointing): the sweep runs it again with checkpointing on.
 - `--compare`: the resumed run, copied, against a crafted baseline; `--resume` of a finished run
   trains nothing, so the gate's comparison runs in seconds.
 
@@ -170,7 +171,7 @@ HANG_TIMEOUT_S = 40
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
     output = tmp_path_factory.mktemp("faults")
-    spec = ",".join(f"{fault}/{model}" for model, (fault, _) in FAULTS.items())
+    spec = ",".join([*(f"{fault}/{model}" for model, (fault, _) in FAULTS.items()), f"oom@2/{HEALTHY}"])
     proc = run_cli("--models", ",".join([*FAULTS, HEALTHY]), *TINY_ARGS, "--timeout-per-model", str(HANG_TIMEOUT_S),
                    "--output-dir", str(output), "--run-id", "f", "--wandb-mode", "disabled",
                    env=cli_env(SFT_HARNESS_INJECT_FAULT=spec))
@@ -188,6 +189,11 @@ def test_faulty_sweep_exits_1_leaves_nothing_running_and_goes_on(faulty):
     assert {m["model"]: m["verdict"] for m in summary["models"]} == {**{m: "FAIL" for m in FAULTS}, HEALTHY: "PASS"}
     healthy = read_json(run_dir / HEALTHY / "result.json")
     assert healthy["stop_reason"] == "target_reached" and healthy["exit"]["returncode"] == 0
+    # the auto choice (off for a tiny model) ran out of memory at step 2; the retry had checkpointing on
+    assert healthy["retried_with_activation_checkpointing"].startswith("OutOfMemoryError: injected")
+    assert "step 2" in healthy["retried_with_activation_checkpointing"]
+    assert read_json(run_dir / HEALTHY / "worker.json")["activation_checkpointing"] is True
+    assert "OutOfMemoryError" in (run_dir / HEALTHY / "train-out-of-memory.log").read_text(errors="replace")
     cases = ET.parse(run_dir / "junit.xml").getroot().findall(".//testcase")
     assert sum(c.find("failure") is not None for c in cases) == len(FAULTS)
 
