@@ -30,13 +30,31 @@ def varlen_kernel():
     return varlen_attn
 
 
-def choose_attention(requested: str, device: torch.device, packing: bool) -> str:
-    """auto: varlen for packed rows on CUDA where torch has the kernel, else sdpa."""
+def choose_attention(requested: str, device: torch.device, packing: bool, text_config=None) -> str:
+    """auto: varlen for packed rows on CUDA where torch has the kernel and the model needs nothing
+    the kernel lacks (unsupported_by_varlen), else sdpa."""
+    reason = unsupported_by_varlen(text_config)
     if requested == "auto":
-        return "varlen" if packing and device.type == "cuda" and varlen_kernel() is not None else "sdpa"
+        usable = packing and device.type == "cuda" and varlen_kernel() is not None and reason is None
+        return "varlen" if usable else "sdpa"
     if requested == "varlen" and not packing:
         raise ValueError("--attention varlen needs packed rows (drop --no-packing)")
+    if requested == "varlen" and reason:
+        raise ValueError(f"--attention varlen: {reason}; use --attention sdpa")
     return requested
+
+
+def unsupported_by_varlen(text_config) -> str | None:
+    """What of the model's attention the varlen path would drop, or None."""
+    if text_config is None:
+        return None
+    if getattr(text_config, "attn_logit_softcapping", None):
+        return "the model softcaps attention logits"
+    if getattr(text_config, "attention_dropout", 0.0):
+        return "the model uses attention dropout"
+    if getattr(text_config, "attention_chunk_size", None):
+        return "the model restricts attention to chunks"
+    return None
 
 
 def apply_attention(model: torch.nn.Module, choice: str) -> None:
@@ -91,8 +109,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, softcap=softcap, **kwargs)
-    if softcap is not None or dropout:
-        raise NotImplementedError("varlen attention: attention-logit softcapping and dropout are not supported; use --attention sdpa")
+    if softcap is not None or dropout or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("varlen attention: attention-logit softcapping, dropout and attention sinks are not supported; "
+                                  "use --attention sdpa")
     batch, heads, length, head_dim = query.shape
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")

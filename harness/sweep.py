@@ -10,7 +10,7 @@ from pathlib import Path
 from harness.launch import JobOutcome, Topology, run_job, torchrun_command
 from harness.metrics import read_metrics
 from harness.report import read_json, write_json_atomic
-from harness.train import PROGRESS_PREFIX, RunConfig
+from harness.train import PROGRESS_PREFIX, RunConfig, checkpointing_line
 from harness.verdict import VerdictInput, final_loss, judge
 
 # Defaults per weights mode; a registry model's `train:` section overrides them per mode.
@@ -61,7 +61,7 @@ def run_model(planned, args, run_dir: Path, on_line=None) -> dict:
     cfg = run_config_for(planned, args, model_dir)
     started = time.monotonic()
     result = run_job_once(planned, args, cfg, model_dir, on_line)
-    first_error = out_of_memory_without_checkpointing(cfg)
+    first_error = out_of_memory_without_checkpointing(cfg, model_dir / "train.log")
     if first_error and not result["exit"].get("interrupted"):
         # The auto choice left activation checkpointing off and the GPU ran out: once more with it on.
         if on_line:
@@ -86,12 +86,22 @@ def run_job_once(planned, args, cfg: RunConfig, model_dir: Path, on_line) -> dic
     return collect_result(planned, cfg, outcome, model_dir, topology)
 
 
-def out_of_memory_without_checkpointing(cfg: RunConfig) -> str | None:
-    """The job's error when it ran out of memory with checkpointing off by the auto choice, else None."""
+def out_of_memory_without_checkpointing(cfg: RunConfig, log_path: Path | None = None) -> str | None:
+    """The out-of-memory error of a job whose activation checkpointing the auto choice left off, else
+    None. Any rank may run out first: the log holds every rank's traceback (worker.json only rank 0's)."""
     worker = read_json(cfg.worker_path) if cfg.worker_path.exists() else {}
+    log = log_path.read_text(errors="replace") if log_path and log_path.exists() else ""
+    auto_off = cfg.activation_checkpointing is None and (
+        worker.get("activation_checkpointing") is False or checkpointing_line(False, auto=True) in log)
+    if not auto_off:
+        return None
     error = str(worker.get("error") or "")
-    auto_off = cfg.activation_checkpointing is None and worker.get("activation_checkpointing") is False
-    return error if auto_off and error.startswith("OutOfMemoryError") else None
+    if error.startswith("OutOfMemoryError"):
+        return error
+    return next((line.strip() for line in log.splitlines() if OUT_OF_MEMORY_MARK in line), None)
+
+
+OUT_OF_MEMORY_MARK = "OutOfMemoryError: "  # how torch.OutOfMemoryError is printed in a traceback
 
 
 def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, model_dir: Path, topology: Topology) -> dict:

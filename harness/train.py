@@ -179,14 +179,17 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, known: dict | None = None) 
         checks["extraction"] = preflight.extraction_parity(spec, cfg.weights, loaded, dataset.samples[0].input_ids)
     load_done = time.monotonic()
 
-    attention = attention_lib.choose_attention(cfg.attention, ctx.device, cfg.packing)
+    attention = attention_lib.choose_attention(cfg.attention, ctx.device, cfg.packing,
+                                               loaded.model.config.get_text_config(decoder=True))
     if attention != "sdpa" or cfg.attention == "sdpa":  # auto -> sdpa keeps what the model loaded with
         attention_lib.apply_attention(loaded.model, attention)
     model = TrainableLM(loaded.model, varlen=attention == "varlen")
     n_params = loaded.record.params.get("model_total", 0)
     use_ac = wants_activation_checkpointing(cfg, n_params, loaded.model, ctx)
-    if known is not None:  # the sweep retries an out-of-memory job whose auto choice was "off"
+    if known is not None:
         known["activation_checkpointing"] = use_ac
+    if ctx.is_main:  # in the log too: when another rank runs out of memory, rank 0 writes no worker.json
+        print(checkpointing_line(use_ac, cfg.activation_checkpointing is None), flush=True)
     if use_ac:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     compiled_modules = compile_pointwise_modules(loaded.model) if cfg.compile else 0
@@ -386,6 +389,11 @@ def wants_activation_checkpointing(cfg: RunConfig, n_params: int, lm: nn.Module,
         return n_params > 1_000_000_000
     needed = estimated_training_bytes(lm, n_params, ctx.world_size, cfg.max_tokens_per_gpu, checkpointing=False)
     return needed > MEMORY_HEADROOM * torch.cuda.get_device_properties(ctx.device).total_memory
+
+
+def checkpointing_line(on: bool, auto: bool) -> str:
+    """The log line the sweep reads to decide on an out-of-memory retry (sweep.out_of_memory_without_checkpointing)."""
+    return f"[setup] activation checkpointing {'on' if on else 'off'} ({'auto' if auto else 'asked'})"
 
 
 MEMORY_HEADROOM = 0.85  # of the GPU's memory; the allocator's fragmentation and NCCL buffers take the rest

@@ -31,6 +31,17 @@ def test_choice():
         attention.choose_attention("varlen", cpu, packing=False)
 
 
+def test_models_the_kernel_cannot_run_keep_sdpa():
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    cuda = torch.device("cuda")
+    assert attention.unsupported_by_varlen(Gemma3TextConfig()) is None
+    assert "softcaps" in attention.unsupported_by_varlen(Gemma2Config(attn_logit_softcapping=50.0))
+    assert attention.choose_attention("auto", cuda, True, Gemma2Config(attn_logit_softcapping=50.0)) == "sdpa"
+    with pytest.raises(ValueError, match="softcaps"):
+        attention.choose_attention("varlen", cuda, True, Gemma2Config(attn_logit_softcapping=50.0))
+
+
 def block_diagonal_reference(q, k, v, lengths, scale, window):
     """Dense attention over the packed row with an explicit block-diagonal causal (windowed) mask."""
     total = sum(lengths)

@@ -47,3 +47,16 @@ def test_out_of_memory_retry_only_after_an_auto_off_choice(tmp_path, asked, chos
     write_json_atomic(cfg.worker_path, {"status": "error" if error else "finished", "error": error,
                                         "activation_checkpointing": chosen})
     assert bool(out_of_memory_without_checkpointing(cfg)) == retry
+
+
+def test_out_of_memory_of_another_rank_is_read_from_the_log(tmp_path):
+    """Rank 1 ran out first: torchrun ended rank 0 before it wrote worker.json."""
+    from harness.sweep import out_of_memory_without_checkpointing
+
+    cfg = train.RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
+                          output_dir=str(tmp_path), dataset="unused.jsonl")
+    log = tmp_path / "train.log"
+    log.write_text(f"{train.checkpointing_line(False, auto=True)}\n[rank1]: torch.OutOfMemoryError: CUDA out of memory.\n")
+    assert "CUDA out of memory" in out_of_memory_without_checkpointing(cfg, log)
+    log.write_text(f"{train.checkpointing_line(True, auto=True)}\n[rank1]: torch.OutOfMemoryError: CUDA out of memory.\n")
+    assert out_of_memory_without_checkpointing(cfg, log) is None
