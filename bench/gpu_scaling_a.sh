@@ -4,7 +4,9 @@
 #      GPU 3 the packing-leak mutation (2 steps), then ours vs TRL on 1 GPU (30 steps)
 #   B: GPUs 0-1 ours vs TRL (accelerate FSDP2) on 2 GPUs  | GPUs 2-3 gemma-3n-E4B-it on 2 GPUs (time-boxed)
 set -uo pipefail
-source bench/gpu_env.sh
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} SFT_HARNESS_CACHE=$PWD/.gpucache PYTHONUNBUFFERED=1
+mkdir -p results; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
 card() { CUDA_VISIBLE_DEVICES=$1 python3 run_validation.py --models "$2" --weights synthetic --nproc-per-node "$3" --run-id "$4" --wandb-mode disabled "${@:5}" > "results/$4.log" 2>&1; echo "$4 exit $?"; }
 card 0,1 gemma-3-4b-it 2 card-4b-2gpu --timeout-per-model 400 & a=$!
 card 2 gemma-3-4b-it 1 card-4b-1gpu --timeout-per-model 400 & b=$!

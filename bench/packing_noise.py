@@ -19,9 +19,8 @@ import time
 
 import torch
 
-from harness import data, preflight
+from harness import data
 from harness.paths import REPO_ROOT
-from harness.train import TrainableLM
 
 
 def build_model():
@@ -32,16 +31,25 @@ def build_model():
     for key in ("architectures", "model_type"):
         text.pop(key, None)
     torch.manual_seed(0)
-    return TrainableLM(Gemma3nForCausalLM(Gemma3nTextConfig(**text, attn_implementation="sdpa"))).eval()
+    return Gemma3nForCausalLM(Gemma3nTextConfig(**text, attn_implementation="sdpa")).eval()
 
 
 def outputs(model, samples, packing: bool, bf16: bool):
-    """Per sample: (first decoder layer output, final hidden states), fp32 (the preflight's own helper)."""
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        return preflight.per_sample_outputs(model, samples, packing, 0, "cpu")
+    """Per sample: (final hidden states, first decoder layer output), fp32."""
+    batch = data.collate_micro_batch(samples, packing, 0)
+    captured = []
+    hook = model.model.layers[0].register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        final = model.model(**data.model_inputs(batch)).last_hidden_state.float()
+    hook.remove()
+    first = captured[0].float().movedim(-3, 0).movedim(-2, 1)  # [altup, B, T, H] -> [B, T, altup, H]
+    first = first.reshape(first.shape[0], first.shape[1], -1)
+    lengths = [s.num_tokens for s in samples]
+    if packing:
+        return list(zip(final.reshape(-1, final.shape[-1]).split(lengths), first.reshape(-1, first.shape[-1]).split(lengths)))
+    return [(f[:n], h[:n]) for f, h, n in zip(final, first, lengths)]
 
 
-@torch.no_grad()
 def main() -> None:
     model = build_model()
     torch.manual_seed(1)
@@ -50,9 +58,9 @@ def main() -> None:
     rel = lambda a, b: float((a - b).norm() / b.norm())
     for bf16 in (False, True):
         started = time.time()
-        (packed_first, packed_final), (padded_first, padded_final) = outputs(model, samples, True, bf16), outputs(model, samples, False, bf16)
-        finals = [rel(p, q) for p, q in zip(packed_final, padded_final)]
-        first = max(rel(p, q) for p, q in zip(packed_first, padded_first))
+        packed, padded = outputs(model, samples, True, bf16), outputs(model, samples, False, bf16)
+        finals = [rel(p[0], q[0]) for p, q in zip(packed, padded)]
+        first = max(rel(p[1], q[1]) for p, q in zip(packed, padded))
         print(f"{'bf16' if bf16 else 'fp32'}: final states per sample {['%.1e' % x for x in finals]}, "
               f"first layer worst {first:.1e} ({time.time() - started:.0f} s)")
 

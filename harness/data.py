@@ -514,23 +514,6 @@ def _collate_padded(samples: list[TokenizedSample], pad_token_id: int) -> dict[s
 
 
 MODEL_INPUT_KEYS = ("input_ids", "position_ids", "attention_mask")
-TRAINER_INPUT_KEYS = (*MODEL_INPUT_KEYS, "shift_labels")  # what harness.train.TrainableLM takes
-
-
-def device_inputs(batch: dict[str, torch.Tensor], device) -> dict:
-    """TrainableLM's keyword arguments from a collated micro-batch (not the counts collate adds)."""
-    return {k: v.to(device) for k, v in batch.items() if k in TRAINER_INPUT_KEYS}
-
-
-def split_per_sample(tensor: torch.Tensor, lengths: list[int], packing: bool) -> list[torch.Tensor]:
-    """The inverse of collation for any per-token tensor [B, T, ...]: each sample's [n, ...] slice,
-    cut by length out of the packed row, or the unpadded head of its own row. A dummy micro-batch
-    (no samples, see collate_micro_batch) gives none."""
-    if not lengths:
-        return []
-    if packing:
-        return list(tensor.reshape(-1, *tensor.shape[2:]).split(lengths))
-    return [row[:n] for row, n in zip(tensor, lengths)]
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:

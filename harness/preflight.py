@@ -78,9 +78,8 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) ->
     samples = [dataset.samples[i] for i in members]
     was_training = model.training
     model.eval()
-    # every rank runs both forwards, samples or not: FSDP gathers weights collectively
-    packed = per_sample_outputs(model, samples, True, pad_id, ctx.device)[0]
-    padded = per_sample_outputs(model, samples, False, pad_id, ctx.device)[0]
+    packed = _per_sample_first_layer(model, samples, True, pad_id, ctx.device)
+    padded = _per_sample_first_layer(model, samples, False, pad_id, ctx.device)
     model.train(was_training)
     worst = max((float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(packed, padded)), default=0.0)
     worst = float(all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
@@ -93,11 +92,12 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) ->
     return result(worst <= tol, detail, worst_rel_diff=worst, samples=compared)
 
 
-def per_sample_outputs(model, samples, packing: bool, pad_id: int, device) -> tuple[list, list]:
-    """One forward of `samples` collated packed or padded through TrainableLM `model`: each sample's
-    output of the first decoder layer to run and its final hidden states, fp32, [tokens, features].
-    Gemma 3n's layers output [altup copies, B, T, H]: the copies become features."""
+def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device) -> list[torch.Tensor]:
+    """Each sample's [tokens, features] output of the first decoder layer (fp32), cut out of the
+    packed row or its padded row. Gemma 3n's layers output [altup copies, B, T, H]: the copies
+    become features."""
     batch = data_lib.collate_micro_batch(samples, packing, pad_id)
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
     captured = []
 
     def keep_first(_module, _args, out):  # the first layer to run (a VLM's vision blocks never do)
@@ -106,14 +106,18 @@ def per_sample_outputs(model, samples, packing: bool, pad_id: int, device) -> tu
 
     handles = [layer.register_forward_hook(keep_first) for layer in dist_lib.decoder_layers(model)]
     try:
-        final = model(**data_lib.device_inputs(batch, device), hidden=True).float()
+        model(**inputs, hidden=True)
     finally:
         for handle in handles:
             handle.remove()
-    first = captured[0].float().movedim(-3, 0).movedim(-2, 1)  # [B, T, *features]
-    first = first.reshape(first.shape[0], first.shape[1], -1)
+    if not samples:
+        return []
+    out = captured[0].float().movedim(-3, 0).movedim(-2, 1)  # [B, T, *features]
+    out = out.reshape(out.shape[0], out.shape[1], -1)
     lengths = [s.num_tokens for s in samples]
-    return data_lib.split_per_sample(first, lengths, packing), data_lib.split_per_sample(final, lengths, packing)
+    if packing:
+        return list(out.reshape(-1, out.shape[-1]).split(lengths))
+    return [row[:n] for row, n in zip(out, lengths)]
 
 
 # ---------------------------------------------------------------- (b) labels
@@ -202,7 +206,7 @@ def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id):
-        inputs = data_lib.device_inputs(batch, ctx.device)
+        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
         losses = model(**inputs, per_token=True)
         totals[0] += losses.double().sum()
         totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
@@ -220,7 +224,7 @@ def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     weight = ctx.world_size / max(step_plan.global_label_tokens, 1) if ctx.rank == 0 else 0.0
     for members in everything:
         batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id)
-        inputs = data_lib.device_inputs(batch, ctx.device)
+        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
         (model(**inputs) * weight).backward()
     squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for param in model.parameters():
@@ -239,26 +243,21 @@ def first_step_reference(model, step_plan, dataset, ctx, pad_id: int, packing: b
 
 
 def first_step_checks(reference: dict, loss: float, grad_norm: float, device: torch.device, world_size: int) -> dict:
+    loss_tol, norm_tol = tolerance(STEP_LOSS_TOL, device), tolerance(GRAD_NORM_TOL, device)
+    loss_diff = abs(loss - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
+    loss_detail = (f"train_step reported {loss:.6f} for step 1; per-token losses summed over ranks / "
+                   f"{reference['label_tokens']} global label tokens give {reference['loss']:.6f} "
+                   f"(relative difference {loss_diff:.1e}, tolerance {loss_tol:.0e})")
+    if not loss_diff <= loss_tol:
+        loss_detail += ": the step loss is not normalised by the global label-token count (averaged per rank?)"
+    norm_diff = abs(grad_norm - reference["grad_norm"]) / max(abs(reference["grad_norm"]), 1e-12)
+    norm_detail = (f"step-1 grad norm {grad_norm:.6f} with the data split over {world_size} rank(s), "
+                   f"{reference['grad_norm']:.6f} with all of it on rank 0 (relative difference {norm_diff:.1e}, "
+                   f"tolerance {norm_tol:.0e})")
+    if not norm_diff <= norm_tol:
+        norm_detail += ": gradients are not reduced across ranks (or not normalised like the loss)"
     return {
-        "step_loss": relative_check(
-            loss, reference["loss"], tolerance(STEP_LOSS_TOL, device),
-            f"train_step reported {loss:.6f} for step 1; per-token losses summed over ranks / "
-            f"{reference['label_tokens']} global label tokens give {reference['loss']:.6f}",
-            "the step loss is not normalised by the global label-token count (averaged per rank?)",
-            reported=loss, recomputed=reference["loss"]),
-        "grad_reduction": relative_check(
-            grad_norm, reference["grad_norm"], tolerance(GRAD_NORM_TOL, device),
-            f"step-1 grad norm {grad_norm:.6f} with the data split over {world_size} rank(s), "
-            f"{reference['grad_norm']:.6f} with all of it on rank 0",
-            "gradients are not reduced across ranks (or not normalised like the loss)",
-            reported=grad_norm, reference=reference["grad_norm"]),
+        "step_loss": result(loss_diff <= loss_tol, loss_detail, reported=loss, recomputed=reference["loss"]),
+        "grad_reduction": result(norm_diff <= norm_tol, norm_detail, reported=grad_norm, reference=reference["grad_norm"]),
     }
-
-
-def relative_check(value: float, expected: float, tol: float, what: str, on_failure: str, **extra) -> dict:
-    """Pass when |value - expected| / |expected| <= tol (NaN fails); the detail says what was compared."""
-    diff = abs(value - expected) / max(abs(expected), 1e-12)
-    detail = f"{what} (relative difference {diff:.1e}, tolerance {tol:.0e})"
-    ok = diff <= tol
-    return result(ok, detail if ok else f"{detail}: {on_failure}", **extra)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,27 +20,37 @@ class StepProfiler:
         self.path = Path(output_dir) / "profile.txt"
         self.profiler = None
 
-    @contextmanager
     def around(self, step: int):
-        """Wraps the step numbered `step` (1-based); profiles it when it is inside the window."""
+        """Context for the step numbered `step` (1-based)."""
         if not self.first or not self.first <= step <= self.last:
-            yield
-            return
+            return nullcontext()
         if self.profiler is None:
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
-        yield
-        if step == self.last:
-            self._finish()
+        return _After(self, step)
 
     def _finish(self) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
         self.profiler.__exit__(None, None, None)
+        averages = self.profiler.key_averages()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        table = self.profiler.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=70)
-        self.path.write_text(f"steps {self.first}-{self.last} ({self.last - self.first + 1} steps)\n" + table)
+        steps = self.last - self.first + 1
+        self.path.write_text(f"steps {self.first}-{self.last} ({steps} steps)\n" + averages.table(sort_by=sort, row_limit=45, max_name_column_width=70))
         self.first = 0
+
+
+class _After:
+    def __init__(self, owner: StepProfiler, step: int):
+        self.owner, self.step = owner, step
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.step == self.owner.last:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.owner._finish()
+        return False

@@ -42,6 +42,7 @@ from harness.registry import ModelSpec
 from harness.report import write_json_atomic
 
 PROGRESS_PREFIX = "[progress] "
+MODEL_INPUTS = ("input_ids", "position_ids", "shift_labels", "attention_mask")
 
 
 @dataclass
@@ -326,7 +327,7 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
     for members, batch in zip(members_per_micro, micro_batches):
         if accounting is not None:
             accounting.record(members, int(batch["num_label_tokens"]))
-        inputs = data_lib.device_inputs(batch, ctx.device)
+        inputs = device_inputs(batch, ctx.device)
         loss_sum = model(**inputs)
         if inject is not None:  # test-only fault injection (harness.faults)
             loss_sum = inject(loss_sum)
@@ -356,6 +357,11 @@ def mutate_loaded_model(loaded) -> None:
         for name, param in loaded.model.named_parameters():
             if any(part in name for part in TOWER_NAME_PARTS):
                 param.requires_grad_(True)
+
+
+def device_inputs(batch: dict, device: torch.device) -> dict:
+    """The tensors TrainableLM.forward takes (not the counts collate adds), on the rank's device."""
+    return {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def plan_epoch(cfg: RunConfig, dataset, ctx, epoch: int):
@@ -490,6 +496,11 @@ def report_progress(ctx, state: TrainState, metrics: StepMetrics, total_steps: i
     )
 
 
+def frozen_checksum(model: nn.Module) -> tuple[int, float]:
+    """(count, checksum) of the frozen parameters over all ranks: towers must not change."""
+    return parameter_checksum(model, trainable=False)
+
+
 def parameter_checksum(model: nn.Module, trainable: bool) -> tuple[int, float]:
     """(count, position-weighted checksum over all ranks) of the trainable or the frozen parameters:
     frozen ones must not change, trainable ones must (else the optimizer never stepped)."""
@@ -551,7 +562,7 @@ def evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) -> dict:
     for step_plan in plan_epoch(cfg, dataset, ctx, epoch=0):
         micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, cfg.packing, pad_id(tokenizer))
         for members, batch in zip(step_plan.for_rank(ctx.rank), micro_batches):
-            inputs = data_lib.device_inputs(batch, ctx.device)
+            inputs = device_inputs(batch, ctx.device)
             token_losses = model(**inputs, per_token=True)
             labelled = (inputs["shift_labels"] != data_lib.IGNORE_INDEX)
             for index, (loss_sum, count) in zip(members, per_sample_sums(token_losses, labelled, members, dataset, cfg.packing)):
@@ -572,10 +583,16 @@ def evaluate_full_dataset(model, dataset, cfg, ctx, tokenizer) -> dict:
 
 
 def per_sample_sums(token_losses, labelled, members, dataset, packing: bool):
-    """(loss sum, label count) of each sample of a micro-batch. A dummy micro-batch holds none."""
-    lengths = [dataset.samples[i].num_tokens for i in members]
-    losses = data_lib.split_per_sample(token_losses, lengths, packing)
-    masks = data_lib.split_per_sample(labelled, lengths, packing)
+    """(loss sum, label count) of each sample of a micro-batch: packed rows are cut by the
+    samples' lengths, padded batches hold one sample per row. A dummy micro-batch holds none."""
+    if not members:
+        return []
+    if packing:
+        lengths = [dataset.samples[i].num_tokens for i in members]
+        losses = token_losses.reshape(-1).split(lengths)
+        masks = labelled.reshape(-1).split(lengths)
+    else:
+        losses, masks = token_losses, labelled
     return [(float(loss.sum()), int(mask.sum())) for loss, mask in zip(losses, masks)]
 
 

@@ -20,7 +20,7 @@ from harness import distributed as dist_lib
 from harness import loading, registry
 from harness.metrics import read_metrics
 from harness.paths import DEFAULT_DATASET
-from harness.train import RunConfig, TrainableLM, pad_id, plan_epoch, train
+from harness.train import MODEL_INPUTS, RunConfig, TrainableLM, pad_id, plan_epoch, train
 
 
 def run_config(name: str, output_dir: Path, max_samples: int, max_tokens_per_gpu: int) -> RunConfig:
@@ -49,7 +49,7 @@ def reference_step(cfg: RunConfig, world_size: int) -> dict:
     micro_batches = 0
     for rank in range(world_size):
         for batch in data_lib.rank_micro_batches(step, rank, dataset.samples, cfg.packing, pad_id(tokenizer)):
-            inputs = data_lib.device_inputs(batch, "cpu")
+            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
             loss_sum = model(**inputs)
             (loss_sum / step.global_label_tokens).backward()
             total += loss_sum.detach().double()
