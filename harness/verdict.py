@@ -124,8 +124,27 @@ def final_loss_reasons(final: float | None, inp: VerdictInput) -> list[str]:
     if not math.isfinite(final) or final >= inp.loss_threshold:
         n = min(len(inp.losses), FINAL_LOSS_WINDOW)
         measured = "over the whole dataset" if inp.eval_loss is not None else f"mean of the last {n} steps"
-        return [f"final loss {final:.4f} ({measured}) is not below the threshold {inp.loss_threshold}"]
+        return [f"final loss {final:.4f} ({measured}) is not below the threshold {inp.loss_threshold}"
+                + budget_hint(inp)]
     return []
+
+
+STILL_FALLING = 0.8  # the last quarter's mean loss below 80% of the quarter before: training was not done
+
+
+def budget_hint(inp: VerdictInput) -> str:
+    """Why a clean run missed the target, when the numbers say so: the step budget ended while the
+    loss was still going down, i.e. more steps (not a fix) might reach it."""
+    quarter = len(inp.losses) // 4
+    if inp.stop_reason != "step_budget" or quarter < 2:
+        return ""
+    before = sum(inp.losses[-2 * quarter:-quarter]) / quarter
+    last = sum(inp.losses[-quarter:]) / quarter
+    if not (math.isfinite(before) and math.isfinite(last)) or last >= STILL_FALLING * before:
+        return ""
+    return (f"; the step budget ({len(inp.losses)} steps) ended while the training loss was still falling "
+            f"({before:.3f} -> {last:.3f} over the last two quarters of the run): more steps "
+            "(--max-steps/--epochs) may reach it")
 
 
 def accounting_reasons(accounting: dict | None) -> list[str]:

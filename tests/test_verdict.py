@@ -45,6 +45,25 @@ def test_final_loss_is_mean_of_last_five_not_last_one():
     assert "final loss 0.1620" in only_reason(healthy(losses=losses, grad_norms=[1.0] * 6))
 
 
+def budget_run(tail: list[float], stop_reason: str = "step_budget"):
+    losses = [LN_1024] + [1.0] * 7 + tail
+    return healthy(losses=losses, grad_norms=[1.0] * len(losses), stop_reason=stop_reason)
+
+
+def test_budget_ended_while_falling_says_so_but_still_fails():
+    # 16 steps: quarters of 4; the quarter before the last averages 1.0, the last 0.4 (< 0.8 x 1.0)
+    reason = only_reason(budget_run([1.0] * 4 + [0.4] * 4))
+    assert "final loss 0.5200" in reason  # mean of the last 5: one 1.0 and four 0.4
+    assert "step budget (16 steps) ended while the training loss was still falling (1.000 -> 0.400" in reason
+
+
+@pytest.mark.parametrize("tail, stop_reason", [([1.0] * 4 + [0.9] * 4, "step_budget"),  # flat: 0.9 >= 0.8 x 1.0
+                                               ([1.0] * 4 + [0.4] * 4, "target_reached")])
+def test_no_budget_hint_for_a_flat_loss_or_another_stop(tail, stop_reason):
+    reason = only_reason(budget_run(tail, stop_reason))
+    assert reason.startswith("final loss") and "step budget" not in reason
+
+
 @pytest.mark.parametrize("factor, verdict", [(0.86, "PASS"), (1.14, "PASS"), (0.84, "FAIL"), (1.16, "FAIL")])
 def test_random_init_loss_within_15_percent_of_ln_vocab(factor, verdict):
     losses = [LN_1024 * factor, 1.0] + [0.01] * 5

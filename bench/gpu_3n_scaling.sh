@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Two-GPU machine, gemma-3n-E4B-it to target with the defaults (session 3):
+#   one: GPU 0 gemma-3n on 1 GPU | GPU 1 gemma-3-4b-it on 1 GPU with an injected out-of-memory at
+#        step 3 (auto leaves checkpointing off there), so the retry-with-checkpointing path runs on a GPU
+#   two: gemma-3n on both GPUs
+#   three: gemma-3n on 1 GPU twice, side by side: defaults + --compile | defaults but lr 1.5e-4
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} SFT_HARNESS_CACHE=$PWD/.gpucache PYTHONUNBUFFERED=1
+mkdir -p results; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1
+card() { CUDA_VISIBLE_DEVICES=$1 python3 run_validation.py --models "$2" --weights synthetic --nproc-per-node "$3" --run-id "$4" --wandb-mode disabled "${@:5}" > "results/$4.log" 2>&1; echo "$4 exit $?"; }
+budget=${TIMEBOX:-540}
+case "$1" in
+  one) card 0 gemma-3n-E4B-it 1 card-3n-1gpu --timeout-per-model "$budget" &
+       SFT_HARNESS_INJECT_FAULT=oom@3 card 1 gemma-3-4b-it 1 card-4b-1gpu-oom --timeout-per-model 300 &
+       wait; runs="card-3n-1gpu card-4b-1gpu-oom" ;;
+  three) card 0 gemma-3n-E4B-it 1 card-3n-1gpu-compile --timeout-per-model "$budget" --compile &
+       card 1 gemma-3n-E4B-it 1 card-3n-1gpu-lr1.5e-4 --timeout-per-model "$budget" --lr 1.5e-4 &
+       wait; runs="card-3n-1gpu-compile card-3n-1gpu-lr1.5e-4" ;;
+  two) card 0,1 gemma-3n-E4B-it 2 card-3n-2gpu --timeout-per-model "$budget"; runs="card-3n-2gpu" ;;
+esac
+for r in $runs; do python3 bench/run_digest.py "results/$r"; grep -E "^\[setup\]|out of memory|retry" "results/$r.log" | head -5; done
+for r in $runs; do cp "results/$r/summary.json" "$OUT/$r-summary.json" 2>/dev/null; done
+tar czf "$OUT/runs.tgz" results/card-* 2>/dev/null
