@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from harness import registry
@@ -52,3 +54,20 @@ def test_unknown_model_type_in_config_is_usage_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "foo_bar_lm"}')
     with pytest.raises(UsageError, match="foo_bar_lm"):
         registry.load_config(registry.lookup(str(tmp_path)))
+
+
+def run_config(models: str, *extra: str, weights: str = "synthetic"):
+    from harness.cli import build_parser, plan_models
+    from harness.sweep import run_config_for
+
+    args = build_parser().parse_args(["--models", models, "--weights", weights, "--device", "cpu", *extra])
+    return run_config_for(plan_models(models)[0], args, Path("unused"))
+
+
+def test_registry_train_section_overrides_mode_defaults_and_the_cli_overrides_both():
+    # gemma-3n's YAML lengthens only its synthetic step budget; the other modes and models keep the defaults
+    assert run_config("gemma-3n-E4B-it").max_steps == 600
+    assert run_config("gemma-3-4b-it").max_steps == 400
+    assert run_config("gemma-3n-E4B-it", weights="tiny").max_steps == 4000
+    assert run_config("gemma-3n-E4B-it", "--max-steps", "7").max_steps == 7
+    assert run_config("gemma-3n-E4B-it").lr == 3e-4
