@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Where the harness keeps tiny checkpoints, converted GGUF, tokenizers and tokenised data.
+CACHE := $(or $(SFT_HARNESS_CACHE),$(HOME)/.cache/sft-harness)
 
 .PHONY: setup validate test clean
 
@@ -22,5 +24,5 @@ validate: setup
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-clean:
-	rm -rf $(VENV)
+clean:  # the environment and the caches (run folders under results/ are kept)
+	rm -rf $(VENV) "$(CACHE)"

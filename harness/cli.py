@@ -8,14 +8,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import registry
+from harness import registry, validate
 from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.plan import LoadPathDecision, resolve_load_path
 from harness.environment import redact_secrets
 from harness.registry import ModelSpec, UsageError
 from harness.report import print_table, read_json, write_json_atomic, write_run_reports
+from harness.verdict import NOT_JUDGED, NOT_RUN, PASS
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
 
 
 @dataclass(frozen=True)
@@ -31,35 +33,47 @@ class PlannedModel:
         return None
 
 
+EXAMPLES = """examples:
+  run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it                 every visible GPU, real weights
+  run_validation.py --models gemma-3-4b-it --weights synthetic             full size, random weights, no download
+  run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --weights tiny --device cpu --nproc-per-node 2
+  run_validation.py --models gemma-3-4b-it --dry-run                       the load path only
+  run_validation.py --resume results/20261202-101500                       finish an interrupted run
+
+exit codes: 0 every model PASS, 1 a model FAIL, 2 bad usage (one line on stderr), 130 interrupted (Ctrl-C)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="run_validation.py",
         description="Validate SFT per model: load path, FSDP overfit, PASS/FAIL verdict.",
+        epilog=EXAMPLES,
+        formatter_class=HelpFormatter,
     )
-    parser.add_argument("--models", help="comma-separated registry names, hub ids or local folders")
+    parser.add_argument("--models", help="comma-separated registry names (--list-models), hub ids (org/name) or local folders")
     parser.add_argument("--list-models", action="store_true", help="print the registry and exit")
     parser.add_argument("--dry-run", action="store_true", help="resolve load paths and report; no training")
-    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where run folders go (default results/)")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where run folders go")
     parser.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
-    train = parser.add_argument_group("training")
+    train = parser.add_argument_group("training (unset options take the weights mode's defaults and the registry's train: section)")
     train.add_argument("--weights", choices=("real", "synthetic", "tiny"), default="real",
                        help="real: hub/local checkpoint; synthetic: full-size random; tiny: scaled-down random (CPU)")
-    train.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    train.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
     train.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: every visible GPU; 1 on CPU)")
-    train.add_argument("--nnodes", type=int, default=1)
-    train.add_argument("--node-rank", type=int, default=0)
+    train.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run (start the same command on each)")
+    train.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1; node 0 makes the verdict")
     train.add_argument("--rdzv-endpoint", help="host:port of node 0, for multi-node runs")
-    train.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="chat JSONL (default: the 1000-sample overfit set)")
+    train.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="chat JSONL, one {\"messages\": [...]} per line (the default is the 1000-sample overfit set)")
     train.add_argument("--max-samples", type=int, default=None, help="train on the first N samples (tiny default: 200)")
-    train.add_argument("--max-seq-len", type=int, default=None, help="longer samples are dropped and counted")
-    train.add_argument("--max-tokens-per-gpu", type=int, default=None, help="token budget of one packed micro-batch")
+    train.add_argument("--max-seq-len", type=int, default=None, help="longer samples are dropped and counted (default: 2048)")
+    train.add_argument("--max-tokens-per-gpu", type=int, default=None, help="token budget of one packed micro-batch per rank")
     train.add_argument("--no-packing", action="store_true", help="padded batches instead of padding-free packing")
-    train.add_argument("--epochs", type=int, default=None)
-    train.add_argument("--max-steps", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None)
-    train.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="after the warm-up")
-    train.add_argument("--warmup-steps", type=int, default=None)
-    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--epochs", type=int, default=None, help="at most this many passes over the data")
+    train.add_argument("--max-steps", type=int, default=None, help="at most this many optimizer steps")
+    train.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
+    train.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="learning-rate schedule after the warm-up")
+    train.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
+    train.add_argument("--seed", type=int, default=None, help="seed of the init, the data order and the synthetic weights")
     train.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
                        help="auto: on where the estimated memory without it would not fit the GPU (CPU: above ~1B parameters)")
     train.add_argument("--attention", choices=("auto", "sdpa", "varlen"), default="auto",
@@ -74,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     gate.add_argument("--compare", type=Path, help="a baseline run folder: flag regressions per model")
     gate.add_argument("--no-regressions-fail", dest="regressions_fail", action="store_false",
                       help="record regressions without failing the gate")
-    gate.add_argument("--wandb-project", default="sft-harness")
+    gate.add_argument("--wandb-project", default="sft-harness", help="wandb project of the per-model runs")
     gate.add_argument("--wandb-mode", dest="wandb", choices=("online", "offline", "disabled"),
                       default=os.environ.get("WANDB_MODE", "online"),
                       help="online falls back to offline without an API key or network")
     return parser
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown (where there is one), the examples kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0:  # flags: no default
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,20 +111,49 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_models:
             list_models()
             return EXIT_PASS
-        if args.resume:
-            args.models = args.models or models_of_run(args.resume)
-            adopt_run_settings(args, build_parser())
-        if not args.models:
-            raise UsageError("nothing to do: give --models a,b,c (or --list-models)")
-        planned = plan_models(args.models)
+        planned = check_inputs(args)
         if args.dry_run:
             return dry_run(planned, args)
         resolve_training_args(args)
-        validate_dataset(args.dataset)
+        check_training_inputs(planned, args)
         return train_models(planned, args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outside a job (a job's own Ctrl-C is handled by the sweep)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def check_inputs(args) -> list[PlannedModel]:
+    """Every option and folder checked, every model looked up and resolved, before any work."""
+    validate.check_numeric_options(args)
+    if args.resume:
+        validate.check_run_folder(args.resume, "--resume")
+        args.models = args.models or models_of_run(args.resume)
+        adopt_run_settings(args, build_parser())
+    if not args.models:
+        raise UsageError("nothing to do: give --models a,b,c (or --list-models)")
+    if args.compare:
+        validate.check_comparable(args.compare)
+    planned = plan_models(args.models)
+    validate.check_output_dir(args.resume or args.output_dir)
+    return planned
+
+
+def check_training_inputs(planned: list[PlannedModel], args) -> None:
+    """What needs each model's settings: the dataset against its max_seq_len, real weights reachable."""
+    from harness.sweep import run_config_for
+
+    limits = []
+    for item in planned:
+        cfg = run_config_for(item, args, Path(args.output_dir) / item.spec.folder_name)
+        limits.append((item.spec.name, cfg.max_samples, cfg.max_seq_len))
+    validate.check_dataset(args.dataset, limits)
+    if args.weights == "real":
+        for item in planned:
+            package = item.spec.real_weights.partition(":")[2] if item.spec.real_weights else None
+            validate.check_real_weights(item.spec.name, item.spec.hf_id, package)
 
 
 def list_models() -> None:
@@ -117,11 +169,9 @@ def plan_models(models_arg: str) -> list[PlannedModel]:
     names = [name.strip() for name in models_arg.split(",") if name.strip()]
     if not names:
         raise UsageError("--models is empty")
-    planned = []
-    for name in names:
-        spec = registry.lookup(name)
-        planned.append(PlannedModel(spec, resolve_load_path(registry.load_config(spec))))
-    return planned
+    specs = [registry.lookup(name) for name in names]
+    validate.check_unique_models(names, [spec.folder_name for spec in specs])
+    return [PlannedModel(spec, resolve_load_path(registry.load_config(spec))) for spec in specs]
 
 
 def new_run_dir(output_dir: Path, run_id: str | None) -> Path:
@@ -185,16 +235,6 @@ def resolve_training_args(args) -> None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (node 0)")
 
 
-def validate_dataset(path: Path) -> None:
-    """Every line checked before any GPU work: a bad line is a usage error with its number."""
-    from harness.data import DatasetError, load_chat_dataset
-
-    try:
-        load_chat_dataset(path)
-    except (DatasetError, OSError) as exc:
-        raise UsageError(str(exc)) from exc
-
-
 # Settings a resumed run keeps from its first invocation, unless given again on the command line.
 RUN_SETTINGS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "max_samples", "max_seq_len",
                 "max_tokens_per_gpu", "no_packing", "epochs", "max_steps", "lr", "schedule", "warmup_steps", "seed",
@@ -203,17 +243,14 @@ RUN_SETTINGS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "max
 
 def adopt_run_settings(args, parser: argparse.ArgumentParser) -> None:
     """--resume finishes a run with the settings it started with: only what is given again differs."""
-    stored = read_json(Path(args.resume) / "run.json").get("settings", {}) if (Path(args.resume) / "run.json").exists() else {}
+    stored = read_json(Path(args.resume) / "run.json").get("settings", {})
     for key, value in stored.items():
         if key in RUN_SETTINGS and getattr(args, key) == parser.get_default(key):
             setattr(args, key, Path(value) if key == "dataset" else value)
 
 
 def models_of_run(run_dir: Path) -> str:
-    run_file = Path(run_dir) / "run.json"
-    if not run_file.exists():
-        raise UsageError(f"--resume {run_dir}: not a run folder of this harness (no run.json)")
-    return ",".join(read_json(run_file)["models"])
+    return ",".join(read_json(Path(run_dir) / "run.json")["models"])
 
 
 def train_models(planned: list[PlannedModel], args) -> int:
@@ -229,19 +266,22 @@ def train_models(planned: list[PlannedModel], args) -> int:
         "command": environment["command"]["line"],
         "settings": {key: str(v) if isinstance(v := getattr(args, key), Path) else v for key in RUN_SETTINGS},
     })
-    results = run_sweep(planned, args, run_dir, finished)
+    ran = run_sweep(planned, args, run_dir, finished)
     if args.compare:
-        apply_baseline(results, args.compare, fail=args.regressions_fail)
-        for result in results:  # result.json must say what the gate decided
+        apply_baseline(ran, args.compare, fail=args.regressions_fail)
+        for result in ran:  # result.json must say what the gate decided
             write_json_atomic(run_dir / result["model_dir"] / "result.json", result)
-    exit_code = EXIT_FAIL if len(results) < len(planned) or any(r["verdict"] != "PASS" for r in results) else EXIT_PASS
+    not_started = [not_run_result(item, args, run_dir) for item in planned[len(ran):]]
+    results = ran + not_started  # every model asked for, in order
+    interrupted = any(r["verdict"] in NOT_JUDGED for r in results)
+    exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAIL if any(r["verdict"] != PASS for r in results) else EXIT_PASS
     summary = {
         "run_id": run_dir.name,
         "mode": "train",
         "command": environment["command"]["line"],
         "exit_code": exit_code,
         "environment": environment,
-        "not_run": [p.spec.name for p in planned[len(results):]] + [r["model"] for r in results if r["exit"]["interrupted"]],
+        "not_run": [r["model"] for r in results if r["verdict"] in NOT_JUDGED],
         "models": [{k: r.get(k) for k in SUMMARY_KEYS} for r in results],
     }
     write_json_atomic(run_dir / "summary.json", summary)
@@ -249,14 +289,24 @@ def train_models(planned: list[PlannedModel], args) -> int:
     if args.wandb != "disabled":
         from harness.tracking import track_sweep
 
-        track_sweep(run_dir, results, args.wandb_project, args.wandb, environment=environment)
-    rows = [[r["model"], r["load_path"], r["weights"], r["world_size"], fmt(r["initial_loss"]),
-             fmt(r["final_loss"]), r["steps"], r["verdict"]] for r in results]
+        track_sweep(run_dir, ran, args.wandb_project, args.wandb, environment=environment)
+    rows = [[r["model"], r["load_path"], r["weights"], r.get("world_size") or "-", fmt(r.get("initial_loss")),
+             fmt(r.get("final_loss")), r.get("steps") or 0, r["verdict"]] for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
-    for name in summary["not_run"]:
-        print(f"{name}: not finished (the sweep was interrupted); finish it with --resume {run_dir}")
+    for result in results:
+        if result["verdict"] in NOT_JUDGED:
+            print(f"{result['model']}: {result['verdict']} (the sweep was interrupted); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
     return exit_code
+
+
+def not_run_result(item: PlannedModel, args, run_dir: Path) -> dict:
+    """The record of a model the interrupted sweep never started: listed, not judged."""
+    result = {**planned_result(item), "weights": args.weights, "verdict": NOT_RUN, "steps": 0,
+              "reasons": ["not run: the sweep was interrupted before this model started"],
+              "model_dir": item.spec.folder_name, "exit": {"returncode": None, "timed_out": False, "interrupted": False}}
+    write_json_atomic(run_dir / item.spec.folder_name / "result.json", result)
+    return result
 
 
 SUMMARY_KEYS = ("model", "verdict", "load_path", "expected_load_path", "weights", "world_size", "initial_loss",

@@ -27,8 +27,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -36,86 +34,16 @@ from pathlib import Path
 import torch
 
 from harness import mutations
+from harness.cache import CacheError, build_once
+from harness.dataset_file import DatasetError, load_chat_dataset  # noqa: F401  (the job reads the file this way)
 from harness.paths import cache_dir as default_cache_dir
 from harness.tokenizers import END_OF_TURN_MARKERS
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-ROLES = ("system", "user", "assistant")
-MAX_REPORTED_ERRORS = 10
 # Bump when the tokenisation or labelling changes, so cached tokenised datasets are not reused.
 TOKENIZATION_VERSION = "1"
-
-
-# ---------------------------------------------------------------- loading and validation
-
-
-class DatasetError(ValueError):
-    """A dataset file has malformed lines; the message lists them as PATH:LINE: why."""
-
-
-def load_chat_dataset(path: str | Path) -> list[list[dict]]:
-    """Read a JSONL file of {"messages": [{role, content}, ...]}; every line is checked first."""
-    path = Path(path)
-    if not path.exists():
-        raise DatasetError(f"{path}: no such file")
-    conversations, errors = [], []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # blank lines (a trailing newline) are not samples
-            messages, why = _parse_line(line)
-            if why:
-                errors.append(f"{path}:{line_number}: {why}")
-            else:
-                conversations.append(messages)
-    if errors:
-        raise DatasetError(_error_summary(errors))
-    if not conversations:
-        raise DatasetError(f"{path}: no samples")
-    return conversations
-
-
-def _error_summary(errors: list[str]) -> str:
-    shown = errors[:MAX_REPORTED_ERRORS]
-    more = len(errors) - len(shown)
-    header = f"{len(errors)} malformed line(s) in the dataset:"
-    return "\n".join([header, *shown] + ([f"... and {more} more"] if more else []))
-
-
-def _parse_line(line: str) -> tuple[list[dict] | None, str | None]:
-    """(messages, None) for a valid line, else (None, why)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        return None, f"not valid JSON ({error.msg} at column {error.colno})"
-    if not isinstance(record, dict) or "messages" not in record:
-        return None, 'no "messages" field (expected {"messages": [{"role": ..., "content": ...}, ...]})'
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        return None, '"messages" must be a non-empty list of {"role", "content"} objects'
-    for index, message in enumerate(messages):
-        why = _message_problem(message)
-        if why:
-            return None, f"message {index}: {why}"
-    if not any(message["role"] == "assistant" for message in messages):
-        return None, "no assistant turn: nothing to train on"
-    return [{"role": m["role"], "content": m["content"]} for m in messages], None
-
-
-def _message_problem(message) -> str | None:
-    if not isinstance(message, dict):
-        return f"expected an object with role and content, got {type(message).__name__}"
-    role = message.get("role")
-    if role not in ROLES:
-        return f"unknown role {role!r} (expected one of {', '.join(ROLES)})"
-    content = message.get("content")
-    if not isinstance(content, str):
-        return f"{role} content must be a string, got {type(content).__name__}"
-    if role == "assistant" and not content.strip():
-        return "empty assistant turn"
-    return None
 
 
 # ---------------------------------------------------------------- tokenisation and labels
@@ -268,24 +196,44 @@ def tokenize_conversations(
     import datasets
 
     fingerprint = dataset_fingerprint(conversations, tokenizer)
-    folder = Path(cache_dir or default_cache_dir() / "tokenized") / fingerprint
-    if folder.exists():
-        tokenized = datasets.load_from_disk(str(folder))
-    else:
-        raw = datasets.Dataset.from_dict({"messages": conversations})
-        tokenized = raw.map(
-            _tokenize_batch,
-            fn_kwargs={"tokenizer": tokenizer},
-            batched=True,
-            batch_size=64,
-            remove_columns=["messages"],
-            num_proc=_worker_count(num_proc, len(conversations)),
-            new_fingerprint=fingerprint,
-            desc="tokenizing",
-        )
-        _save_dataset_atomically(tokenized, folder)
+    folder = build_once(
+        Path(cache_dir or default_cache_dir() / "tokenized") / fingerprint,
+        lambda tmp: _tokenize_all(conversations, tokenizer, num_proc, fingerprint).save_to_disk(str(tmp)),
+        lambda tmp: verify_tokenized(tmp, len(conversations)),
+        f"tokenised dataset {fingerprint} ({len(conversations)} conversations)",
+    )
+    tokenized = datasets.load_from_disk(str(folder))
     # The length filter runs after the cache, so changing max_seq_len reuses the tokenised data.
     return _select_by_length(tokenized["input_ids"], tokenized["shift_labels"], max_seq_len)
+
+
+def _tokenize_all(conversations: list[list[dict]], tokenizer, num_proc: int | None, fingerprint: str):
+    import datasets
+
+    return datasets.Dataset.from_dict({"messages": conversations}).map(
+        _tokenize_batch,
+        fn_kwargs={"tokenizer": tokenizer},
+        batched=True,
+        batch_size=64,
+        remove_columns=["messages"],
+        num_proc=_worker_count(num_proc, len(conversations)),
+        new_fingerprint=fingerprint,
+        desc="tokenizing",
+    )
+
+
+TOKENIZED_COLUMNS = ["input_ids", "shift_labels"]
+
+
+def verify_tokenized(folder: Path, rows: int) -> None:
+    """cache.build_once's check of a tokenised dataset: it loads, with one row per conversation."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(folder))
+    if sorted(loaded.column_names) != TOKENIZED_COLUMNS:
+        raise CacheError(f"saved columns {loaded.column_names}, not {TOKENIZED_COLUMNS}")
+    if loaded.num_rows != rows:
+        raise CacheError(f"saved {loaded.num_rows} rows for {rows} conversations")
 
 
 def _worker_count(num_proc: int | None, num_conversations: int) -> int | None:
@@ -296,20 +244,6 @@ def _worker_count(num_proc: int | None, num_conversations: int) -> int | None:
     return num_proc if num_proc > 1 else None
 
 
-def _save_dataset_atomically(dataset, folder: Path) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        dataset.save_to_disk(str(tmp))
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not folder.exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _select_by_length(all_input_ids, all_shift_labels, max_seq_len: int) -> TokenizedDataset:
     samples, dropped = [], []
     for index, (input_ids, shift_labels) in enumerate(zip(all_input_ids, all_shift_labels)):
@@ -317,6 +251,9 @@ def _select_by_length(all_input_ids, all_shift_labels, max_seq_len: int) -> Toke
             dropped.append(index)
         else:
             samples.append(TokenizedSample(list(input_ids), list(shift_labels)))
+    if dropped and not samples:  # nothing left to train on: say so, not an IndexError later
+        raise DatasetError(f"all {len(dropped)} samples are longer than --max-seq-len {max_seq_len} tokens "
+                           f"(the shortest has {min(len(ids) for ids in all_input_ids)}); raise --max-seq-len or shorten them")
     if dropped:
         log.warning(
             "dropped %d of %d samples longer than --max-seq-len %d (first: %s)",

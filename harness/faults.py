@@ -5,6 +5,10 @@ optimizer step: `raise` an exception, `hang` forever, `kill` its own process wit
 the loss `nan`, or raise `oom` (torch.OutOfMemoryError) when activation checkpointing is off. With /MODEL only the job of that model (its registry name) is hit, so one sweep can
 hold a faulty model and a healthy one; several faults are separated by commas
 (`kill@3:1/modelA,raise@2/modelB`). Unset (always, outside tests), it does nothing.
+
+`late_cache@0[:RANK][/MODEL]` (STEP is always 0: it acts at the job's start, before step 1) makes that
+rank sleep LATE_CACHE_DELAY_S before it prepares the job's caches (harness.job_caches), so another
+rank builds them first: the order in which a cold cache once got an empty checkpoint from rank 1.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from dataclasses import dataclass
 import torch
 
 ENV_VAR = "SFT_HARNESS_INJECT_FAULT"
-KINDS = ("raise", "hang", "kill", "nan", "oom")
+KINDS = ("raise", "hang", "kill", "nan", "oom", "late_cache")
+LATE_CACHE_DELAY_S = 3.0  # enough for the other rank to take the cache locks first on a cold cache
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ def parse_fault(spec: str) -> Fault:
     step, _, rank = at.partition(":")
     if kind not in KINDS or not step.isdigit() or not (rank == "" or rank.isdigit()):
         raise ValueError(f"{ENV_VAR}={spec!r}: expected KIND@STEP[:RANK][/MODEL] with KIND in {KINDS}")
+    if kind == "late_cache" and int(step) != 0:
+        raise ValueError(f"{ENV_VAR}={spec!r}: late_cache acts before step 1; write late_cache@0[:RANK][/MODEL]")
     return Fault(kind, int(step), int(rank or 0), model or None)
 
 
@@ -47,9 +54,16 @@ def fault_from_env() -> tuple[Fault, ...]:
     return tuple(parse_fault(part) for part in spec.split(",") if part.strip())
 
 
+def delay_cache_preparation(rank: int, model: str | None) -> None:
+    """Called once at the job's start, before its caches are prepared: late_cache holds this rank back."""
+    if any(f.kind == "late_cache" and f.hits(0, rank, model) for f in fault_from_env()):
+        time.sleep(LATE_CACHE_DELAY_S)
+
+
 def inject(fault: Fault | tuple[Fault, ...] | None, step: int, rank: int, loss_sum: torch.Tensor,
            model: str | None = None, checkpointing: bool = False) -> torch.Tensor:
-    """Called on every micro-batch loss of optimizer step `step` (1-based) of `model`'s job."""
+    """Called on every micro-batch loss of optimizer step `step` (1-based) of `model`'s job
+    (a late_cache fault, at step 0, never hits here)."""
     candidates = (fault,) if isinstance(fault, Fault) else (fault or ())
     hit = next((f for f in candidates if f.hits(step, rank, model)), None)
     if hit is None:

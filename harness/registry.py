@@ -6,6 +6,7 @@ configs/architectures/<name>.json, so resolving its load path needs no hub acces
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -91,8 +92,15 @@ def lookup(name: str) -> ModelSpec:
         return ModelSpec(name=name, source="hub", hf_id=name)
     raise UsageError(
         f"unknown model {name!r}: not in the registry, not a local folder with a config.json, "
-        f"not a hub id (org/name). Registry models: {', '.join(files)}"
+        f"not a hub id (org/name).{did_you_mean(name, list(files))} Registry models: {', '.join(files)}"
     )
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """' Did you mean a, b?' for near misses (a typo, or a prefix such as gemma-3-4b), else ''."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    close += [k for k in known if k.lower().startswith(name.lower()) and k not in close][: max(0, 3 - len(close))]
+    return f" Did you mean {', '.join(close)}?" if close else ""
 
 
 def load_config(spec: ModelSpec):

@@ -14,6 +14,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
+from harness.verdict import FAIL, NOT_JUDGED, PASS
+
 JUNIT_FILE = "junit.xml"
 SUMMARY_MD_FILE = "summary.md"
 LOSS_PLOT_FILE = "loss_curves.png"
@@ -110,13 +112,15 @@ def metrics_path(run_dir: Path, result: dict) -> Path:
 
 
 def time_to_verdict(result: dict) -> float | None:
-    """Seconds from start to verdict: the recorded value when the sweep sets one, else the job's wall
-    time, else the worker's own total."""
-    times = result.get("time_s") or {}
-    for value in (result.get("time_to_verdict_s"), times.get("to_verdict"), times.get("wall"), times.get("total")):
-        if isinstance(value, (int, float)):
-            return float(value)
-    return None
+    """Seconds from the command's start to the model's verdict (the sweep records it); None when
+    the model was never judged."""
+    value = result.get("time_to_verdict_s")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def throughput_label(results: list[dict]) -> str:
+    """tokens/s per GPU on GPUs; on CPU a rank is a process, not a GPU."""
+    return "tokens/s per GPU" if any(r.get("gpu") for r in results) else "tokens/s per rank"
 
 
 def _num(value, spec: str = ".4f", default: str = "-") -> str:
@@ -134,14 +138,17 @@ def _num(value, spec: str = ".4f", default: str = "-") -> str:
 
 
 def junit_xml(results: list[dict], summary: dict) -> str:
-    """One testsuite, one testcase per model. Every verdict other than PASS is a failure whose
-    message is the first reason and whose text is all of them."""
-    failures = sum(1 for r in results if r.get("verdict") != "PASS")
+    """One testsuite, one testcase per model asked for. FAIL (and any verdict but PASS) is a failure
+    whose message is the first reason and whose text is all of them; INTERRUPTED and NOT RUN are
+    skipped with their reason. A testcase's time is the model's own job's; the
+    time to verdict from the command's start is a property, as in summary.md."""
+    skipped = sum(1 for r in results if r.get("verdict") in NOT_JUDGED)
+    failures = sum(1 for r in results if r.get("verdict") != PASS) - skipped
     total_time = sum(_case_time(r) for r in results)
     suites = ET.Element("testsuites", name=JUNIT_CLASSNAME, tests=str(len(results)), failures=str(failures),
-                        errors="0", time=f"{total_time:.3f}")
+                        errors="0", skipped=str(skipped), time=f"{total_time:.3f}")
     suite = ET.SubElement(suites, "testsuite", name=f"{JUNIT_CLASSNAME}.{summary.get('run_id', 'run')}",
-                          tests=str(len(results)), failures=str(failures), errors="0", skipped="0",
+                          tests=str(len(results)), failures=str(failures), errors="0", skipped=str(skipped),
                           time=f"{total_time:.3f}")
     suite_props = ET.SubElement(suite, "properties")
     for key in ("run_id", "mode", "command", "exit_code"):
@@ -154,9 +161,11 @@ def junit_xml(results: list[dict], summary: dict) -> str:
         for key, value in _case_properties(result).items():
             ET.SubElement(props, "property", name=key, value=value)
         verdict = result.get("verdict")
-        if verdict != "PASS":
-            reasons = [str(r) for r in result.get("reasons") or []] or [f"verdict is {verdict}, not PASS"]
-            failure = ET.SubElement(case, "failure", message=reasons[0], type=str(verdict or "FAIL"))
+        reasons = [str(r) for r in result.get("reasons") or []] or [f"verdict is {verdict}, not PASS"]
+        if verdict in NOT_JUDGED:
+            ET.SubElement(case, "skipped", message=f"{verdict}: {reasons[0]}")
+        elif verdict != PASS:
+            failure = ET.SubElement(case, "failure", message=reasons[0], type=str(verdict or FAIL))
             failure.text = "\n".join(reasons)
         ET.SubElement(case, "system-out").text = "\n".join(f"{k}: {v}" for k, v in _case_properties(result).items())
         if verdict != "PASS" and result.get("log_tail"):
@@ -183,13 +192,14 @@ def _case_properties(result: dict) -> dict[str, str]:
         "final_loss": _num(result.get("final_loss"), ".6f", "None"),
         "loss_threshold": str(result.get("loss_threshold")),
         "steps": str(result.get("steps")),
+        "time_to_verdict_s": _num(time_to_verdict(result), ".1f", "None"),
     }
 
 
 # ---- summary.md
 
 SUMMARY_COLUMNS = ["model", "load path", "expected", "weights", "ranks", "initial loss", "final loss", "steps",
-                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict", "verdict"]
+                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"]
 
 
 def summary_markdown(results: list[dict], summary: dict) -> str:
@@ -198,9 +208,10 @@ def summary_markdown(results: list[dict], summary: dict) -> str:
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
-    passed = sum(1 for r in results if r.get("verdict") == "PASS")
-    lines += [f"- models: {len(results)}, PASS {passed}, not PASS {len(results) - passed}", ""]
-    lines.append("| " + " | ".join(SUMMARY_COLUMNS) + " |")
+    counts = {v: sum(1 for r in results if r.get("verdict") == v) for v in (PASS, FAIL, *NOT_JUDGED)}
+    lines += [f"- models: {len(results)}, " + ", ".join(f"{v} {n}" for v, n in counts.items() if n or v in (PASS, FAIL)), ""]
+    columns = [throughput_label(results) if c == "tokens/s per GPU" else c for c in SUMMARY_COLUMNS]
+    lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(" --- " for _ in SUMMARY_COLUMNS) + "|")
     for r in results:
         mfu = r.get("mfu")
@@ -217,7 +228,7 @@ def summary_markdown(results: list[dict], summary: dict) -> str:
         ]
         lines.append("| " + " | ".join(_md_cell(v) for v in row) + " |")
     lines += ["", "## Reasons", ""]
-    failing = [r for r in results if r.get("verdict") != "PASS"]
+    failing = [r for r in results if r.get("verdict") != PASS]
     if not failing:
         lines.append("Every model passed.")
     for r in failing:

@@ -11,7 +11,7 @@ from harness.launch import JobOutcome, Topology, run_job, torchrun_command
 from harness.metrics import read_metrics
 from harness.report import read_json, write_json_atomic
 from harness.train import PROGRESS_PREFIX, RunConfig, checkpointing_line
-from harness.verdict import VerdictInput, final_loss, judge
+from harness.verdict import INTERRUPTED, VerdictInput, final_loss, judge
 
 # Defaults per weights mode; a registry model's `train:` section overrides them per mode.
 TRAIN_DEFAULTS = {
@@ -70,10 +70,20 @@ def run_model(planned, args, run_dir: Path, on_line=None) -> dict:
         cfg = dataclasses.replace(cfg, activation_checkpointing=True)
         result = run_job_once(planned, args, cfg, model_dir, on_line)
         result["retried_with_activation_checkpointing"] = first_error
+    if result["exit"]["interrupted"]:
+        mark_interrupted(result)
     result["time_s"]["wall"] = time.monotonic() - started
     result["time_to_verdict_s"] = time.monotonic() - args.command_started
     write_json_atomic(model_dir / "result.json", result)
     return result
+
+
+def mark_interrupted(result: dict) -> None:
+    """Ctrl-C is not a verdict on the model: INTERRUPTED, with where it stopped, and no side reasons
+    (an unfinished job has no evaluation, no load record and so on)."""
+    result["verdict"] = INTERRUPTED
+    result["reasons"] = [f"interrupted (Ctrl-C) after {result['steps']} training step(s); every process of the job "
+                         "was ended; finish the run with --resume"]
 
 
 def run_job_once(planned, args, cfg: RunConfig, model_dir: Path, on_line) -> dict:
@@ -256,6 +266,8 @@ def run_sweep(planned_models: list, args, run_dir: Path, finished: dict[str, dic
             status.set(name, verdict_line(result))
             if result["exit"]["interrupted"]:
                 break
+    except KeyboardInterrupt:  # between jobs (a job's own Ctrl-C ends in run_job): stop here
+        pass
     finally:
         status.close()
     return results

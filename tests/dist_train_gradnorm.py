@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from harness import data as data_lib
 from harness import distributed as dist_lib
-from harness import loading, registry
+from harness import job_caches, loading, registry
 from harness.metrics import read_metrics
 from harness.paths import DEFAULT_DATASET
 from harness.train import MODEL_INPUTS, RunConfig, TrainableLM, pad_id, plan_epoch, train
@@ -86,11 +86,14 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=32)
     parser.add_argument("--max-tokens-per-gpu", type=int, default=1024)
     args = parser.parse_args()
+    configs = [run_config(name, args.work_dir, args.max_samples, args.max_tokens_per_gpu) for name in args.models.split(",")]
+    for cfg in configs:  # before the process group, as harness.train.main does (save_pretrained is rank-gated after)
+        job_caches.prepare_caches(cfg)
     ctx = dist_lib.init_distributed("cpu")
     results = {}
     try:
-        for name in args.models.split(","):
-            cfg = run_config(name, args.work_dir, args.max_samples, args.max_tokens_per_gpu)
+        for cfg in configs:
+            name = cfg.spec.name
             summary = train(cfg, ctx)  # the real trainer: shard_model + train_step + MetricsWriter
             if ctx.is_main:
                 recorded = read_metrics(cfg.metrics_path)

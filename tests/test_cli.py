@@ -78,3 +78,31 @@ def test_unreadable_config_exits_2(tmp_path):
 
 def test_no_models_is_usage_error():
     assert run_cli().returncode == 2
+
+
+def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp_path, monkeypatch, capsys):
+    """The sweep is stubbed at its seam (run_sweep): the first model's job was interrupted, so the
+    second never started. Every model asked for is listed; exit 130."""
+    from harness import cli, sweep
+    from harness.verdict import INTERRUPTED
+
+    def interrupted_sweep(planned, args, run_dir, finished):
+        first = planned[0]
+        result = {**cli.planned_result(first), "weights": "tiny", "steps": 3, "model_dir": first.spec.folder_name,
+                  "exit": {"returncode": -2, "timed_out": False, "interrupted": True}, "time_s": {}}
+        sweep.mark_interrupted(result)
+        return [result]
+
+    monkeypatch.setattr(sweep, "run_sweep", interrupted_sweep)
+    code = cli.main(["--models", "Llama-3.2-1B-Instruct,gemma-3-4b-it", "--weights", "tiny", "--device", "cpu",
+                     "--wandb-mode", "disabled", "--output-dir", str(tmp_path), "--run-id", "r"])
+    assert code == cli.EXIT_INTERRUPTED == 130
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert [(m["model"], m["verdict"]) for m in summary["models"]] == [
+        ("Llama-3.2-1B-Instruct", INTERRUPTED), ("gemma-3-4b-it", "NOT RUN")]
+    assert summary["not_run"] == ["Llama-3.2-1B-Instruct", "gemma-3-4b-it"] and summary["exit_code"] == 130
+    not_run = json.loads((tmp_path / "r" / "gemma-3-4b-it" / "result.json").read_text())
+    assert not_run["verdict"] == "NOT RUN" and not_run["reasons"] == ["not run: the sweep was interrupted before this model started"]
+    junit = (tmp_path / "r" / "junit.xml").read_text()
+    assert junit.count("<skipped") == 2 and "<failure" not in junit
+    assert "gemma-3-4b-it: NOT RUN" in capsys.readouterr().out

@@ -186,13 +186,19 @@ def test_tokenize_counts_drops_and_caches(conversations, tmp_path):
     assert full.n_samples == 100 and full.n_dropped_too_long == 0
     assert full.total_tokens == sum(s.num_tokens for s in full.samples)
     assert 0 < full.total_label_tokens < full.total_tokens
-    assert len(list(tmp_path.iterdir())) == 1  # cached by fingerprint
+    entries = lambda: [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # not the cache's lock files
+    assert len(entries()) == 1  # cached by fingerprint
     limit = sorted(s.num_tokens for s in full.samples)[89]
     cut = data.tokenize_conversations(conversations[:100], tokenizer, limit, tmp_path)
-    assert len(list(tmp_path.iterdir())) == 1  # max_seq_len does not invalidate the cache
+    assert len(entries()) == 1  # max_seq_len does not invalidate the cache
     assert cut.n_dropped_too_long == sum(s.num_tokens > limit for s in full.samples) > 0
     assert cut.n_samples + cut.n_dropped_too_long == 100
     assert all(s.num_tokens <= limit for s in cut.samples)
+
+
+def test_every_sample_too_long_is_a_clear_error_with_the_count(conversations, tmp_path):
+    with pytest.raises(DatasetError, match=r"all 20 samples are longer than --max-seq-len 8 tokens \(the shortest has \d+\)"):
+        data.tokenize_conversations(conversations[:20], tiny_tokenizer("chatml"), 8, tmp_path)
 
 
 # ---------------------------------------------------------------- plan and collation

@@ -45,7 +45,7 @@ def interrupted(tmp_path_factory):
     proc = interrupt_cli_when(
         ["--models", f"{FIRST},{SECOND}", *TINY_ARGS, "--output-dir", str(output), "--run-id", "r",
          "--wandb-mode", "offline", "--wandb-project", "gate-test"],
-        ready=lambda: log.exists() and "[progress] step 1/" in log.read_text(errors="replace"),
+        ready=lambda: log.exists() and "[progress] step 1 " in log.read_text(errors="replace"),
         env=cli_env(**SECRET_ENV),
     )
     first_dir = run_dir / FIRST
@@ -64,15 +64,18 @@ def resumed(interrupted):
 
 def test_ctrl_c_ends_the_job_and_records_the_interruption(interrupted):
     proc, run_dir, summary = interrupted["proc"], interrupted["run_dir"], interrupted["summary"]
-    assert proc.returncode == 1, failure_context(proc)
+    assert proc.returncode == 130, failure_context(proc)
     assert interrupted["leftovers"] == [], "Ctrl-C left job processes running"
-    assert summary is not None and summary["exit_code"] == 1
+    assert summary is not None and summary["exit_code"] == 130
     verdicts = {m["model"]: m["verdict"] for m in summary["models"]}
-    assert verdicts[FIRST] == "PASS"
+    assert verdicts == {FIRST: "PASS", SECOND: "INTERRUPTED"}
     second = read_json(run_dir / SECOND / "result.json")
-    assert second["exit"]["interrupted"] is True and second["verdict"] == "FAIL"
-    assert any("interrupted" in reason for reason in second["reasons"])
+    assert second["exit"]["interrupted"] is True and second["verdict"] == "INTERRUPTED"
+    assert len(second["reasons"]) == 1 and second["reasons"][0].startswith("interrupted (Ctrl-C) after")
     assert (run_dir / SECOND / "train.log").stat().st_size > 0
+    cases = {c.get("name"): c for c in ET.parse(run_dir / "junit.xml").getroot().iter("testcase")}
+    assert cases[SECOND].find("skipped") is not None and cases[SECOND].find("failure") is None
+    assert "**INTERRUPTED**" in (run_dir / "summary.md").read_text()
 
 
 def test_ctrl_c_on_the_last_model_tells_how_to_resume(interrupted):

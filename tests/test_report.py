@@ -28,7 +28,7 @@ def _metrics(path: Path, losses: list[float]) -> None:
 def _result(model: str, verdict: str, reasons: list[str], **extra) -> dict:
     base = {"model": model, "weights": "tiny", "load_path": "extract_causal_lm", "expected_load_path": "extract_causal_lm",
             "verdict": verdict, "reasons": reasons, "initial_loss": 6.9, "final_loss": 0.03, "steps": 50,
-            "world_size": 2, "time_s": {"total": 12.5, "wall": 14.0}, "tokens_per_s_per_gpu": 7151.6, "mfu": 0.412,
+            "world_size": 2, "time_s": {"total": 12.5, "wall": 14.0}, "time_to_verdict_s": 14.0, "gpu": "NVIDIA H200", "tokens_per_s_per_gpu": 7151.6, "mfu": 0.412,
             "peak_mem_gib": 3.25, "loss_threshold": 0.05, "metrics_file": "metrics.jsonl", "log_tail": []}
     base.update(extra)
     return base
@@ -96,7 +96,7 @@ def test_summary_markdown_has_every_row_and_the_reasons(sweep):
     text = (run_dir / SUMMARY_MD_FILE).read_text()
     header = next(line for line in text.splitlines() if line.startswith("| model |"))
     for column in ("load path", "expected", "weights", "ranks", "initial loss", "final loss", "steps",
-                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict", "verdict"):
+                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"):
         assert f" {column} |" in header
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| tiny") or
             line.startswith("| org")}
@@ -109,6 +109,34 @@ def test_summary_markdown_has_every_row_and_the_reasons(sweep):
         assert f"- {reason}" in reasons
     assert "### tiny-pass" not in reasons
     assert "hf_abcdefghijklmnopqrstuvwxyz" not in text and "--hf-token ***" in text
+
+
+def test_cpu_runs_say_tokens_per_rank_and_junit_says_the_same_time_to_verdict(sweep):
+    run_dir, results, summary = sweep
+    cpu_results = [{**r, "gpu": None} for r in results]
+    write_run_reports(run_dir, cpu_results, summary)
+    header = next(line for line in (run_dir / SUMMARY_MD_FILE).read_text().splitlines() if line.startswith("| model |"))
+    assert " tokens/s per rank |" in header and "per GPU" not in header
+    case = next(c for c in ET.parse(run_dir / JUNIT_FILE).getroot().iter("testcase") if c.get("name") == "tiny-pass")
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert props["time_to_verdict_s"] == "14.0"
+
+
+def test_interrupted_and_not_run_are_skipped_in_junit_and_listed_in_the_summary(sweep):
+    run_dir, results, summary = sweep
+    ok = results[0]
+    marks = [{**ok, "model": "tiny-stopped", "verdict": "INTERRUPTED", "reasons": ["interrupted (Ctrl-C) after 3 training step(s)"]},
+             {**ok, "model": "tiny-never", "verdict": "NOT RUN", "reasons": ["not run: the sweep was interrupted"]}]
+    write_run_reports(run_dir, [ok, *marks], summary)
+    root = ET.parse(run_dir / JUNIT_FILE).getroot()
+    suite = next(root.iter("testsuite"))
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "0", "2")
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert cases["tiny-stopped"].find("failure") is None
+    assert cases["tiny-stopped"].find("skipped").get("message").startswith("INTERRUPTED: interrupted (Ctrl-C)")
+    assert cases["tiny-never"].find("skipped").get("message").startswith("NOT RUN: not run")
+    text = (run_dir / SUMMARY_MD_FILE).read_text()
+    assert "**INTERRUPTED**" in text and "**NOT RUN**" in text and "INTERRUPTED 1, NOT RUN 1" in text
 
 
 def test_loss_curves_png_is_a_valid_image(sweep):
