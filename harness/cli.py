@@ -7,17 +7,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness import registry, validate
-from harness.paths import DEFAULT_DATASET, RESULTS_DIR
-from harness.plan import LoadPathDecision, resolve_load_path
 from harness.environment import redact_secrets
+from harness.job import TRAINING_SETTINGS, ModelResult, summary_row
+from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.registry import ModelSpec, UsageError
 from harness.report import print_table, read_json, write_json_atomic, write_run_reports
-from harness.verdict import NOT_JUDGED, NOT_RUN, PASS
+from harness.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
+
+if TYPE_CHECKING:  # plan imports transformers: only where a model is resolved
+    from harness.plan import LoadPathDecision
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
+PLANNED = "PLANNED"  # a dry run's verdict: resolved, not trained
 
 
 @dataclass(frozen=True)
@@ -115,8 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             return dry_run(planned, args)
         resolve_training_args(args)
-        check_training_inputs(planned, args)
-        return train_models(planned, args)
+        settings = settings_from_args(args)
+        check_training_inputs(planned, settings)
+        return train_models(planned, settings, args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -141,16 +147,16 @@ def check_inputs(args) -> list[PlannedModel]:
     return planned
 
 
-def check_training_inputs(planned: list[PlannedModel], args) -> None:
+def check_training_inputs(planned: list[PlannedModel], settings) -> None:
     """What needs each model's settings: the dataset against its max_seq_len, real weights reachable."""
-    from harness.sweep import run_config_for
+    from harness.settings import run_config_for
 
     limits = []
     for item in planned:
-        cfg = run_config_for(item, args, Path(args.output_dir) / item.spec.folder_name)
+        cfg = run_config_for(item.spec, settings, Path("unused"))
         limits.append((item.spec.name, cfg.max_samples, cfg.max_seq_len))
-    validate.check_dataset(args.dataset, limits)
-    if args.weights == "real":
+    validate.check_dataset(settings.dataset, limits)
+    if settings.weights == "real":
         for item in planned:
             package = item.spec.real_weights.partition(":")[2] if item.spec.real_weights else None
             validate.check_real_weights(item.spec.name, item.spec.hf_id, package)
@@ -169,6 +175,8 @@ def plan_models(models_arg: str) -> list[PlannedModel]:
     names = [name.strip() for name in models_arg.split(",") if name.strip()]
     if not names:
         raise UsageError("--models is empty")
+    from harness.plan import resolve_load_path
+
     specs = [registry.lookup(name) for name in names]
     validate.check_unique_models(names, [spec.folder_name for spec in specs])
     return [PlannedModel(spec, resolve_load_path(registry.load_config(spec))) for spec in specs]
@@ -183,39 +191,36 @@ def new_run_dir(output_dir: Path, run_id: str | None) -> Path:
 def dry_run(planned: list[PlannedModel], args) -> int:
     run_dir = new_run_dir(args.output_dir, args.run_id)
     results = [planned_result(item) for item in planned]
-    for item, result in zip(planned, results):
-        write_json_atomic(run_dir / item.spec.folder_name / "result.json", result)
-    exit_code = EXIT_FAIL if any(r["verdict"] == "FAIL" for r in results) else EXIT_PASS
+    for result in results:
+        result.to_json(run_dir / result.folder / "result.json")
+    exit_code = EXIT_FAIL if any(r.verdict == FAIL for r in results) else EXIT_PASS
     write_json_atomic(run_dir / "summary.json", {
         "run_id": run_dir.name,
         "mode": "dry-run",
         "command": " ".join(redact_secrets(sys.argv)),
         "exit_code": exit_code,
-        "models": [{k: r[k] for k in ("model", "verdict", "load_path", "expected_load_path")} for r in results],
+        "models": [{k: getattr(r, k) for k in ("model", "verdict", "load_path", "expected_load_path")} for r in results],
     })
-    rows = [[r["model"], r["load_path"], r["expected_load_path"] or "-", r["classes"]["model"], r["verdict"]] for r in results]
+    rows = [[r.model, r.load_path, r.expected_load_path or "-", r.classes["model"], r.verdict] for r in results]
     print_table(f"Dry run {run_dir.name}", ["model", "load path", "expected", "class", "verdict"], rows)
     for r in results:
-        print(f"{r['model']}: {r['load_path_reason']}")
-        for reason in r["reasons"]:
+        print(f"{r.model}: {r.load_path_reason}")
+        for reason in r.reasons:
             print(f"  FAIL: {reason}")
     print(f"results: {run_dir}")
     return exit_code
 
 
-def planned_result(item: PlannedModel) -> dict:
-    reasons = [item.mismatch_reason] if item.mismatch_reason else []
-    return {
-        "model": item.spec.name,
-        "source": item.spec.source,
-        "hf_id": item.spec.hf_id,
-        "load_path": item.decision.load_path,
-        "load_path_reason": item.decision.reason,
-        "expected_load_path": item.spec.expected_load_path,
-        "classes": item.decision.classes(),
-        "verdict": "FAIL" if reasons else "PLANNED",
-        "reasons": reasons,
-    }
+def planned_result(item: PlannedModel, verdict: str = PLANNED, reasons: list[str] | None = None) -> ModelResult:
+    """What is known of a model before it trains: its resolved load path (a dry run's result)."""
+    mismatch = [item.mismatch_reason] if item.mismatch_reason else []
+    return ModelResult(
+        model=item.spec.name, source=item.spec.source, hf_id=item.spec.hf_id,
+        load_path=item.decision.load_path, load_path_reason=item.decision.reason,
+        expected_load_path=item.spec.expected_load_path, classes=item.decision.classes(),
+        verdict=FAIL if mismatch else verdict, reasons=mismatch or list(reasons or []),
+        model_dir=item.spec.folder_name, loss_threshold=item.spec.loss_threshold,
+    )
 
 
 def resolve_training_args(args) -> None:
@@ -235,17 +240,28 @@ def resolve_training_args(args) -> None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (node 0)")
 
 
-# Settings a resumed run keeps from its first invocation, unless given again on the command line.
-RUN_SETTINGS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "max_samples", "max_seq_len",
-                "max_tokens_per_gpu", "no_packing", "epochs", "max_steps", "lr", "schedule", "warmup_steps", "seed",
-                "activation_checkpointing", "attention", "compile", "init_std", "reshard_after_forward", "timeout_per_model")
+# Options a resumed run keeps from its first invocation, unless given again on the command line: the
+# run's shape and every training setting the command line can give.
+RUN_OPTIONS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "no_packing", "timeout_per_model")
+
+
+def resumable_options(parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    dests = {action.dest for action in parser._actions}
+    return RUN_OPTIONS + tuple(name for name in TRAINING_SETTINGS if name in dests)
+
+
+def settings_from_args(args):
+    from harness.settings import settings_from_args as build
+
+    return build(args)
 
 
 def adopt_run_settings(args, parser: argparse.ArgumentParser) -> None:
     """--resume finishes a run with the settings it started with: only what is given again differs."""
     stored = read_json(Path(args.resume) / "run.json").get("settings", {})
+    kept = resumable_options(parser)
     for key, value in stored.items():
-        if key in RUN_SETTINGS and getattr(args, key) == parser.get_default(key):
+        if key in kept and getattr(args, key) == parser.get_default(key):
             setattr(args, key, Path(value) if key == "dataset" else value)
 
 
@@ -253,9 +269,9 @@ def models_of_run(run_dir: Path) -> str:
     return ",".join(read_json(Path(run_dir) / "run.json")["models"])
 
 
-def train_models(planned: list[PlannedModel], args) -> int:
+def train_models(planned: list[PlannedModel], settings, args) -> int:
     from harness.environment import environment_lock
-    from harness.sweep import finished_results, fmt, run_sweep
+    from harness.sweep import SweepContext, finished_results, fmt, run_sweep
 
     run_dir = args.resume or new_run_dir(args.output_dir, args.run_id)
     finished = finished_results(run_dir) if args.resume else {}
@@ -264,25 +280,23 @@ def train_models(planned: list[PlannedModel], args) -> int:
     write_json_atomic(run_dir / "run.json", {
         "models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id for p in planned],
         "command": environment["command"]["line"],
-        "settings": {key: str(v) if isinstance(v := getattr(args, key), Path) else v for key in RUN_SETTINGS},
+        "settings": {key: str(v) if isinstance(v := getattr(args, key), Path) else v
+                     for key in resumable_options(build_parser())},
     })
-    ran = run_sweep(planned, args, run_dir, finished)
-    if args.compare:
-        apply_baseline(ran, args.compare, fail=args.regressions_fail)
-        for result in ran:  # result.json must say what the gate decided
-            write_json_atomic(run_dir / result["model_dir"] / "result.json", result)
-    not_started = [not_run_result(item, args, run_dir) for item in planned[len(ran):]]
+    sweep = SweepContext(settings, run_dir, args.command_started, baseline_results(args.compare), args.regressions_fail)
+    ran = run_sweep(planned, sweep, finished)
+    not_started = [not_run_result(item, settings.weights, run_dir) for item in planned[len(ran):]]
     results = ran + not_started  # every model asked for, in order
-    interrupted = any(r["verdict"] in NOT_JUDGED for r in results)
-    exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAIL if any(r["verdict"] != PASS for r in results) else EXIT_PASS
+    interrupted = any(r.verdict in NOT_JUDGED for r in results)
+    exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAIL if any(r.verdict != PASS for r in results) else EXIT_PASS
     summary = {
         "run_id": run_dir.name,
         "mode": "train",
         "command": environment["command"]["line"],
         "exit_code": exit_code,
         "environment": environment,
-        "not_run": [r["model"] for r in results if r["verdict"] in NOT_JUDGED],
-        "models": [{k: r.get(k) for k in SUMMARY_KEYS} for r in results],
+        "not_run": [r.model for r in results if r.verdict in NOT_JUDGED],
+        "models": [summary_row(r) for r in results],
     }
     write_json_atomic(run_dir / "summary.json", summary)
     write_run_reports(run_dir, results, summary)
@@ -290,39 +304,26 @@ def train_models(planned: list[PlannedModel], args) -> int:
         from harness.tracking import track_sweep
 
         track_sweep(run_dir, ran, args.wandb_project, args.wandb, environment=environment)
-    rows = [[r["model"], r["load_path"], r["weights"], r.get("world_size") or "-", fmt(r.get("initial_loss")),
-             fmt(r.get("final_loss")), r.get("steps") or 0, r["verdict"]] for r in results]
+    rows = [[r.model, r.load_path, r.weights, r.world_size or "-", fmt(r.initial_loss), fmt(r.final_loss), r.steps, r.verdict]
+            for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
     for result in results:
-        if result["verdict"] in NOT_JUDGED:
-            print(f"{result['model']}: {result['verdict']} (the sweep was interrupted); finish it with --resume {run_dir}")
+        if result.verdict in NOT_JUDGED:
+            print(f"{result.model}: {result.verdict} (the sweep was interrupted); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
     return exit_code
 
 
-def not_run_result(item: PlannedModel, args, run_dir: Path) -> dict:
+def not_run_result(item: PlannedModel, weights: str, run_dir: Path) -> ModelResult:
     """The record of a model the interrupted sweep never started: listed, not judged."""
-    result = {**planned_result(item), "weights": args.weights, "verdict": NOT_RUN, "steps": 0,
-              "reasons": ["not run: the sweep was interrupted before this model started"],
-              "model_dir": item.spec.folder_name, "exit": {"returncode": None, "timed_out": False, "interrupted": False}}
-    write_json_atomic(run_dir / item.spec.folder_name / "result.json", result)
+    result = planned_result(item, NOT_RUN, ["not run: the sweep was interrupted before this model started"])
+    result.weights = weights
+    result.to_json(run_dir / result.folder / "result.json")
     return result
 
 
-SUMMARY_KEYS = ("model", "verdict", "load_path", "expected_load_path", "weights", "world_size", "initial_loss",
-                "final_loss", "steps", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib", "time_to_verdict_s", "reasons",
-                "regressions")
-
-
-def apply_baseline(results: list[dict], baseline_dir: Path, fail: bool) -> None:
-    """--compare: per model, what regressed since the baseline run; regressions fail the gate
-    unless --no-regressions-fail."""
-    from harness.verdict import regressions
-
-    baseline = {r["model"]: r for r in map(read_json, sorted(Path(baseline_dir).glob("*/result.json")))}
-    for result in results:
-        found = regressions(result, baseline[result["model"]]) if result["model"] in baseline else []
-        result["regressions"] = found
-        if found and fail:
-            result["reasons"] += found
-            result["verdict"] = "FAIL"
+def baseline_results(baseline_dir: Path | None) -> dict[str, ModelResult] | None:
+    """--compare: the baseline run's results by model (None: no comparison)."""
+    if baseline_dir is None:
+        return None
+    return {r.model: r for r in map(ModelResult.from_json, sorted(Path(baseline_dir).glob("*/result.json")))}

@@ -33,15 +33,15 @@ from pathlib import Path
 
 import torch
 
-from harness import mutations
 from harness.cache import CacheError, build_once
 from harness.dataset_file import DatasetError, load_chat_dataset  # noqa: F401  (the job reads the file this way)
+from harness.job import EpochRecord
+from harness.loss import IGNORE_INDEX  # noqa: F401  (labels use it; tests read it from here)
 from harness.paths import cache_dir as default_cache_dir
 from harness.tokenizers import END_OF_TURN_MARKERS
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Bump when the tokenisation or labelling changes, so cached tokenised datasets are not reused.
 TOKENIZATION_VERSION = "1"
 
@@ -73,17 +73,6 @@ class TokenizedDataset:
     total_tokens: int
     total_label_tokens: int
     dropped_indices: list[int] = field(default_factory=list)  # positions in the input, for the report
-
-    def token_stats(self) -> dict[str, float]:
-        lengths = sorted(sample.num_tokens for sample in self.samples)
-        return {
-            "min": lengths[0],
-            "median": float(torch.tensor(lengths, dtype=torch.float64).median()),
-            "max": lengths[-1],
-            "mean": self.total_tokens / len(lengths),
-            "total_tokens": self.total_tokens,
-            "total_label_tokens": self.total_label_tokens,
-        }
 
 
 class LabelSpanError(ValueError):
@@ -127,8 +116,6 @@ def _reply_span(text: str, content: str, cursor: int, markers: list[str]) -> tup
     if start < 0:
         raise LabelSpanError(f"assistant reply {reply[:40]!r}... not found in the rendered template")
     reply_end = start + len(reply)
-    if mutations.active("eot_not_labelled"):  # test-only injected bug
-        return start, reply_end
     rest = text[reply_end:]
     for marker in markers:
         # The marker must follow the reply directly (whitespace aside): it ends this turn.
@@ -143,8 +130,6 @@ def tokenize_with_labels(messages: list[dict], tokenizer) -> tuple[list[int], li
     # The template writes BOS itself where the family uses one; do not add a second.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
-    if mutations.active("labels_not_masked"):  # test-only injected bug
-        return input_ids, list(input_ids)
     labels = [
         token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
         for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
@@ -177,7 +162,6 @@ def dataset_fingerprint(conversations: list[list[dict]], tokenizer) -> str:
     digest = hashlib.sha256(f"v{TOKENIZATION_VERSION}".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode())
-    digest.update(mutations.fingerprint_salt().encode())  # empty (no change) outside tests
     return digest.hexdigest()[:24]
 
 
@@ -421,16 +405,11 @@ def _collate_packed(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
     input_ids = [token for sample in samples for token in sample.input_ids]
     labels = [label for sample in samples for label in sample.shift_labels]
     positions = [p for sample in samples for p in range(sample.num_tokens)]
-    if mutations.active("position_ids_not_reset"):  # test-only injected bug
-        positions = list(range(len(input_ids)))
-    batch = {
+    return {
         "input_ids": torch.tensor([input_ids], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "shift_labels": torch.tensor([labels], dtype=torch.long),
     }
-    if mutations.active("packed_cross_attention"):  # test-only injected bug: hides the sample boundaries
-        batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    return batch
 
 
 def _collate_padded(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -451,6 +430,14 @@ def _collate_padded(samples: list[TokenizedSample], pad_token_id: int) -> dict[s
 
 
 MODEL_INPUT_KEYS = ("input_ids", "position_ids", "attention_mask")
+# What the trainer's model wrapper (train.TrainableLM) takes: the model inputs and the labels,
+# not the counts collate adds (num_tokens, num_label_tokens).
+TRAINER_INPUT_KEYS = ("input_ids", "position_ids", "shift_labels", "attention_mask")
+
+
+def device_inputs(batch: dict, device) -> dict:
+    """A collated micro-batch's tensors for TrainableLM.forward, on the rank's device."""
+    return {key: value.to(device) for key, value in batch.items() if key in TRAINER_INPUT_KEYS}
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -476,3 +463,35 @@ def rank_micro_batches(step: StepPlan, rank: int, samples: list[TokenizedSample]
 
 def unlabelled_copy(sample: TokenizedSample) -> TokenizedSample:
     return TokenizedSample(list(sample.input_ids), [IGNORE_INDEX] * sample.num_tokens)
+
+
+# ---------------------------------------------------------------- what an epoch fed
+
+
+class EpochAccounting:
+    """What one epoch actually fed to the model on this rank: each sample's count, label tokens."""
+
+    def __init__(self, n_samples: int):
+        self.fed = torch.zeros(n_samples, dtype=torch.float64)
+        self.label_tokens = 0
+
+    def record(self, members: list[int], label_tokens: int) -> None:
+        for index in members:
+            self.fed[index] += 1
+        self.label_tokens += label_tokens
+
+    def summary(self, epoch: int, dataset: TokenizedDataset, device) -> EpochRecord:
+        """Summed over ranks (a collective: every rank calls it)."""
+        from harness.distributed import all_reduce_sum
+
+        counts = all_reduce_sum(self.fed.to(device)).cpu()
+        label_tokens = int(all_reduce_sum(torch.tensor(float(self.label_tokens), device=device)).item())
+        return EpochRecord(
+            epoch=epoch,
+            samples=len(counts),
+            samples_seen_once=int((counts == 1).sum()),
+            samples_missing=int((counts == 0).sum()),
+            samples_repeated=int((counts > 1).sum()),
+            label_tokens=label_tokens,
+            expected_label_tokens=dataset.total_label_tokens,
+        )

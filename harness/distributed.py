@@ -38,15 +38,27 @@ def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def close_distributed() -> None:
+def close_distributed(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first meets at a barrier: a rank that
+    exits while a peer still reads its last gloo message makes that peer abort (SIGABRT, "a rank
+    crashed") although both finished. After an error there is no barrier (the peer may never come)."""
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A reduced copy over every rank; the value itself where no process group runs (one process)."""
+    value = value.detach().clone()
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.all_reduce(value, op=op)
+    return value
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    value = value.detach().clone()
-    dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
+    return all_reduce(value, dist.ReduceOp.SUM)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

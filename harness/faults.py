@@ -9,12 +9,19 @@ hold a faulty model and a healthy one; several faults are separated by commas
 `late_cache@0[:RANK][/MODEL]` (STEP is always 0: it acts at the job's start, before step 1) makes that
 rank sleep LATE_CACHE_DELAY_S before it prepares the job's caches (harness.job_caches), so another
 rank builds them first: the order in which a cold cache once got an empty checkpoint from rank 1.
+
+The trainer calls `delay_cache_preparation` at the job's start and `install` once before its first
+step: install parses the variable once and wraps train_step, whose micro-batch losses then pass
+through `inject` (a forward hook on the model for the length of each step); the step stays plain.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import signal
 import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +55,13 @@ def parse_fault(spec: str) -> Fault:
 
 def fault_from_env() -> tuple[Fault, ...]:
     """The faults the environment asks for; () when unset."""
-    spec = os.environ.get(ENV_VAR)
-    if not spec:
-        return ()
-    return tuple(parse_fault(part) for part in spec.split(",") if part.strip())
+    return parse_faults(os.environ.get(ENV_VAR))
+
+
+@functools.lru_cache(maxsize=None)
+def parse_faults(spec: str | None) -> tuple[Fault, ...]:
+    """Parsed once per value of the variable."""
+    return tuple(parse_fault(part) for part in (spec or "").split(",") if part.strip())
 
 
 def delay_cache_preparation(rank: int, model: str | None) -> None:
@@ -60,9 +70,31 @@ def delay_cache_preparation(rank: int, model: str | None) -> None:
         time.sleep(LATE_CACHE_DELAY_S)
 
 
+def install(trainer: types.ModuleType, rank: int, model: str | None = None, checkpointing: bool = False) -> None:
+    """Once, before the job's first step: `trainer.train_step` (the module the job calls it from)
+    is wrapped so that each micro-batch loss of optimizer step N (counted from 1) goes through
+    inject(faults, N, rank, ...). Nothing is wrapped when no fault but late_cache is asked for."""
+    found = tuple(f for f in fault_from_env() if f.kind != "late_cache")
+    if not found:
+        return
+    train_step, steps = trainer.train_step, itertools.count(1)
+
+    @functools.wraps(train_step)
+    def faulty_step(step_model, *args, **kwargs):
+        step = next(steps)
+
+        def hit(_module, _inputs, loss_sum):
+            return inject(found, step, rank, loss_sum, model=model, checkpointing=checkpointing)
+
+        with step_model.register_forward_hook(hit):
+            return train_step(step_model, *args, **kwargs)
+
+    trainer.train_step = faulty_step
+
+
 def inject(fault: Fault | tuple[Fault, ...] | None, step: int, rank: int, loss_sum: torch.Tensor,
            model: str | None = None, checkpointing: bool = False) -> torch.Tensor:
-    """Called on every micro-batch loss of optimizer step `step` (1-based) of `model`'s job
+    """What a micro-batch loss of optimizer step `step` (1-based) of `model`'s job becomes
     (a late_cache fault, at step 0, never hits here)."""
     candidates = (fault,) if isinstance(fault, Fault) else (fault or ())
     hit = next((f for f in candidates if f.hits(step, rank, model)), None)

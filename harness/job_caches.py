@@ -15,7 +15,7 @@ from harness import data as data_lib
 from harness import loading
 
 if TYPE_CHECKING:
-    from harness.train import RunConfig
+    from harness.job import RunConfig
 
 
 def prepare_caches(cfg: "RunConfig") -> None:

@@ -20,7 +20,6 @@ import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from harness.checkpoints import (
     read_index,
     read_tensors,
 )
+from harness.job import LoadRecord
 from harness.plan import LoadPathDecision, model_class, resolve_load_path
 from harness.registry import ModelSpec, UsageError, load_config
 
@@ -48,23 +48,6 @@ class ParamCounts:
     frozen: int
     left_out_with_towers: int | None  # checkpoint (or VLM) parameters not built: the towers
     model_total: int
-
-
-@dataclass
-class LoadRecord:
-    load_path: str
-    reason: str
-    classes: dict[str, str | None]
-    weights: str  # real | synthetic | tiny
-    source: str  # where the weights came from
-    params: dict[str, int | None]  # ParamCounts as a dict (trainer and report read it by key)
-    load_time_s: float = 0.0
-    tied_embeddings: bool = False
-    dtype: str = "float32"
-    device: str = "cpu"
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass

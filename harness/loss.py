@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from harness.distributed import all_reduce_sum
+
 IGNORE_INDEX = -100
 
 
@@ -107,6 +109,23 @@ def loss_for_backward(local_sum: torch.Tensor, global_label_tokens: int, gradien
     world_size); multiply it back here. Pass 1.0 if the data-parallel wrapper sums gradients.
     """
     return global_mean_loss(local_sum, global_label_tokens) * gradient_divide_factor
+
+
+class GlobalMean:
+    """The normalisation above, made by train_step once a step from the step's plan and this rank's
+    micro-batches (harness.mutations hands it a wrong one)."""
+
+    def __init__(self, step_plan, micro_batches, world_size: int):
+        self.label_tokens, self.gradient_divide_factor = step_plan.global_label_tokens, world_size
+
+    def backward_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        """What a micro-batch calls backward() on; FSDP2 averages gradients over the ranks, so the
+        world size is multiplied back."""
+        return loss_for_backward(loss_sum, self.label_tokens, self.gradient_divide_factor)
+
+    def step_loss(self, local_sum: torch.Tensor) -> float:
+        """The step's loss from this rank's token-loss sum: every rank's sum over the global count."""
+        return float(global_mean_loss(all_reduce_sum(local_sum), self.label_tokens))
 
 
 @torch.no_grad()

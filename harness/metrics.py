@@ -1,13 +1,10 @@
-"""Per-step metrics: the record, the JSONL writer, model FLOPs and MFU, memory."""
+"""Model FLOPs, MFU and memory of a training step (the step record itself is harness.job.StepMetrics)."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+from torch import nn
 
 # Dense bf16 peak (TFLOP/s) by GPU name, from the vendors' datasheets (SXM parts).
 PEAK_BF16_TFLOPS = {
@@ -18,58 +15,6 @@ PEAK_BF16_TFLOPS = {
     "A10G": 125.0,
     "B200": 2250.0,
 }
-
-
-@dataclass
-class StepMetrics:
-    step: int
-    epoch: int
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int  # all tokens of the step, every rank
-    label_tokens: int  # tokens that carried a label
-    step_time_s: float
-    tokens_per_s: float  # the whole job
-    tokens_per_s_per_gpu: float
-    mfu: float | None
-    peak_mem_allocated_gib: float | None
-    peak_mem_reserved_gib: float | None
-    elapsed_s: float  # since the job started
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-class MetricsWriter:
-    """Appends one JSON line per step and flushes it: the parent reads the file live."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path = Path(path)
-        self.enabled = enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-
-    def write(self, metrics: StepMetrics) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(metrics.to_dict()) + "\n")
-            handle.flush()
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """Complete lines only: a line being written when a job died is skipped."""
-    if not Path(path).exists():
-        return []
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 def gpu_name(device: torch.device) -> str | None:
@@ -104,3 +49,18 @@ def peak_memory_gib(device: torch.device) -> tuple[float | None, float | None]:
         return None, None
     gib = 1024**3
     return torch.cuda.max_memory_allocated(device) / gib, torch.cuda.max_memory_reserved(device) / gib
+
+
+def model_flops_per_token(lm: nn.Module, dataset) -> float:
+    """Training FLOPs per token: 6 x the matmul parameters plus attention over the samples' lengths."""
+    text_config = lm.config.get_text_config(decoder=True)
+    embeddings = {id(m.weight) for m in lm.modules() if isinstance(m, nn.Embedding)}
+    head = lm.get_output_embeddings()
+    matmul_params = sum(
+        p.numel() for p in lm.parameters() if p.requires_grad and id(p) not in embeddings
+    ) + (head.weight.numel() if id(head.weight) in embeddings else 0)
+    lengths = [sample.num_tokens for sample in dataset.samples]
+    effective_len = sum(n * n for n in lengths) / max(1, sum(lengths))
+    heads = getattr(text_config, "num_attention_heads", 0)
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // max(heads, 1)
+    return training_flops_per_token(matmul_params, text_config.num_hidden_layers, heads * head_dim, effective_len)

@@ -1,44 +1,46 @@
 """Test-only injected training bugs ("mutations"), so tests can prove the verdict catches each one.
 
-SFT_HARNESS_MUTATION=NAME[/MODEL][,NAME[/MODEL]...] turns on deliberately wrong code at a few
-well-named points of data.py and train.py (`active(NAME)`). With /MODEL only that model's job (its
-registry name) is mutated, so one sweep can carry a different bug per model. Unset (always,
-outside tests), `active` is False everywhere and nothing changes. tests/test_mutations.py holds the
-catalogue: each mutation must turn the verdict to FAIL with a reason that names it.
+SFT_HARNESS_MUTATION=NAME[/MODEL][,NAME[/MODEL]...] names the bugs; with /MODEL only that model's
+job (its registry name) carries one, so one sweep can carry a different bug per model. The trainer
+calls `install` once, at the job's start: it reads the variable once and puts each bug of the job in
+place as a wrapper around one existing function (CATALOGUE, at the end, says which), so the code
+it wraps (the training step, the collate path) stays plain. Unset (always, outside tests), install
+changes nothing. tests/test_mutations.py holds the catalogue: each mutation must turn the verdict
+to FAIL with a reason that names it.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import itertools
 import os
+import types
+from typing import Callable, NamedTuple
+
+import torch
+
+from harness.distributed import all_reduce_sum
+from harness.loss import GlobalMean, global_mean_loss
 
 ENV_VAR = "SFT_HARNESS_MUTATION"
 
-# name -> the bug it injects (the hook point is where `active(name)` is called)
-CATALOGUE = {
-    "labels_not_masked": "data.tokenize_with_labels labels every token, prompts included",
-    "eot_not_labelled": "data._reply_span ends the label span before the end-of-turn marker",
-    "packed_cross_attention": "data._collate_packed adds an all-ones attention mask: packed samples see each other",
-    "position_ids_not_reset": "data._collate_packed numbers positions across the whole packed row",
-    "loss_per_rank_mean": "train.train_step normalises by this rank's label tokens and averages the ranks",
-    "micro_batch_dropped": "train.train_step swaps the last rank's micro-batch of step 2 for an empty one",
-    "same_batch_every_step": "train.plan_epoch repeats the epoch's first step",
-    "extracted_random_init": "train.train re-initialises the loaded weights (a loader that read nothing)",
-    "vision_tower_trainable": "train.train leaves the towers of a direct VLM load trainable",
-    "optimizer_never_steps": "train.train_step never calls optimizer.step()",
-    "lr_zero_after_warmup": "train.lr_lambda returns 0 once warm-up is over",
-    "grads_not_reduced": "train.train shards each rank on its own 1-rank mesh: gradients never cross ranks",
-    "towers_updated": "train.train_step nudges the frozen tower weights after each step",
-}
-
 _model: str | None = None  # the job's model (bind_model), for NAME/MODEL entries
+_installed: list[tuple[object, str, Callable]] = []  # (owner, name, original) of each wrapper in place
 
 
 def bind_model(name: str | None) -> None:
-    """The trainer says which model this process trains (once, at the start of the job)."""
+    """Which model this process trains (install does it)."""
     global _model
     _model = name
 
 
-def parse(spec: str | None) -> list[tuple[str, str | None]]:
+@functools.lru_cache(maxsize=None)
+def parse(spec: str | None) -> tuple[tuple[str, str | None], ...]:
+    """(name, model or None) of each entry; parsed once per value of the variable."""
     entries = []
     for part in (spec or "").split(","):
         if not part.strip():
@@ -47,11 +49,12 @@ def parse(spec: str | None) -> list[tuple[str, str | None]]:
         if name not in CATALOGUE:
             raise ValueError(f"{ENV_VAR}={spec!r}: unknown mutation {name!r}; known: {', '.join(CATALOGUE)}")
         entries.append((name, model or None))
-    return entries
+    return tuple(entries)
 
 
 def active(name: str) -> bool:
-    """Is mutation `name` on for this job? False whenever the variable is unset."""
+    """Does the environment ask for mutation `name` in this job? False whenever the variable is unset.
+    (The job itself carries the bugs that `install` saw.)"""
     spec = os.environ.get(ENV_VAR)
     if not spec:
         return False
@@ -63,44 +66,108 @@ def fingerprint_salt() -> str:
     return ",".join(n for n in ("labels_not_masked", "eot_not_labelled") if active(n))
 
 
-# ---------------------------------------------------------------- the bugs that need more than a flag
+def install(model: str | None, trainer: types.ModuleType) -> tuple[str, ...]:
+    """Once, at the job's start, before its caches (a mutation changes the tokenised data and its
+    key): wraps the functions the job's bugs live in; returns their names. `trainer` is the module
+    whose train_step, plan_epoch and lr_lambda the job calls (harness.train, or __main__ under -m).
+    Called again, it first puts back what it wrapped before."""
+    uninstall()
+    bind_model(model)
+    chosen = tuple(name for name in CATALOGUE if active(name))
+    salt = fingerprint_salt()
+    if salt:
+        _wrap(importlib.import_module("harness.data"), "dataset_fingerprint", _salted(salt))
+    for name in chosen:
+        module, _, function = CATALOGUE[name].where.partition(".")
+        _wrap(trainer if module == "train" else importlib.import_module(f"harness.{module}"), function, CATALOGUE[name].wrap)
+    return chosen
+
+
+def uninstall() -> None:
+    """Puts every wrapped function back (for tests that install in their own process)."""
+    while _installed:
+        owner, name, original = _installed.pop()
+        setattr(owner, name, original)
+
+
+def _wrap(owner, name: str, wrap: Callable) -> None:
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    _installed.append((owner, name, original))
+
+
+def _salted(salt: str):
+    """The tokenised-dataset cache key, salted with the label mutations of the job."""
+    def wrap(dataset_fingerprint):
+        @functools.wraps(dataset_fingerprint)
+        def salted(*args, **kwargs):
+            return hashlib.sha256(f"{dataset_fingerprint(*args, **kwargs)},{salt}".encode()).hexdigest()[:24]
+        return salted
+    return wrap
+
+
+def _then(change: Callable):
+    """A wrapper that hands the function's result to change(result), in place, before returning it."""
+    def wrap(function):
+        @functools.wraps(function)
+        def wrapped(*args, **kwargs):
+            result = function(*args, **kwargs)
+            change(result)
+            return result
+        return wrapped
+    return wrap
+
+
+# ---------------------------------------------------------------- the wrappers: data
+
+
+def _label_every_token(tokenize_with_labels):
+    @functools.wraps(tokenize_with_labels)
+    def wrapped(messages, tokenizer):
+        input_ids, _ = tokenize_with_labels(messages, tokenizer)
+        return input_ids, list(input_ids)
+    return wrapped
+
+
+def _stop_at_reply_end(reply_span):
+    @functools.wraps(reply_span)
+    def wrapped(text, content, cursor, markers):
+        start, _ = reply_span(text, content, cursor, [""])  # an empty marker: no end-of-turn marker is looked for
+        return start, start + len(content.strip())
+    return wrapped
+
+
+def _attend_across_samples(batch: dict) -> None:
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])  # hides the sample boundaries
+
+
+def _number_positions_across_row(batch: dict) -> None:
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+
+
+# ---------------------------------------------------------------- the wrappers: the loaded model, sharding
 
 
 def reinitialise(model) -> None:
     """extracted_random_init: every matrix back to a random normal(0, 0.02), as a loader that read
     nothing would leave it (norm weights keep their values)."""
-    import torch
-
     with torch.no_grad():
         for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.02)
 
 
-def drop_last_micro_batch(step_plan):
-    """micro_batch_dropped: the last rank's last micro-batch becomes an empty one; the plan's
-    counts are left as they were (the loss still divides by the dropped label tokens)."""
-    import copy
+def unfreeze_towers(model) -> None:
+    """vision_tower_trainable: what loading froze (everything outside the language model) trains."""
+    from harness.loading import tower_parameters
 
-    plan = copy.deepcopy(step_plan)
-    plan.micro_batches[-1][-1] = []
-    return plan
-
-
-def nudge_frozen(model) -> None:
-    """towers_updated: the frozen parameters move a little after every step."""
-    import torch
-
-    with torch.no_grad():
-        for param in model.parameters():
-            if not param.requires_grad:
-                param.add_(1e-3)
+    for param in tower_parameters(model).values():
+        param.requires_grad_(True)
 
 
 def shard_without_reduction(model, *, bf16: bool, reshard_after_forward: bool = True) -> int:
     """grads_not_reduced: fully_shard each rank over a mesh of its own rank only, so each rank keeps
     a full replica and steps on its own gradient (the reduction never crosses ranks)."""
-    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -116,3 +183,125 @@ def shard_without_reduction(model, *, bf16: bool, reshard_after_forward: bool = 
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return len(layers) + 1
+
+
+# ---------------------------------------------------------------- the wrappers: the trainer
+
+
+def _around_step(before: Callable | None = None, after: Callable | None = None):
+    """A wrapper of train_step that counts the steps (from 1) and sees the arguments by name:
+    before(step, arguments) may replace some; after(arguments) runs once the step is done."""
+    def wrap(train_step):
+        signature, steps = inspect.signature(train_step), itertools.count(1)
+
+        @functools.wraps(train_step)
+        def wrapped(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            step = next(steps)
+            if before is not None:
+                before(step, call.arguments)
+            result = train_step(*call.args, **call.kwargs)
+            if after is not None:
+                after(call.arguments)
+            return result
+        return wrapped
+    return wrap
+
+
+class PerRankMean(GlobalMean):
+    """loss_per_rank_mean: each rank normalises by its own label tokens (the gradients are not
+    divided by the world size), and the step loss is the mean of the ranks' means."""
+
+    def __init__(self, step_plan, micro_batches, world_size: int):
+        self.label_tokens = sum(int(batch["num_label_tokens"]) for batch in micro_batches)
+        self.gradient_divide_factor, self.world_size = 1, world_size
+
+    def step_loss(self, local_sum: torch.Tensor) -> float:
+        return float(all_reduce_sum(global_mean_loss(local_sum, self.label_tokens))) / self.world_size
+
+
+def _per_rank_mean(step: int, arguments: dict) -> None:
+    arguments["loss_normalisation"] = PerRankMean
+
+
+def _drop_at_step_2(step: int, arguments: dict) -> None:
+    if step == 2:
+        arguments["step_plan"] = drop_last_micro_batch(arguments["step_plan"])
+
+
+def drop_last_micro_batch(step_plan):
+    """micro_batch_dropped: the last rank's last micro-batch becomes an empty one; the plan's
+    counts are left as they were (the loss still divides by the dropped label tokens)."""
+    plan = copy.deepcopy(step_plan)
+    plan.micro_batches[-1][-1] = []
+    return plan
+
+
+def _never_stepping(step: int, arguments: dict) -> None:
+    optimizer = arguments["optimizer"]
+    arguments["optimizer"] = types.SimpleNamespace(step=lambda closure=None: None, zero_grad=optimizer.zero_grad)
+
+
+def _nudge_frozen(arguments: dict) -> None:
+    nudge_frozen(arguments["model"])
+
+
+def nudge_frozen(model) -> None:
+    """towers_updated: the frozen parameters move a little after every step."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.add_(1e-3)
+
+
+def _first_step_repeated(plan_epoch):
+    @functools.wraps(plan_epoch)
+    def wrapped(*args, **kwargs):
+        plan = plan_epoch(*args, **kwargs)
+        return [dataclasses.replace(plan[0], index=i) for i in range(len(plan))]
+    return wrapped
+
+
+def _zero_after_warmup(lr_lambda):
+    @functools.wraps(lr_lambda)
+    def wrapped(cfg, total_steps: int):
+        factor, warmup = lr_lambda(cfg, total_steps), max(cfg.warmup_steps, 0)
+        return lambda step: factor(step) if step < warmup else 0.0
+    return wrapped
+
+
+# ---------------------------------------------------------------- the catalogue
+
+
+class Mutation(NamedTuple):
+    where: str  # module.function it wraps: harness.<module>, or "train" for the trainer install is given
+    wrap: Callable  # the function -> its wrapper (or its replacement)
+    bug: str
+
+    def __str__(self) -> str:
+        return f"{self.where} (wrapped at install): {self.bug}"
+
+
+CATALOGUE = {
+    "labels_not_masked": Mutation("data.tokenize_with_labels", _label_every_token, "labels every token, prompts included"),
+    "eot_not_labelled": Mutation("data._reply_span", _stop_at_reply_end, "ends the label span before the end-of-turn marker"),
+    "packed_cross_attention": Mutation("data._collate_packed", _then(_attend_across_samples),
+                                       "adds an all-ones attention mask: packed samples see each other"),
+    "position_ids_not_reset": Mutation("data._collate_packed", _then(_number_positions_across_row),
+                                       "numbers positions across the whole packed row"),
+    "loss_per_rank_mean": Mutation("train.train_step", _around_step(before=_per_rank_mean),
+                                   "gets PerRankMean: normalises by this rank's label tokens and averages the ranks"),
+    "micro_batch_dropped": Mutation("train.train_step", _around_step(before=_drop_at_step_2),
+                                    "gets, at step 2, a plan whose last rank's last micro-batch is empty"),
+    "same_batch_every_step": Mutation("train.plan_epoch", _first_step_repeated, "repeats the epoch's first step"),
+    "extracted_random_init": Mutation("loading.load_model", _then(lambda loaded: reinitialise(loaded.model)),
+                                      "re-initialises the loaded weights (a loader that read nothing)"),
+    "vision_tower_trainable": Mutation("loading.load_model", _then(lambda loaded: unfreeze_towers(loaded.model)),
+                                       "leaves the towers of a direct VLM load trainable"),
+    "optimizer_never_steps": Mutation("train.train_step", _around_step(before=_never_stepping),
+                                      "gets an optimizer whose step() does nothing"),
+    "lr_zero_after_warmup": Mutation("train.lr_lambda", _zero_after_warmup, "returns 0 once warm-up is over"),
+    "grads_not_reduced": Mutation("distributed.shard_model", lambda shard_model: shard_without_reduction,
+                                  "shards each rank on its own 1-rank mesh: gradients never cross ranks"),
+    "towers_updated": Mutation("train.train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"),
+}

@@ -164,3 +164,42 @@ def _decision_factory(config, text_config):
         )
 
     return decide
+
+
+# ---------------------------------------------------------------- memory: activation checkpointing or not
+
+MEMORY_HEADROOM = 0.85  # of the GPU's memory; the allocator's fragmentation and NCCL buffers take the rest
+CPU_CHECKPOINTING_PARAMS = 1_000_000_000  # on CPU there is no memory to measure: checkpoint only big models
+# Saved bytes per token and layer, per unit of hidden / MLP width: gemma-3-4b-it without checkpointing
+# peaked at 88.2 GiB (4k tokens) and 116.2 GiB (8k) on one H200, about 175 kB per token and layer.
+# gemma-3n-E4B-it on 4x H200 without checkpointing ran out of memory (140 GiB) where a single stream
+# predicted 103 GB: its four AltUp streams are counted now (174 GB: checkpointing on).
+ACTIVATION_BYTES_PER_HIDDEN = 40
+ACTIVATION_BYTES_PER_INTERMEDIATE = 7
+
+
+def wants_activation_checkpointing(asked: bool | None, n_params: int, text_config, world_size: int, tokens: int,
+                                   gpu_memory_bytes: int | None) -> bool:
+    """Recomputing activations costs a third more compute: only where they would not fit. On GPU
+    the estimate is fp32 weights + grads + two Adam moments (16 bytes a parameter, sharded), the
+    bf16 weights gathered for compute, the logits of one loss chunk and the saved activations."""
+    if asked is not None:
+        return asked
+    if gpu_memory_bytes is None:
+        return n_params > CPU_CHECKPOINTING_PARAMS
+    needed = estimated_training_bytes(text_config, n_params, world_size, tokens, checkpointing=False)
+    return needed > MEMORY_HEADROOM * gpu_memory_bytes
+
+
+def estimated_training_bytes(text_config, n_params: int, world_size: int, tokens: int, checkpointing: bool) -> int:
+    hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
+    intermediate = text_config.intermediate_size
+    intermediate = intermediate if isinstance(intermediate, int) else max(intermediate)
+    states = 16 * n_params / world_size
+    gathered = 2 * n_params  # bf16 copies: all of them at once when nothing is resharded
+    loss_chunk = 3 * 2048 * text_config.vocab_size * 4  # fp32 logits and their softmax/gradient
+    # Gemma 3n carries altup_num_inputs copies of the hidden stream through every layer
+    streams = getattr(text_config, "altup_num_inputs", 1) or 1
+    per_token_layer = ACTIVATION_BYTES_PER_HIDDEN * hidden * streams + ACTIVATION_BYTES_PER_INTERMEDIATE * intermediate
+    activations = tokens * (2 * hidden if checkpointing else per_token_layer) * layers
+    return int(states + gathered + loss_chunk + activations)

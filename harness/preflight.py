@@ -53,13 +53,6 @@ def tolerance(table: dict, device: torch.device) -> float:
     return table["cuda" if device.type == "cuda" else "cpu"]
 
 
-def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    value = value.detach().clone()
-    if dist.is_initialized():
-        dist.all_reduce(value, op=op)
-    return value
-
-
 # ---------------------------------------------------------------- (a) packed vs padded
 
 
@@ -82,8 +75,8 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) ->
     padded = _per_sample_first_layer(model, samples, False, pad_id, ctx.device)
     model.train(was_training)
     worst = max((float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(packed, padded)), default=0.0)
-    worst = float(all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
-    compared = int(all_reduce(torch.tensor(float(len(samples)), device=ctx.device)))
+    worst = float(dist_lib.all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
+    compared = int(dist_lib.all_reduce(torch.tensor(float(len(samples)), device=ctx.device)))
     tol = tolerance(PACKING_TOL, ctx.device)
     detail = (f"packed vs padded first-layer outputs of {compared} samples: worst relative L2 difference {worst:.2e} "
               f"(tolerance {tol:.0e})")
@@ -97,7 +90,7 @@ def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device) 
     packed row or its padded row. Gemma 3n's layers output [altup copies, B, T, H]: the copies
     become features."""
     batch = data_lib.collate_micro_batch(samples, packing, pad_id)
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
+    inputs = data_lib.device_inputs(batch, device)
     captured = []
 
     def keep_first(_module, _args, out):  # the first layer to run (a VLM's vision blocks never do)
@@ -206,12 +199,12 @@ def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
     for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id):
-        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
+        inputs = data_lib.device_inputs(batch, ctx.device)
         losses = model(**inputs, per_token=True)
         totals[0] += losses.double().sum()
         totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
     model.train(was_training)
-    totals = all_reduce(totals)
+    totals = dist_lib.all_reduce(totals)
     return {"loss": float(totals[0] / totals[1].clamp(min=1)), "label_tokens": int(totals[1])}
 
 
@@ -224,7 +217,7 @@ def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     weight = ctx.world_size / max(step_plan.global_label_tokens, 1) if ctx.rank == 0 else 0.0
     for members in everything:
         batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id)
-        inputs = {k: v.to(ctx.device) for k, v in batch.items() if k in ("input_ids", "position_ids", "shift_labels", "attention_mask")}
+        inputs = data_lib.device_inputs(batch, ctx.device)
         (model(**inputs) * weight).backward()
     squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for param in model.parameters():
@@ -232,7 +225,7 @@ def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
             local = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
             squares += local.double().pow(2).sum()
             param.grad = None
-    return math.sqrt(float(all_reduce(squares)))
+    return math.sqrt(float(dist_lib.all_reduce(squares)))
 
 
 def first_step_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:

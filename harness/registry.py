@@ -42,11 +42,15 @@ class ModelSpec:
 
     @property
     def folder_name(self) -> str:
-        """A file-system-safe name for the model's result folder."""
-        return re.sub(r"[^A-Za-z0-9._-]+", "--", self.name).strip("-") or "model"
+        return folder_name(self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def folder_name(model_name: str) -> str:
+    """A file-system-safe name for a model's result folder ("org/name" -> "org--name")."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model_name).strip("-") or "model"
 
 
 _SPEC_KEYS = {f.name for f in dataclasses.fields(ModelSpec)} - {"source", "architecture_file"}
@@ -63,6 +67,10 @@ def load_registry_spec(path: Path) -> ModelSpec:
         raise UsageError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}")
     if data.get("name") != path.stem:
         raise UsageError(f"{path}: name {data.get('name')!r} must equal the file name {path.stem!r}")
+    if "train" in data:
+        from harness.settings import check_train_section  # settings builds on ModelSpec
+
+        check_train_section(data["train"], str(path))
     expected = data.get("expected_load_path")
     if expected is not None and expected not in LOAD_PATHS:
         raise UsageError(f"{path}: expected_load_path {expected!r} is not one of {LOAD_PATHS}")

@@ -12,9 +12,12 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.verdict import FAIL, NOT_JUDGED, PASS
+
+if TYPE_CHECKING:
+    from harness.job import ModelResult
 
 JUNIT_FILE = "junit.xml"
 SUMMARY_MD_FILE = "summary.md"
@@ -74,7 +77,7 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 # Run reports: junit.xml (CI), summary.md (humans), loss_curves.png (one look at every model)
 
 
-def write_run_reports(run_dir: Path, results: list[dict], summary: dict) -> list[Path]:
+def write_run_reports(run_dir: Path, results: list[ModelResult], summary: dict) -> list[Path]:
     """junit.xml, summary.md and loss_curves.png in run_dir, each written atomically. A report that
     cannot be made (a plotting error, a full disk) is a one-line warning on stderr, never an
     exception: the reports describe the verdict, they do not decide it. Returns the paths written."""
@@ -82,7 +85,6 @@ def write_run_reports(run_dir: Path, results: list[dict], summary: dict) -> list
 
     run_dir = Path(run_dir)
     summary = redact_secrets(dict(summary))
-    results = [_with_threshold(run_dir, r) for r in results]
     makers = (
         (JUNIT_FILE, lambda: junit_xml(results, summary).encode("utf-8")),
         (SUMMARY_MD_FILE, lambda: summary_markdown(results, summary).encode("utf-8")),
@@ -100,27 +102,19 @@ def write_run_reports(run_dir: Path, results: list[dict], summary: dict) -> list
     return written
 
 
-def model_folder(result: dict) -> str:
-    """The model's result folder: result["model_dir"] when recorded, else ModelSpec.folder_name."""
-    if result.get("model_dir"):
-        return Path(result["model_dir"]).name
-    return re.sub(r"[^A-Za-z0-9._-]+", "--", str(result.get("model", ""))).strip("-") or "model"
+def metrics_path(run_dir: Path, result: ModelResult) -> Path:
+    return Path(run_dir) / result.folder / result.metrics_file
 
 
-def metrics_path(run_dir: Path, result: dict) -> Path:
-    return Path(run_dir) / model_folder(result) / result.get("metrics_file", "metrics.jsonl")
-
-
-def time_to_verdict(result: dict) -> float | None:
+def time_to_verdict(result: ModelResult) -> float | None:
     """Seconds from the command's start to the model's verdict (the sweep records it); None when
     the model was never judged."""
-    value = result.get("time_to_verdict_s")
-    return float(value) if isinstance(value, (int, float)) else None
+    return result.time_to_verdict_s
 
 
-def throughput_label(results: list[dict]) -> str:
+def throughput_label(results: list[ModelResult]) -> str:
     """tokens/s per GPU on GPUs; on CPU a rank is a process, not a GPU."""
-    return "tokens/s per GPU" if any(r.get("gpu") for r in results) else "tokens/s per rank"
+    return "tokens/s per GPU" if any(r.gpu for r in results) else "tokens/s per rank"
 
 
 def _num(value, spec: str = ".4f", default: str = "-") -> str:
@@ -137,13 +131,13 @@ def _num(value, spec: str = ".4f", default: str = "-") -> str:
 # ---- junit.xml
 
 
-def junit_xml(results: list[dict], summary: dict) -> str:
+def junit_xml(results: list[ModelResult], summary: dict) -> str:
     """One testsuite, one testcase per model asked for. FAIL (and any verdict but PASS) is a failure
     whose message is the first reason and whose text is all of them; INTERRUPTED and NOT RUN are
     skipped with their reason. A testcase's time is the model's own job's; the
     time to verdict from the command's start is a property, as in summary.md."""
-    skipped = sum(1 for r in results if r.get("verdict") in NOT_JUDGED)
-    failures = sum(1 for r in results if r.get("verdict") != PASS) - skipped
+    skipped = sum(1 for r in results if r.verdict in NOT_JUDGED)
+    failures = sum(1 for r in results if r.verdict != PASS) - skipped
     total_time = sum(_case_time(r) for r in results)
     suites = ET.Element("testsuites", name=JUNIT_CLASSNAME, tests=str(len(results)), failures=str(failures),
                         errors="0", skipped=str(skipped), time=f"{total_time:.3f}")
@@ -155,43 +149,43 @@ def junit_xml(results: list[dict], summary: dict) -> str:
         if summary.get(key) is not None:
             ET.SubElement(suite_props, "property", name=key, value=str(summary[key]))
     for result in results:
-        case = ET.SubElement(suite, "testcase", classname=JUNIT_CLASSNAME, name=str(result.get("model")),
+        case = ET.SubElement(suite, "testcase", classname=JUNIT_CLASSNAME, name=str(result.model),
                              time=f"{_case_time(result):.3f}")
         props = ET.SubElement(case, "properties")
         for key, value in _case_properties(result).items():
             ET.SubElement(props, "property", name=key, value=value)
-        verdict = result.get("verdict")
-        reasons = [str(r) for r in result.get("reasons") or []] or [f"verdict is {verdict}, not PASS"]
+        verdict = result.verdict
+        reasons = [str(reason) for reason in result.reasons] or [f"verdict is {verdict}, not PASS"]
         if verdict in NOT_JUDGED:
             ET.SubElement(case, "skipped", message=f"{verdict}: {reasons[0]}")
         elif verdict != PASS:
             failure = ET.SubElement(case, "failure", message=reasons[0], type=str(verdict or FAIL))
             failure.text = "\n".join(reasons)
         ET.SubElement(case, "system-out").text = "\n".join(f"{k}: {v}" for k, v in _case_properties(result).items())
-        if verdict != "PASS" and result.get("log_tail"):
-            ET.SubElement(case, "system-err").text = "\n".join(str(line) for line in result["log_tail"])
+        if verdict != PASS and result.log_tail:
+            ET.SubElement(case, "system-err").text = "\n".join(str(line) for line in result.log_tail)
     ET.indent(suites)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
 
 
-def _case_time(result: dict) -> float:
-    times = result.get("time_s") or {}
-    for value in (times.get("total"), times.get("wall")):
+def _case_time(result: ModelResult) -> float:
+    times = result.time_s
+    for value in (times.total, times.wall):
         if isinstance(value, (int, float)) and math.isfinite(value):
             return float(value)
     return 0.0
 
 
-def _case_properties(result: dict) -> dict[str, str]:
+def _case_properties(result: ModelResult) -> dict[str, str]:
     return {
-        "verdict": str(result.get("verdict")),
-        "load_path": str(result.get("load_path")),
-        "expected_load_path": str(result.get("expected_load_path")),
-        "weights": str(result.get("weights")),
-        "initial_loss": _num(result.get("initial_loss"), ".6f", "None"),
-        "final_loss": _num(result.get("final_loss"), ".6f", "None"),
-        "loss_threshold": str(result.get("loss_threshold")),
-        "steps": str(result.get("steps")),
+        "verdict": str(result.verdict),
+        "load_path": str(result.load_path),
+        "expected_load_path": str(result.expected_load_path),
+        "weights": str(result.weights),
+        "initial_loss": _num(result.initial_loss, ".6f", "None"),
+        "final_loss": _num(result.final_loss, ".6f", "None"),
+        "loss_threshold": str(result.loss_threshold),
+        "steps": str(result.steps),
         "time_to_verdict_s": _num(time_to_verdict(result), ".1f", "None"),
     }
 
@@ -202,39 +196,39 @@ SUMMARY_COLUMNS = ["model", "load path", "expected", "weights", "ranks", "initia
                    "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"]
 
 
-def summary_markdown(results: list[dict], summary: dict) -> str:
+def summary_markdown(results: list[ModelResult], summary: dict) -> str:
     lines = [f"# SFT validation run {summary.get('run_id', '')}".rstrip(), ""]
     for key, label in (("mode", "mode"), ("command", "command"), ("exit_code", "exit code")):
         if summary.get(key) is not None:
             value = summary[key]
             lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
-    counts = {v: sum(1 for r in results if r.get("verdict") == v) for v in (PASS, FAIL, *NOT_JUDGED)}
+    counts = {v: sum(1 for r in results if r.verdict == v) for v in (PASS, FAIL, *NOT_JUDGED)}
     lines += [f"- models: {len(results)}, " + ", ".join(f"{v} {n}" for v, n in counts.items() if n or v in (PASS, FAIL)), ""]
     columns = [throughput_label(results) if c == "tokens/s per GPU" else c for c in SUMMARY_COLUMNS]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(" --- " for _ in SUMMARY_COLUMNS) + "|")
     for r in results:
-        mfu = r.get("mfu")
+        mfu = r.mfu
         row = [
-            r.get("model"), r.get("load_path"), r.get("expected_load_path") or "-", r.get("weights") or "-",
-            r.get("world_size") if r.get("world_size") is not None else "-",
-            _num(r.get("initial_loss")), _num(r.get("final_loss")),
-            r.get("steps") if r.get("steps") is not None else "-",
-            _num(r.get("tokens_per_s_per_gpu"), ",.0f"),
+            r.model, r.load_path, r.expected_load_path or "-", r.weights or "-",
+            r.world_size if r.world_size is not None else "-",
+            _num(r.initial_loss), _num(r.final_loss),
+            r.steps,
+            _num(r.tokens_per_s_per_gpu, ",.0f"),
             "-" if mfu is None else _num(100 * mfu, ".1f") + "%",
-            _num(r.get("peak_mem_gib"), ".2f"),
+            _num(r.peak_mem_gib, ".2f"),
             "-" if time_to_verdict(r) is None else _num(time_to_verdict(r), ".1f") + " s",
-            f"**{r.get('verdict')}**",
+            f"**{r.verdict}**",
         ]
         lines.append("| " + " | ".join(_md_cell(v) for v in row) + " |")
     lines += ["", "## Reasons", ""]
-    failing = [r for r in results if r.get("verdict") != PASS]
+    failing = [r for r in results if r.verdict != PASS]
     if not failing:
         lines.append("Every model passed.")
     for r in failing:
-        lines.append(f"### {r.get('model')} ({r.get('verdict')})")
+        lines.append(f"### {r.model} ({r.verdict})")
         lines.append("")
-        lines += [f"- {_md_text(reason)}" for reason in r.get("reasons") or ["(no reason recorded)"]]
+        lines += [f"- {_md_text(reason)}" for reason in r.reasons or ["(no reason recorded)"]]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -250,30 +244,29 @@ def _md_text(value) -> str:
 # ---- loss_curves.png
 
 
-def loss_curves(run_dir: Path, results: list[dict]) -> tuple[list[tuple[str, list, list]], list[float]]:
+def loss_curves(run_dir: Path, results: list[ModelResult]) -> tuple[list[tuple[str, list, list]], list[float]]:
     """(label, steps, losses) per model, in order, and the distinct loss thresholds. A model with no
     plottable step keeps its place in the legend as "<model> (no steps)". Losses that are not finite
     or not positive cannot sit on a log axis and are left out."""
-    from harness.metrics import read_metrics
+    from harness.job import read_metrics
 
     curves, thresholds = [], {}
     for result in results:
-        name = str(result.get("model"))
+        name = str(result.model)
         rows = read_metrics(metrics_path(run_dir, result))
-        points = [(m["step"], m["loss"]) for m in rows
-                  if isinstance(m.get("loss"), (int, float)) and math.isfinite(m["loss"]) and m["loss"] > 0]
+        points = [(m.step, m.loss) for m in rows if isinstance(m.loss, (int, float)) and math.isfinite(m.loss) and m.loss > 0]
         if points:
             steps, losses = (list(v) for v in zip(*points))
-            curves.append((f"{name} ({result.get('verdict')})", steps, losses))
+            curves.append((f"{name} ({result.verdict})", steps, losses))
         else:
             curves.append((f"{name} (no steps)", [], []))
-        threshold = result.get("loss_threshold")
+        threshold = result.loss_threshold
         if isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and threshold > 0:
             thresholds.setdefault(float(threshold), None)
     return curves, list(thresholds)
 
 
-def loss_curves_png(run_dir: Path, results: list[dict], title: str = "Loss") -> bytes:
+def loss_curves_png(run_dir: Path, results: list[ModelResult], title: str = "Loss") -> bytes:
     """One loss curve per model (log y), a dashed line per distinct loss threshold; PNG bytes.
     Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend change."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -299,14 +292,3 @@ def loss_curves_png(run_dir: Path, results: list[dict], title: str = "Loss") -> 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def _with_threshold(run_dir: Path, result: dict) -> dict:
-    """The result, with loss_threshold taken from the model's job.json when the result lacks it."""
-    if result.get("loss_threshold") is not None:
-        return result
-    try:
-        threshold = read_json(Path(run_dir) / model_folder(result) / "job.json").get("loss_threshold")
-    except (OSError, ValueError, AttributeError):
-        return result
-    return {**result, "loss_threshold": threshold}

@@ -16,14 +16,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from harness.environment import redact_secrets
+from harness.job import ModelResult, read_metrics, summary_row, to_plain
+from harness.verdict import PASS
 
 MODES = ("online", "offline", "disabled")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 CONNECT_TIMEOUT_S = 3.0
 SWEEP_TABLE_COLUMNS = ["model", "load path", "verdict", "final loss", "steps", "tokens/s per GPU"]
-SUMMARY_KEYS = ("verdict", "initial_loss", "final_loss", "steps", "tokens_per_s", "tokens_per_s_per_gpu", "mfu",
-                "peak_mem_gib", "load_path", "expected_load_path", "weights", "world_size", "loss_threshold",
-                "stop_reason")
 
 
 def warn(message: str) -> None:
@@ -114,24 +113,24 @@ class WandbTracker:
         """Where the runs go: wandb puts them in <dir>/wandb, and dir is the run folder."""
         return self.run_dir / "wandb"
 
-    def log_model(self, result: dict, metrics: list[dict], config: dict) -> str | None:
+    def log_model(self, result: ModelResult, metrics: list[dict], config: dict) -> str | None:
         """A run named after the model: config (redacted), one history row per step, the verdict
         in the summary. Returns the run's local folder, or None when nothing was logged."""
         if not self.enabled:
             return None
-        name = str(result.get("model"))
+        name = str(result.model)
         run = None
         try:
             run = self._init(name=name, job_type="validate", config=redact_secrets(config),
-                             tags=[str(t) for t in (result.get("verdict"), result.get("load_path"),
-                                                    result.get("weights")) if t])
+                             tags=[str(t) for t in (result.verdict, result.load_path,
+                                                    result.weights) if t])
             for row in metrics:
                 values = {f"train/{k}": v for k, v in row.items()
                           if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
                 run.log(values, step=int(row["step"]))
             run.summary.update(model_summary(result))
             folder = getattr(run, "dir", None)
-            run.finish(exit_code=0 if result.get("verdict") == "PASS" else 1)
+            run.finish(exit_code=0 if result.verdict == PASS else 1)
             run = None
             return str(Path(folder).parent) if folder else None
         except Exception as exc:  # noqa: BLE001 - the gate result is never affected by wandb
@@ -139,7 +138,7 @@ class WandbTracker:
             self._abandon(run)
             return None
 
-    def log_sweep_table(self, results: list[dict]) -> str | None:
+    def log_sweep_table(self, results: list[ModelResult]) -> str | None:
         """A small run holding the sweep's table and its pass/fail counts."""
         if not self.enabled:
             return None
@@ -147,9 +146,9 @@ class WandbTracker:
         try:
             table = self.wandb.Table(columns=SWEEP_TABLE_COLUMNS, data=sweep_rows(results))
             run = self._init(name=f"{self.run_group}-summary", job_type="sweep-summary",
-                             config={"models": [str(r.get("model")) for r in results]}, tags=["summary"])
+                             config={"models": [str(r.model) for r in results]}, tags=["summary"])
             run.log({"sweep": table})
-            passed = sum(1 for r in results if r.get("verdict") == "PASS")
+            passed = sum(1 for r in results if r.verdict == PASS)
             run.summary.update({"models": len(results), "passed": passed, "failed": len(results) - passed})
             folder = getattr(run, "dir", None)
             run.finish(exit_code=0 if passed == len(results) else 1)
@@ -213,45 +212,44 @@ class WandbTracker:
                 pass
 
 
-def model_summary(result: dict) -> dict:
-    summary = {key: result.get(key) for key in SUMMARY_KEYS if result.get(key) is not None}
-    summary["passed"] = result.get("verdict") == "PASS"
-    summary["reasons"] = "\n".join(result.get("reasons") or [])
-    times = result.get("time_s") or {}
+def model_summary(result: ModelResult) -> dict:
+    summary = {key: value for key, value in summary_row(result).items()
+               if value is not None and key not in ("model", "reasons", "regressions", "time_to_verdict_s")}
+    summary["passed"] = result.verdict == PASS
+    summary["reasons"] = "\n".join(result.reasons)
     for key in ("total", "wall", "load", "first_step"):
-        if isinstance(times.get(key), (int, float)):
-            summary[f"time_s/{key}"] = times[key]
+        if isinstance(value := getattr(result.time_s, key), (int, float)):
+            summary[f"time_s/{key}"] = value
     return {k: v for k, v in summary.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
-def model_config(result: dict, job: dict | None = None) -> dict:
+def model_config(result: ModelResult, job: dict | None = None) -> dict:
     """The config of a model's wandb run: its job (model spec + training settings) and load record."""
     config = dict(job or {})
-    config.setdefault("model", {"name": result.get("model"), "hf_id": result.get("hf_id")})
+    config.setdefault("model", {"name": result.model, "hf_id": result.hf_id})
     for key in ("load_record", "classes", "world_size", "gpu", "data", "sharding"):
-        if result.get(key) is not None:
-            config[key] = result[key]
+        if getattr(result, key) is not None:
+            config[key] = to_plain(getattr(result, key))
     return config
 
 
-def sweep_rows(results: list[dict]) -> list[list]:
-    return [[str(r.get("model")), str(r.get("load_path")), str(r.get("verdict")), _float(r.get("final_loss")),
-             int(r.get("steps") or 0), _float(r.get("tokens_per_s_per_gpu"))] for r in results]
+def sweep_rows(results: list[ModelResult]) -> list[list]:
+    return [[str(r.model), str(r.load_path), str(r.verdict), _float(r.final_loss),
+             int(r.steps or 0), _float(r.tokens_per_s_per_gpu)] for r in results]
 
 
-def track_sweep(run_dir: Path, results: list[dict], project: str, mode: str,
+def track_sweep(run_dir: Path, results: list[ModelResult], project: str, mode: str,
                 environment: dict | None = None) -> None:
     """Everything for one sweep, from its run folder: a run per model (config from job.json,
     metrics from metrics.jsonl) and the sweep table. Never raises on a wandb problem."""
-    from harness.metrics import read_metrics
-    from harness.report import metrics_path, model_folder, read_json
+    from harness.report import metrics_path, read_json
 
     run_dir = Path(run_dir)
     tracker = WandbTracker(project, mode, run_group=run_dir.name, run_dir=run_dir)
     if not tracker.enabled:
         return
     for result in results:
-        job_path = run_dir / model_folder(result) / "job.json"
+        job_path = run_dir / result.folder / "job.json"
         try:
             job = read_json(job_path) if job_path.exists() else None
         except (OSError, ValueError):
@@ -259,7 +257,7 @@ def track_sweep(run_dir: Path, results: list[dict], project: str, mode: str,
         config = model_config(result, job)
         if environment:
             config["environment"] = environment
-        tracker.log_model(result, read_metrics(metrics_path(run_dir, result)), config)
+        tracker.log_model(result, [m.to_dict() for m in read_metrics(metrics_path(run_dir, result))], config)
     tracker.log_sweep_table(results)
     tracker.close()
 

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.job import DataAccounting, ModelResult, Sharding
 
 PASS, FAIL = "PASS", "FAIL"
 # Not judged: the sweep was interrupted in (INTERRUPTED) or before (NOT_RUN) the model's job.
@@ -15,6 +19,10 @@ INTERRUPTED, NOT_RUN = "INTERRUPTED", "NOT RUN"
 NOT_JUDGED = (INTERRUPTED, NOT_RUN)
 RANDOM_INIT_TOLERANCE = 0.15  # random weights start within 15% of ln(vocab)
 FINAL_LOSS_WINDOW = 5  # the final loss is the mean of the last steps
+SHARDING_SLACK = 1.25  # padding of uneven shards: rank 0 may hold a little more than 1/world
+# Regression rules against a baseline run (--compare).
+STEPS_TO_TARGET_SLACK = 0.25  # steps to reach the target may grow by 25%
+THROUGHPUT_SLACK = 0.10  # tokens/s per GPU may fall by 10%
 
 
 @dataclass
@@ -37,8 +45,8 @@ class VerdictInput:
     frozen_params_changed: bool = False
     eval_loss: float | None = None  # mean token loss of the full-dataset pass after training
     eval_label_tokens: int | None = None  # label tokens that pass scored
-    data_accounting: dict | None = None  # harness.train.data_accounting
-    sharding: dict | None = None  # harness.train.sharding_record
+    data_accounting: DataAccounting | None = None
+    sharding: Sharding | None = None
     preflight: dict | None = None  # harness.preflight: check name -> {"status", "detail"}
     lrs: list[float] = field(default_factory=list)  # per optimizer step
     warmup_steps: int = 0
@@ -80,7 +88,7 @@ def judge(inp: VerdictInput) -> Verdict:
     reasons += preflight_reasons(inp.preflight)
     reasons += optimizer_reasons(inp)
     reasons += load_count_reasons(inp)
-    return Verdict("FAIL" if reasons else "PASS", reasons, initial, final)
+    return Verdict(FAIL if reasons else PASS, reasons, initial, final)
 
 
 def load_path_reasons(inp: VerdictInput) -> list[str]:
@@ -151,24 +159,21 @@ def budget_hint(inp: VerdictInput) -> str:
             "(--max-steps/--epochs) may reach it")
 
 
-def accounting_reasons(accounting: dict | None) -> list[str]:
-    if not accounting or accounting.get("consistent", True):
+def accounting_reasons(accounting: DataAccounting | None) -> list[str]:
+    if accounting is None or accounting.consistent or accounting.first_inconsistent_epoch is None:
         return []
-    bad = accounting["first_inconsistent_epoch"]
+    bad = accounting.first_inconsistent_epoch
     return [
-        f"data accounting broken in epoch {bad['epoch']}: {bad['samples_seen_once']}/{bad['samples']} samples seen "
-        f"exactly once ({bad['samples_missing']} missing, {bad['samples_repeated']} repeated), "
-        f"{bad['label_tokens']} label tokens fed, {bad['expected_label_tokens']} in the dataset"
+        f"data accounting broken in epoch {bad.epoch}: {bad.samples_seen_once}/{bad.samples} samples seen "
+        f"exactly once ({bad.samples_missing} missing, {bad.samples_repeated} repeated), "
+        f"{bad.label_tokens} label tokens fed, {bad.expected_label_tokens} in the dataset"
     ]
 
 
-SHARDING_SLACK = 1.25  # padding of uneven shards: rank 0 may hold a little more than 1/world
-
-
-def sharding_reasons(sharding: dict | None) -> list[str]:
-    if not sharding or sharding.get("world_size", 1) <= 1:
+def sharding_reasons(sharding: Sharding | None) -> list[str]:
+    if sharding is None or sharding.world_size <= 1:
         return []
-    fraction, world = sharding["fraction_this_rank"], sharding["world_size"]
+    fraction, world = sharding.fraction_this_rank, sharding.world_size
     if fraction > SHARDING_SLACK / world:
         return [f"FSDP did not shard: rank 0 holds {fraction:.0%} of the parameter bytes with {world} ranks"]
     return []
@@ -212,26 +217,21 @@ def tower_reasons(inp: VerdictInput) -> list[str]:
     return reasons
 
 
-# Regression rules against a baseline run (--compare).
-STEPS_TO_TARGET_SLACK = 0.25  # steps to reach the target may grow by 25%
-THROUGHPUT_SLACK = 0.10  # tokens/s per GPU may fall by 10%
-
-
-def regressions(current: dict, baseline: dict) -> list[str]:
+def regressions(current: ModelResult, baseline: ModelResult) -> list[str]:
     """What got worse for one model since a baseline run's result.json."""
     found = []
-    if baseline.get("load_path") and current.get("load_path") != baseline["load_path"]:
-        found.append(f"regression: load path changed from {baseline['load_path']} to {current.get('load_path')}")
-    if baseline.get("verdict") == "PASS" and current.get("verdict") != "PASS":  # FAIL -> PASS is a fix
-        found.append(f"regression: verdict changed from PASS to {current.get('verdict')}")
+    if baseline.load_path and current.load_path != baseline.load_path:
+        found.append(f"regression: load path changed from {baseline.load_path} to {current.load_path}")
+    if baseline.verdict == PASS and current.verdict != PASS:  # FAIL -> PASS is a fix
+        found.append(f"regression: verdict changed from PASS to {current.verdict}")
     old_steps, new_steps = steps_to_target(baseline), steps_to_target(current)
     if old_steps and new_steps and new_steps > old_steps * (1 + STEPS_TO_TARGET_SLACK):
         found.append(f"regression: {new_steps} steps to the loss target, baseline {old_steps} (+{new_steps / old_steps - 1:.0%})")
-    old_tps, new_tps = baseline.get("tokens_per_s_per_gpu"), current.get("tokens_per_s_per_gpu")
+    old_tps, new_tps = baseline.tokens_per_s_per_gpu, current.tokens_per_s_per_gpu
     if old_tps and new_tps and new_tps < old_tps * (1 - THROUGHPUT_SLACK):
         found.append(f"regression: {new_tps:,.0f} tokens/s per GPU, baseline {old_tps:,.0f} ({new_tps / old_tps - 1:.0%})")
     return found
 
 
-def steps_to_target(result: dict) -> int | None:
-    return result.get("steps") if result.get("stop_reason") == "target_reached" else None
+def steps_to_target(result: ModelResult) -> int | None:
+    return result.steps if result.stop_reason == "target_reached" else None

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from harness import data as data_lib
 from harness import distributed as dist_lib
 from harness import job_caches, loading, registry
-from harness.metrics import read_metrics
+from harness.job import RunConfig, read_metrics
 from harness.paths import DEFAULT_DATASET
-from harness.train import MODEL_INPUTS, RunConfig, TrainableLM, pad_id, plan_epoch, train
+from harness.train import TrainableLM, pad_id, plan_epoch, train
 
 
 def run_config(name: str, output_dir: Path, max_samples: int, max_tokens_per_gpu: int) -> RunConfig:
@@ -49,7 +49,7 @@ def reference_step(cfg: RunConfig, world_size: int) -> dict:
     micro_batches = 0
     for rank in range(world_size):
         for batch in data_lib.rank_micro_batches(step, rank, dataset.samples, cfg.packing, pad_id(tokenizer)):
-            inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+            inputs = data_lib.device_inputs(batch, torch.device("cpu"))
             loss_sum = model(**inputs)
             (loss_sum / step.global_label_tokens).backward()
             total += loss_sum.detach().double()
@@ -94,16 +94,16 @@ def main() -> None:
     try:
         for cfg in configs:
             name = cfg.spec.name
-            summary = train(cfg, ctx)  # the real trainer: shard_model + train_step + MetricsWriter
+            report = train(cfg, ctx)  # the real trainer: shard_model + train_step + MetricsWriter
             if ctx.is_main:
                 recorded = read_metrics(cfg.metrics_path)
                 reference = reference_step(cfg, ctx.world_size)
                 results[name] = {
-                    "recorded": recorded[0] if recorded else None,
+                    "recorded": recorded[0].to_dict() if recorded else None,
                     "recorded_steps": len(recorded),
                     "reference": reference,
-                    "sharding": summary["sharding"],
-                    "world_size": summary["world_size"],
+                    "sharding": report.sharding.to_dict(),
+                    "world_size": report.world_size,
                 }
                 assert all(math.isfinite(v) for v in (reference["loss"], reference["grad_norm"]))
             dist.barrier()

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from harness import data
+from harness import distributed as dist_lib
 from harness.loss import chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
 from harness.paths import DEFAULT_DATASET
 from harness.tokenizers import tiny_tokenizer
@@ -72,7 +73,7 @@ def main():
         }
         with open(args.output, "w") as handle:
             json.dump(result, handle)
-    dist.destroy_process_group()
+    dist_lib.close_distributed()
 
 
 if __name__ == "__main__":

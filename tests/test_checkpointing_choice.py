@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from harness import loading, registry, train
+from harness import loading, plan, registry
+from harness.job import RunConfig, WorkerReport, read_worker_report
 
 H200_BYTES = 143771 * 2**20
 
@@ -11,7 +12,7 @@ H200_BYTES = 143771 * 2**20
 def estimate(name: str, world: int, tokens: int) -> float:
     lm = loading.load_model(registry.lookup(name), "synthetic", on_meta=True).model
     n_params = sum(p.numel() for p in lm.parameters())
-    return train.estimated_training_bytes(lm, n_params, world, tokens, checkpointing=False)
+    return plan.estimated_training_bytes(lm.config.get_text_config(decoder=True), n_params, world, tokens, checkpointing=False)
 
 
 @pytest.mark.parametrize("name,world,tokens,needs_checkpointing", [
@@ -24,7 +25,7 @@ def estimate(name: str, world: int, tokens: int) -> float:
     ("gemma-3n-E4B-it", 1, 4096, True),
 ])
 def test_checkpointing_where_memory_needs_it(name, world, tokens, needs_checkpointing):
-    assert (estimate(name, world, tokens) > train.MEMORY_HEADROOM * H200_BYTES) == needs_checkpointing
+    assert (estimate(name, world, tokens) > plan.MEMORY_HEADROOM * H200_BYTES) == needs_checkpointing
 
 
 def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
@@ -39,24 +40,23 @@ def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
     (None, False, None, False),
 ])
 def test_out_of_memory_retry_only_after_an_auto_off_choice(tmp_path, asked, chosen, error, retry):
-    from harness.report import write_json_atomic
     from harness.sweep import out_of_memory_without_checkpointing
 
-    cfg = train.RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
-                          output_dir=str(tmp_path), dataset="unused.jsonl", activation_checkpointing=asked)
-    write_json_atomic(cfg.worker_path, {"status": "error" if error else "finished", "error": error,
-                                        "activation_checkpointing": chosen})
-    assert bool(out_of_memory_without_checkpointing(cfg)) == retry
+    cfg = RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
+                    output_dir=str(tmp_path), dataset="unused.jsonl", activation_checkpointing=asked)
+    WorkerReport(status="error" if error else "finished", error=error, activation_checkpointing=chosen).to_json(cfg.worker_path)
+    assert bool(out_of_memory_without_checkpointing(cfg, read_worker_report(cfg))) == retry
 
 
-def test_out_of_memory_of_another_rank_is_read_from_the_log(tmp_path):
-    """Rank 1 ran out first: torchrun ended rank 0 before it wrote worker.json."""
+def test_out_of_memory_of_another_rank_is_read_from_its_report(tmp_path):
+    """Rank 1 ran out first: torchrun ended rank 0 before it wrote worker.json; rank 1 left its own."""
     from harness.sweep import out_of_memory_without_checkpointing
 
-    cfg = train.RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
-                          output_dir=str(tmp_path), dataset="unused.jsonl")
-    log = tmp_path / "train.log"
-    log.write_text(f"{train.checkpointing_line(False, auto=True)}\n[rank1]: torch.OutOfMemoryError: CUDA out of memory.\n")
-    assert "CUDA out of memory" in out_of_memory_without_checkpointing(cfg, log)
-    log.write_text(f"{train.checkpointing_line(True, auto=True)}\n[rank1]: torch.OutOfMemoryError: CUDA out of memory.\n")
-    assert out_of_memory_without_checkpointing(cfg, log) is None
+    cfg = RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
+                    output_dir=str(tmp_path), dataset="unused.jsonl")
+    WorkerReport(status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.",
+                 activation_checkpointing=False).to_json(cfg.rank_error_path(1))
+    assert "CUDA out of memory" in out_of_memory_without_checkpointing(cfg, read_worker_report(cfg))
+    WorkerReport(status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.",
+                 activation_checkpointing=True).to_json(cfg.rank_error_path(1))
+    assert out_of_memory_without_checkpointing(cfg, read_worker_report(cfg)) is None

@@ -86,10 +86,9 @@ def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp
     from harness import cli, sweep
     from harness.verdict import INTERRUPTED
 
-    def interrupted_sweep(planned, args, run_dir, finished):
-        first = planned[0]
-        result = {**cli.planned_result(first), "weights": "tiny", "steps": 3, "model_dir": first.spec.folder_name,
-                  "exit": {"returncode": -2, "timed_out": False, "interrupted": True}, "time_s": {}}
+    def interrupted_sweep(planned, context, finished):
+        result = cli.planned_result(planned[0])
+        result.weights, result.steps, result.exit.interrupted = "tiny", 3, True
         sweep.mark_interrupted(result)
         return [result]
 

@@ -13,7 +13,7 @@ Three sweeps cover everything (each CLI run costs start-up, so they are shared b
 - `--compare`: the resumed run, copied, against a crafted baseline; `--resume` of a finished run
   trains nothing, so the gate's comparison runs in seconds.
 
-Plus unit tests of verdict.regressions, cli.apply_baseline and the fault spec parser.
+Plus unit tests of verdict.regressions, sweep.apply_baseline and the fault spec parser.
 """
 from __future__ import annotations
 
@@ -280,19 +280,19 @@ def test_compare_regressions_fail_the_gate(compare_dirs):
 
 def test_compare_with_no_regressions_fail_records_only(compare_dirs, monkeypatch):
     """In process (the same CLI path, no training: every model is finished) to see result["regressions"]."""
-    from harness import cli
+    from harness import cli, sweep
 
     current, baseline = compare_dirs
     seen = []
-    real_apply = cli.apply_baseline
-    monkeypatch.setattr(cli, "apply_baseline", lambda results, *a, **k: (real_apply(results, *a, **k), seen.extend(results)))
+    real_apply = sweep.apply_baseline
+    monkeypatch.setattr(sweep, "apply_baseline", lambda result, *a, **k: (real_apply(result, *a, **k), seen.append(result)))
     code = cli.main(["--resume", str(current), "--compare", str(baseline), "--no-regressions-fail", *TINY_ARGS,
                      "--wandb-mode", "disabled"])
     assert code == 0
-    by_model = {r["model"]: r for r in seen}
-    assert by_model[FIRST]["regressions"] == []
-    assert len(by_model[SECOND]["regressions"]) == 2
-    assert by_model[SECOND]["verdict"] == "PASS" and by_model[SECOND]["reasons"] == []
+    by_model = {r.model: r for r in seen}
+    assert by_model[FIRST].regressions == []
+    assert len(by_model[SECOND].regressions) == 2
+    assert by_model[SECOND].verdict == "PASS" and by_model[SECOND].reasons == []
     assert read_json(current / "summary.json")["exit_code"] == 0
 
 
@@ -309,9 +309,11 @@ def test_compare_with_no_regressions_fail_keeps_them_in_the_run_folder(compare_d
 
 
 def _result(**kw):
+    from harness.job import ModelResult
+
     base = {"model": "m", "verdict": "PASS", "load_path": "causal_lm", "steps": 100, "stop_reason": "target_reached",
             "tokens_per_s_per_gpu": 1000.0, "reasons": []}
-    return {**base, **kw}
+    return ModelResult.from_dict({**base, **kw})
 
 
 @pytest.mark.parametrize("steps,regressed", [(100, False), (125, False), (126, True), (200, True), (50, False)])
@@ -356,20 +358,22 @@ def test_a_fixed_model_is_not_a_regression():
 
 
 def test_apply_baseline_fails_or_records(tmp_path):
-    from harness.cli import apply_baseline
+    from harness.cli import baseline_results
+    from harness.sweep import apply_baseline
 
     for model, result in {"a": _result(model="a", steps=20), "b": _result(model="b")}.items():
-        (tmp_path / model).mkdir()
-        (tmp_path / model / "result.json").write_text(json.dumps(result))
+        result.to_json(tmp_path / model / "result.json")
+    baseline = baseline_results(tmp_path)
     current = [_result(model="a", steps=100), _result(model="b"), _result(model="new", steps=999)]
-    apply_baseline(current, tmp_path, fail=True)
-    assert current[0]["verdict"] == "FAIL" and current[0]["reasons"] == current[0]["regressions"] != []
-    assert current[1]["regressions"] == [] and current[1]["verdict"] == "PASS"
-    assert current[2]["regressions"] == [] and current[2]["verdict"] == "PASS"  # not in the baseline
+    for result in current:
+        apply_baseline(result, baseline.get(result.model), fail=True)
+    assert current[0].verdict == "FAIL" and current[0].reasons == current[0].regressions != []
+    assert current[1].regressions == [] and current[1].verdict == "PASS"
+    assert current[2].regressions == [] and current[2].verdict == "PASS"  # not in the baseline
 
-    recorded = [_result(model="a", steps=100)]
-    apply_baseline(recorded, tmp_path, fail=False)
-    assert recorded[0]["verdict"] == "PASS" and recorded[0]["reasons"] == [] and len(recorded[0]["regressions"]) == 1
+    recorded = _result(model="a", steps=100)
+    apply_baseline(recorded, baseline["a"], fail=False)
+    assert recorded.verdict == "PASS" and recorded.reasons == [] and len(recorded.regressions) == 1
 
 
 def test_fault_spec_parsing_and_targeting(monkeypatch):

@@ -57,11 +57,11 @@ def test_unknown_model_type_in_config_is_usage_error(tmp_path):
 
 
 def run_config(models: str, *extra: str, weights: str = "synthetic"):
-    from harness.cli import build_parser, plan_models
-    from harness.sweep import run_config_for
+    from harness.cli import build_parser
+    from harness.settings import run_config_for, settings_from_args
 
-    args = build_parser().parse_args(["--models", models, "--weights", weights, "--device", "cpu", *extra])
-    return run_config_for(plan_models(models)[0], args, Path("unused"))
+    args = build_parser().parse_args(["--models", models, "--weights", weights, "--device", "cpu", "--nproc-per-node", "1", *extra])
+    return run_config_for(registry.lookup(models), settings_from_args(args), Path("unused"))
 
 
 def test_registry_train_section_overrides_mode_defaults_and_the_cli_overrides_both():
@@ -71,3 +71,39 @@ def test_registry_train_section_overrides_mode_defaults_and_the_cli_overrides_bo
     assert run_config("gemma-3n-E4B-it", weights="tiny").max_steps == 4000
     assert run_config("gemma-3n-E4B-it", "--max-steps", "7").max_steps == 7
     assert run_config("gemma-3n-E4B-it").lr == 3e-4
+
+
+@pytest.mark.parametrize("train, says", [
+    ({"synthetic": {"max_step": 600}}, "train.synthetic: unknown setting 'max_step'; valid: max_samples, max_seq_len"),
+    ({"synthetc": {"max_steps": 600}}, "train: 'synthetc' is not a weights mode; valid: all, real, synthetic, tiny"),
+    ({"all": {"lr": "fast"}}, "train.all.lr: 'fast' is not a valid float"),
+    ({"tiny": {"max_steps": 1.5}}, "train.tiny.max_steps: 1.5 is not a valid int"),
+])
+def test_a_bad_train_key_is_refused_when_the_registry_loads(tmp_path, monkeypatch, train, says):
+    import yaml
+
+    (tmp_path / "toy.yaml").write_text(yaml.safe_dump({"name": "toy", "hf_id": "org/toy", "train": train}))
+    monkeypatch.setattr(registry, "MODELS_DIR", tmp_path)
+    with pytest.raises(UsageError) as error:
+        registry.lookup("toy")
+    assert says in str(error.value) and "toy.yaml" in str(error.value)
+
+
+def test_a_bad_train_key_exits_2_with_its_name(tmp_path):
+    """The CLI as a user runs it, with a registry holding a misspelt key (a copy of the shipped one)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from harness.paths import REPO_ROOT
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO_ROOT / "configs", checkout / "configs")
+    shutil.copytree(REPO_ROOT / "harness", checkout / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "run_validation.py", checkout)
+    yaml_file = checkout / "configs" / "models" / "gemma-3n-E4B-it.yaml"
+    yaml_file.write_text(yaml_file.read_text().replace("max_steps: 600", "max_stesp: 600"))
+    proc = subprocess.run([sys.executable, "run_validation.py", "--models", "gemma-3n-E4B-it", "--dry-run"],
+                          cwd=checkout, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "unknown setting 'max_stesp'" in proc.stderr and "max_steps" in proc.stderr

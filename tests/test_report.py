@@ -1,6 +1,7 @@
 """Run reports: junit.xml, summary.md, loss_curves.png from a synthetic sweep, and atomic writes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import xml.etree.ElementTree as ET
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from harness import report
-from harness.report import (JUNIT_FILE, LOSS_PLOT_FILE, SUMMARY_MD_FILE, loss_curves, model_folder, write_bytes_atomic,
+from harness.job import ModelResult
+from harness.report import (JUNIT_FILE, LOSS_PLOT_FILE, SUMMARY_MD_FILE, loss_curves, write_bytes_atomic,
                             write_json_atomic, write_run_reports, write_text_atomic)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,13 +27,13 @@ def _metrics(path: Path, losses: list[float]) -> None:
                             for i, loss in enumerate(losses)))
 
 
-def _result(model: str, verdict: str, reasons: list[str], **extra) -> dict:
+def _result(model: str, verdict: str, reasons: list[str], **extra) -> ModelResult:
     base = {"model": model, "weights": "tiny", "load_path": "extract_causal_lm", "expected_load_path": "extract_causal_lm",
             "verdict": verdict, "reasons": reasons, "initial_loss": 6.9, "final_loss": 0.03, "steps": 50,
             "world_size": 2, "time_s": {"total": 12.5, "wall": 14.0}, "time_to_verdict_s": 14.0, "gpu": "NVIDIA H200", "tokens_per_s_per_gpu": 7151.6, "mfu": 0.412,
             "peak_mem_gib": 3.25, "loss_threshold": 0.05, "metrics_file": "metrics.jsonl", "log_tail": []}
     base.update(extra)
-    return base
+    return ModelResult.from_dict(base)
 
 
 @pytest.fixture
@@ -113,7 +115,7 @@ def test_summary_markdown_has_every_row_and_the_reasons(sweep):
 
 def test_cpu_runs_say_tokens_per_rank_and_junit_says_the_same_time_to_verdict(sweep):
     run_dir, results, summary = sweep
-    cpu_results = [{**r, "gpu": None} for r in results]
+    cpu_results = [dataclasses.replace(r, gpu=None) for r in results]
     write_run_reports(run_dir, cpu_results, summary)
     header = next(line for line in (run_dir / SUMMARY_MD_FILE).read_text().splitlines() if line.startswith("| model |"))
     assert " tokens/s per rank |" in header and "per GPU" not in header
@@ -125,8 +127,8 @@ def test_cpu_runs_say_tokens_per_rank_and_junit_says_the_same_time_to_verdict(sw
 def test_interrupted_and_not_run_are_skipped_in_junit_and_listed_in_the_summary(sweep):
     run_dir, results, summary = sweep
     ok = results[0]
-    marks = [{**ok, "model": "tiny-stopped", "verdict": "INTERRUPTED", "reasons": ["interrupted (Ctrl-C) after 3 training step(s)"]},
-             {**ok, "model": "tiny-never", "verdict": "NOT RUN", "reasons": ["not run: the sweep was interrupted"]}]
+    marks = [dataclasses.replace(ok, model="tiny-stopped", verdict="INTERRUPTED", reasons=["interrupted (Ctrl-C) after 3 training step(s)"]),
+             dataclasses.replace(ok, model="tiny-never", verdict="NOT RUN", reasons=["not run: the sweep was interrupted"])]
     write_run_reports(run_dir, [ok, *marks], summary)
     root = ET.parse(run_dir / JUNIT_FILE).getroot()
     suite = next(root.iter("testsuite"))
@@ -159,22 +161,12 @@ def test_loss_curves_series_and_thresholds(sweep):
     assert thresholds == [0.05, 0.5]
 
 
-def test_threshold_falls_back_to_job_json(tmp_path):
-    result = _result("m", "PASS", [])
-    del result["loss_threshold"]
-    _metrics(tmp_path / "m" / "metrics.jsonl", [2.0, 1.0])
-    write_json_atomic(tmp_path / "m" / "job.json", {"loss_threshold": 0.25})
-    write_run_reports(tmp_path, [result], {"run_id": "r"})
-    props = {p.get("name"): p.get("value") for p in ET.parse(tmp_path / JUNIT_FILE).getroot().iter("property")}
-    assert props["loss_threshold"] == "0.25"
-
-
-def test_model_folder_matches_the_registry_rule():
+def test_result_folder_matches_the_registry_rule():
     from harness.registry import ModelSpec
 
     for name in ("gemma-3-4b-it", "org/model name", "a//b", "--x--"):
-        assert model_folder({"model": name}) == ModelSpec(name=name, source="hub").folder_name
-    assert model_folder({"model": "a/b", "model_dir": "/runs/r1/custom"}) == "custom"
+        assert ModelResult(model=name, verdict="PASS").folder == ModelSpec(name=name, source="hub").folder_name
+    assert ModelResult(model="a/b", verdict="PASS", model_dir="/runs/r1/custom").folder == "custom"
 
 
 def _boom(*args, **kwargs):

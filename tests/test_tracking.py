@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("wandb")
 
 from harness import tracking  # noqa: E402
+from harness.job import LoadRecord, ModelResult  # noqa: E402
 from harness.tracking import WandbTracker, track_sweep  # noqa: E402
 
 REAL_SERVER_REACHABLE = tracking.server_reachable  # the fixture below replaces it in every test
@@ -33,11 +34,13 @@ def isolated_wandb(tmp_path, monkeypatch):
     monkeypatch.setattr(tracking, "server_reachable", lambda *a, **k: pytest.fail("no network in tests"))
 
 
-def _result(verdict="FAIL") -> dict:
-    return {"model": "tiny-gemma", "verdict": verdict, "reasons": ["final loss 0.9 is not below 0.05", "second"],
-            "load_path": "extract_causal_lm", "weights": "tiny", "initial_loss": LOSSES[0], "final_loss": 0.9,
-            "steps": len(LOSSES), "tokens_per_s_per_gpu": 7000.0, "mfu": None, "peak_mem_gib": None,
-            "load_record": {"load_path": "extract_causal_lm", "params": {"loaded": 10}}}
+def _result(verdict="FAIL", **extra) -> ModelResult:
+    record = LoadRecord(load_path="extract_causal_lm", reason="VLM", classes={"model": "Gemma3ForCausalLM"},
+                        weights="tiny", source="tiny checkpoint", params={"loaded": 10})
+    return ModelResult(model="tiny-gemma", verdict=verdict, reasons=["final loss 0.9 is not below 0.05", "second"],
+                       load_path="extract_causal_lm", weights="tiny", initial_loss=LOSSES[0], final_loss=0.9,
+                       steps=len(LOSSES), tokens_per_s_per_gpu=7000.0, mfu=None, peak_mem_gib=None,
+                       load_record=record, **extra)
 
 
 def _metrics() -> list[dict]:
@@ -94,7 +97,7 @@ def test_offline_run_holds_config_history_and_verdict(tmp_path, capsys):
     run_dir = tmp_path / "run7"
     tracker = WandbTracker("sft-harness-test", "offline", run_group="run7", run_dir=run_dir)
     config = {"model": {"name": "tiny-gemma"}, "hf_token": HF_TOKEN, "argv": ["--hf-token", HF_TOKEN],
-              "load_record": _result()["load_record"]}
+              "load_record": _result().load_record.to_dict()}
     folder = tracker.log_model(_result(), _metrics(), config)
     tracker.close()
     runs = _runs(run_dir)
@@ -205,7 +208,7 @@ def test_track_sweep_logs_each_model_and_the_table(tmp_path):
     model_dir.mkdir(parents=True)
     (model_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics()))
     (model_dir / "job.json").write_text(json.dumps({"model": {"name": "tiny-gemma"}, "lr": 0.003}))
-    results = [dict(_result("PASS"), metrics_file="metrics.jsonl")]
+    results = [_result("PASS", metrics_file="metrics.jsonl")]
     track_sweep(run_dir, results, "sft-harness-test", "offline", environment={"command": {"argv": ["--hf-token", HF_TOKEN]}})
     runs = _runs(run_dir)
     assert len(runs) == 2

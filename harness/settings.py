@@ -1,0 +1,119 @@
+"""One path for a run's training settings: the weights mode's defaults < the registry's `train:`
+section < the command line, into a RunConfig (harness.job). No torch here.
+
+The settings are RunConfig's fields (job.TRAINING_SETTINGS); the command-line options that set them
+and a model's `train:` keys are checked against that one list.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.job import TRAINING_SETTINGS, RunConfig
+from harness.registry import ModelSpec, UsageError
+
+WEIGHTS_MODES = ("real", "synthetic", "tiny")
+TRAIN_SECTIONS = ("all", *WEIGHTS_MODES)  # `train: {all: {...}, synthetic: {...}}`
+
+# Defaults per weights mode (bench/README.md has the measurements behind them).
+TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
+    # A 0.4M-parameter model cannot memorise the whole set: tiny CPU runs overfit the first 200 samples.
+    "tiny": {"lr": 3e-3, "max_tokens_per_gpu": 1024, "epochs": 100, "max_steps": 4000, "warmup_steps": 5,
+             "max_samples": 200},
+    "synthetic": {"lr": 3e-4, "schedule": "cosine", "max_tokens_per_gpu": 8192, "epochs": 60, "max_steps": 400,
+                  "warmup_steps": 10},
+    "real": {"lr": 2e-5, "max_tokens_per_gpu": 8192, "epochs": 30, "max_steps": 1000, "warmup_steps": 5},
+}
+
+# Command-line options whose argparse value is not the setting itself ("auto" -> None, "on" -> True).
+TRI_STATE = {"auto": None, "on": True, "off": False}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run's settings, built once from the command line (settings_from_args); each model's
+    RunConfig is made from them (run_config_for)."""
+
+    weights: str
+    device: str
+    dataset: Path
+    packing: bool
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    timeout_per_model: float = 3600.0
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # training settings the command line gave
+
+
+def settings_from_args(args) -> RunSettings:
+    return RunSettings(weights=args.weights, device=args.device, dataset=Path(args.dataset), packing=not args.no_packing,
+                       nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                       rdzv_endpoint=args.rdzv_endpoint, timeout_per_model=args.timeout_per_model,
+                       overrides=cli_overrides(args))
+
+
+def cli_overrides(args) -> dict[str, Any]:
+    """The training settings the command line gave (unset options are left out)."""
+    given = {}
+    for name in TRAINING_SETTINGS:
+        value = getattr(args, name, None)
+        if name in TRI_STATE_SETTINGS:
+            value = TRI_STATE.get(value, value)
+        elif name == "attention" and value == "auto":
+            value = None
+        elif name == "compile":
+            value = value or None  # a flag: absent means "not given", not "off"
+        if value is not None:
+            given[name] = value
+    return given
+
+
+TRI_STATE_SETTINGS = ("activation_checkpointing", "reshard_after_forward")
+
+
+def run_config_for(spec: ModelSpec, settings: RunSettings, model_dir: Path) -> RunConfig:
+    """Defaults < the registry's per-model settings < the command line."""
+    values = dict(TRAIN_DEFAULTS[settings.weights])
+    values.update(spec.train.get("all", {}))
+    values.update(spec.train.get(settings.weights, {}))
+    values.update(settings.overrides)
+    return RunConfig(model=spec.to_dict(), weights=settings.weights, device=settings.device, output_dir=str(model_dir),
+                     dataset=str(settings.dataset), packing=settings.packing, loss_threshold=spec.loss_threshold, **values)
+
+
+def check_train_section(train: Any, where: str) -> None:
+    """A model's `train:` section: known weights modes, known settings, values of the right type."""
+    if not isinstance(train, dict):
+        raise UsageError(f"{where}: `train:` must map weights modes {list(TRAIN_SECTIONS)} to settings")
+    for section, values in train.items():
+        if section not in TRAIN_SECTIONS:
+            raise UsageError(f"{where}: train: {section!r} is not a weights mode; valid: {', '.join(TRAIN_SECTIONS)}")
+        for key, value in (values or {}).items():
+            if key not in TRAINING_SETTINGS:
+                raise UsageError(f"{where}: train.{section}: unknown setting {key!r}; valid: {', '.join(TRAINING_SETTINGS)}")
+            if not value_fits(SETTING_TYPES[key], value):
+                raise UsageError(f"{where}: train.{section}.{key}: {value!r} is not a valid {type_name(SETTING_TYPES[key])}")
+
+
+SETTING_TYPES = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}
+
+
+def value_fits(annotation, value) -> bool:
+    options = typing.get_args(annotation) or (annotation,)
+    for option in options:
+        if option is type(None) and value is None:
+            return True
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if option in (int, str, bool) and type(value) is option:
+            return True
+    return False
+
+
+def type_name(annotation) -> str:
+    options = typing.get_args(annotation) or (annotation,)
+    return " or ".join("null" if o is type(None) else o.__name__ for o in options)
