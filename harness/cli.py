@@ -15,7 +15,7 @@ from harness.job import TRAINING_SETTINGS, ModelResult, summary_row
 from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.registry import ModelSpec, UsageError
 from harness.report import print_table, read_json, write_json_atomic, write_run_reports
-from harness.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
+from harness.verdict import FAIL, INTERRUPTED, NOT_JUDGED, NOT_RUN, PASS
 
 if TYPE_CHECKING:  # plan imports transformers: only where a model is resolved
     from harness.plan import LoadPathDecision
@@ -274,6 +274,8 @@ def train_models(planned: list[PlannedModel], settings, args) -> int:
     from harness.sweep import SweepContext, finished_results, fmt, run_sweep
 
     run_dir = args.resume or new_run_dir(args.output_dir, args.run_id)
+    if settings.node_rank > 0:
+        return follow_node_0(planned, settings, run_dir)
     finished = finished_results(run_dir) if args.resume else {}
     environment = environment_lock(sys.argv)
     write_json_atomic(run_dir / "environment.json", environment)
@@ -285,9 +287,11 @@ def train_models(planned: list[PlannedModel], settings, args) -> int:
     })
     sweep = SweepContext(settings, run_dir, args.command_started, baseline_results(args.compare), args.regressions_fail)
     ran = run_sweep(planned, sweep, finished)
-    not_started = [not_run_result(item, settings.weights, run_dir) for item in planned[len(ran):]]
+    node_lost = bool(ran) and ran[-1].exit.node_lost
+    interrupted = any(r.verdict == INTERRUPTED for r in ran) or (len(ran) < len(planned) and not node_lost)  # Ctrl-C
+    why = "interrupted" if interrupted else "stopped after a node was lost"
+    not_started = [not_run_result(item, settings.weights, run_dir, why) for item in planned[len(ran):]]
     results = ran + not_started  # every model asked for, in order
-    interrupted = any(r.verdict in NOT_JUDGED for r in results)
     exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAIL if any(r.verdict != PASS for r in results) else EXIT_PASS
     summary = {
         "run_id": run_dir.name,
@@ -309,17 +313,31 @@ def train_models(planned: list[PlannedModel], settings, args) -> int:
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
     for result in results:
         if result.verdict in NOT_JUDGED:
-            print(f"{result.model}: {result.verdict} (the sweep was interrupted); finish it with --resume {run_dir}")
+            print(f"{result.model}: {result.verdict} (the sweep {why}); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
     return exit_code
 
 
-def not_run_result(item: PlannedModel, weights: str, run_dir: Path) -> ModelResult:
-    """The record of a model the interrupted sweep never started: listed, not judged."""
-    result = planned_result(item, NOT_RUN, ["not run: the sweep was interrupted before this model started"])
+def not_run_result(item: PlannedModel, weights: str, run_dir: Path, why: str = "interrupted") -> ModelResult:
+    """The record of a model the stopped sweep never started: listed, not judged."""
+    result = planned_result(item, NOT_RUN, [f"not run: the sweep was {why} before this model started"])
     result.weights = weights
     result.to_json(run_dir / result.folder / "result.json")
     return result
+
+
+def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
+    """A node other than 0 runs its ranks of every job and judges nothing (node 0 has the metrics):
+    its exit code is its jobs' (0 when each ended cleanly), and it says where the verdicts are."""
+    from harness.sweep import follow_node_0 as follow
+
+    outcomes = follow(planned, settings, run_dir)
+    clean = sum(1 for _, outcome in outcomes if outcome.clean_exit)
+    print(f"node {settings.node_rank}: {clean} of {len(planned)} job(s) ended cleanly here; the verdicts are on node 0 "
+          f"({settings.rdzv_endpoint.rpartition(':')[0]}), in its results folder {run_dir.name}")
+    if any(outcome.interrupted for _, outcome in outcomes):
+        return EXIT_INTERRUPTED
+    return EXIT_PASS if clean == len(planned) else EXIT_FAIL
 
 
 def baseline_results(baseline_dir: Path | None) -> dict[str, ModelResult] | None:

@@ -38,6 +38,22 @@ def init_distributed(device_kind: str, timeout_s: int = 1800) -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
+def agree_on_job(identity: str) -> None:
+    """Every rank must run the same job: a node started with other models or settings (or one that
+    fell out of step in a sweep) is refused here, at the job's first collective, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    identities: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(identities, identity)
+    if len(set(identities)) > 1:
+        first_rank = {}
+        for rank, seen in enumerate(identities):
+            first_rank.setdefault(seen, rank)
+        said = "; ".join(f"rank {rank} trains {seen}" for seen, rank in first_rank.items())
+        raise RuntimeError(f"the nodes were started with different jobs ({said}): start every node with the same "
+                           "--models, in the same order, and the same settings")
+
+
 def close_distributed(clean: bool = True) -> None:
     """Leave the process group. After a clean run every rank first meets at a barrier: a rank that
     exits while a peer still reads its last gloo message makes that peer abort (SIGABRT, "a rank

@@ -11,6 +11,7 @@ field changes meaning or goes away; adding a field with a default keeps it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import types
 import typing
@@ -144,6 +145,15 @@ class RunConfig(JsonRecord):
 
     def rank_error_path(self, rank: int) -> Path:
         return Path(self.output_dir) / f"worker.rank{rank}.json"
+
+    def job_identity(self) -> str:
+        """What every node of a job must agree on: the model, its settings and the data's bytes, not
+        where this node keeps its files. "<model> [<digest>]"."""
+        identity = {k: v for k, v in self.to_dict().items() if k not in ("output_dir", "dataset")}
+        identity["model"] = {k: v for k, v in self.model.items() if k != "architecture_file"}
+        digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+        digest.update(Path(self.dataset).read_bytes())
+        return f"{self.model['name']} [{digest.hexdigest()[:12]}]"
 
 
 # Fields the gate decides (which model, where, which data); every other RunConfig field is a training
@@ -385,6 +395,7 @@ class ExitRecord(JsonRecord):
     returncode: int | None = None
     timed_out: bool = False
     interrupted: bool = False
+    node_lost: bool = False  # multi-node: another node's ranks vanished mid-job
 
 
 @dataclass

@@ -43,7 +43,9 @@ class JobOutcome:
         return self.returncode == 0 and not self.timed_out and not self.interrupted
 
 
-def torchrun_command(job_path: Path, topology: Topology) -> list[str]:
+def torchrun_command(job_path: Path, topology: Topology, job_index: int = 0) -> list[str]:
+    """torchrun for one job. Multi-node: model k of the sweep meets at port + k, so a node still
+    finishing model k-1 never joins model k's rendezvous (every node runs the models in one order)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topology.nproc_per_node}"]
     if topology.nnodes > 1:
         if not topology.rdzv_endpoint:
@@ -55,7 +57,7 @@ def torchrun_command(job_path: Path, topology: Topology) -> list[str]:
             f"--nnodes={topology.nnodes}",
             f"--node-rank={topology.node_rank}",
             f"--master-addr={host}",
-            f"--master-port={port or 29500}",
+            f"--master-port={int(port or 29500) + job_index}",
         ]
     else:
         command.append("--standalone")  # a free local port: jobs never collide

@@ -38,13 +38,13 @@ class SweepContext:
     regressions_fail: bool = True
 
 
-def run_model(planned, sweep: SweepContext, on_line=None) -> ModelResult:
+def run_model(planned, index: int, sweep: SweepContext, on_line=None) -> ModelResult:
     settings = sweep.settings
     model_dir = sweep.run_dir / planned.spec.folder_name
     model_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_config_for(planned.spec, settings, model_dir)
     started = time.monotonic()
-    result, report = run_job_once(planned, settings, cfg, model_dir, on_line)
+    result, report = run_job_once(planned, index, settings, cfg, model_dir, on_line)
     first_error = out_of_memory_without_checkpointing(cfg, report)
     if first_error and not result.exit.interrupted:
         # The auto choice left activation checkpointing off and the GPU ran out: once more with it on.
@@ -54,7 +54,7 @@ def run_model(planned, sweep: SweepContext, on_line=None) -> ModelResult:
         for rank_file in model_dir.glob("worker.rank*.json"):
             rank_file.unlink()
         cfg = dataclasses.replace(cfg, activation_checkpointing=True)
-        result, _ = run_job_once(planned, settings, cfg, model_dir, on_line)
+        result, _ = run_job_once(planned, index, settings, cfg, model_dir, on_line)
         result.retried_with_activation_checkpointing = first_error
     if result.exit.interrupted:
         mark_interrupted(result)
@@ -83,15 +83,34 @@ def apply_baseline(result: ModelResult, baseline: ModelResult | None, fail: bool
         result.verdict = FAIL
 
 
-def run_job_once(planned, settings: RunSettings, cfg: RunConfig, model_dir: Path, on_line) -> tuple[ModelResult, WorkerReport]:
+def run_job_once(planned, index: int, settings: RunSettings, cfg: RunConfig, model_dir: Path,
+                 on_line) -> tuple[ModelResult, WorkerReport]:
     for stale in STALE_FILES:
         (model_dir / stale).unlink(missing_ok=True)
-    job_path = model_dir / "job.json"
-    cfg.to_json(job_path)
-    topology = Topology(settings.nproc_per_node, settings.nnodes, settings.node_rank, settings.rdzv_endpoint)
-    outcome = run_job(torchrun_command(job_path, topology), model_dir / "train.log", settings.timeout_per_model, on_line)
+    outcome = launch_model_job(index, settings, cfg, model_dir / "train.log", on_line)
     report = read_worker_report(cfg)
-    return collect_result(planned, cfg, outcome, report, topology), report
+    return collect_result(planned, cfg, outcome, report, topology_of(settings)), report
+
+
+def launch_model_job(index: int, settings: RunSettings, cfg: RunConfig, log_path: Path, on_line) -> JobOutcome:
+    job_path = Path(cfg.output_dir) / "job.json"
+    cfg.to_json(job_path)
+    command = torchrun_command(job_path, topology_of(settings), job_index=index)
+    return run_job(command, log_path, settings.timeout_per_model, on_line)
+
+
+def topology_of(settings: RunSettings) -> Topology:
+    return Topology(settings.nproc_per_node, settings.nnodes, settings.node_rank, settings.rdzv_endpoint)
+
+
+def follow_on_node(planned, index: int, settings: RunSettings, run_dir: Path, on_line=None) -> JobOutcome:
+    """A node other than 0 runs its ranks of the model's job and judges nothing: global rank 0, on
+    node 0, holds the metrics and the report. Its log is train.node<r>.log (a shared results folder
+    must not mix the nodes' logs) and it removes nothing node 0 may have written."""
+    model_dir = run_dir / planned.spec.folder_name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    cfg = run_config_for(planned.spec, settings, model_dir)
+    return launch_model_job(index, settings, cfg, model_dir / f"train.node{settings.node_rank}.log", on_line)
 
 
 def out_of_memory_without_checkpointing(cfg: RunConfig, report: WorkerReport) -> str | None:
@@ -106,7 +125,7 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
     metrics = read_metrics(cfg.metrics_path)
     record = report.load_record
     load_path = record.load_path if record else None
-    verdict = judge(verdict_input(planned, cfg, outcome, report, metrics))
+    verdict = judge(verdict_input(planned, cfg, outcome, report, metrics, topology))
     times = report.time_s
     return ModelResult(
         model=planned.spec.name,
@@ -138,7 +157,8 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
         towers=report.towers,
         sharding=report.sharding,
         preflight=report.preflight,
-        exit=ExitRecord(outcome.returncode, outcome.timed_out, outcome.interrupted),
+        exit=ExitRecord(outcome.returncode, outcome.timed_out, outcome.interrupted,
+                        node_lost=node_lost_line(outcome, report, topology) is not None),
         log_file=outcome.log_path.name,
         log_tail=[] if verdict.verdict == PASS else outcome.log_tail[-20:],
         model_dir=Path(cfg.output_dir).name,
@@ -146,12 +166,13 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
     )
 
 
-def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, metrics: list[StepMetrics]) -> VerdictInput:
+def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, metrics: list[StepMetrics],
+                  topology: Topology) -> VerdictInput:
     record, towers, evaluation = report.load_record, report.towers, report.evaluation
     load_path = record.load_path if record else None
     return VerdictInput(
         clean_exit=outcome.clean_exit and report.finished,
-        exit_detail=exit_detail(outcome, report),
+        exit_detail=exit_detail(outcome, report, topology),
         load_path=load_path,
         expected_load_path=planned.spec.expected_load_path,
         weights=cfg.weights,
@@ -181,7 +202,10 @@ def losses_of(metrics: list[StepMetrics]) -> list[float]:
     return [m.loss for m in metrics]
 
 
-def exit_detail(outcome: JobOutcome, report: WorkerReport) -> str:
+def exit_detail(outcome: JobOutcome, report: WorkerReport, topology: Topology) -> str:
+    lost = node_lost_line(outcome, report, topology)
+    if lost and not outcome.interrupted:
+        return f"a node was lost mid-run (rank 0: {lost}); every process of this node's job was ended"
     if outcome.timed_out:
         return f"timed out after {outcome.duration_s:.0f}s; every process of the job was ended"
     if outcome.interrupted:
@@ -194,6 +218,19 @@ def exit_detail(outcome: JobOutcome, report: WorkerReport) -> str:
     if not report.finished:
         return f"the job left no finished record (status {report.status})"
     return ""
+
+
+# How a rank reports a peer that vanished: gloo's and NCCL's words, and torch's (DistNetworkError).
+PEER_LOST_MARKS = ("Connection closed by peer", "Connection reset by peer", "DistNetworkError", "Broken pipe",
+                   "NCCL communicator was aborted", "remote process exited or there was a network error")
+
+
+def node_lost_line(outcome: JobOutcome, report: WorkerReport, topology: Topology) -> str | None:
+    """Multi-node: the first line where this node's ranks saw a peer vanish, else None."""
+    if topology.nnodes <= 1 or outcome.clean_exit:
+        return None
+    lines = [report.error or "", *outcome.log_tail]
+    return next((line.strip()[:200] for line in lines if any(mark in line for mark in PEER_LOST_MARKS)), None)
 
 
 def steady_mean(metrics: list[StepMetrics], key: str) -> float | None:
@@ -249,23 +286,54 @@ def run_sweep(planned_models: list, sweep: SweepContext, finished: dict[str, Mod
     status = SweepStatus([p.spec.name for p in planned_models])
     results = []
     try:
-        for planned in planned_models:
+        for index, planned in enumerate(planned_models):
             name = planned.spec.name
             if name in finished:
                 results.append(reuse_finished(finished[name], sweep))
                 status.set(name, f"{finished[name].verdict} (from the resumed run)")
                 continue
             status.set(name, f"loading ({planned.decision.load_path}, {sweep.settings.weights} weights)")
-            result = run_model(planned, sweep, on_line=progress_updater(status, name))
+            result = run_model(planned, index, sweep, on_line=progress_updater(status, name))
             results.append(result)
             status.set(name, verdict_line(result))
             if result.exit.interrupted:
+                break
+            if result.exit.node_lost:
+                echo(NODE_LOST_STOP)
                 break
     except KeyboardInterrupt:  # between jobs (a job's own Ctrl-C ends in run_job): stop here
         pass
     finally:
         status.close()
     return results
+
+
+# Why the sweep does not go on after a lost node: the next model's rendezvous would wait for it.
+NODE_LOST_STOP = ("the sweep stops: a node was lost, and the next model's rendezvous would wait for it until its "
+                  "timeout; finish the run with --resume once every node is back")
+
+
+def follow_node_0(planned_models: list, settings: RunSettings, run_dir: Path) -> list[tuple[str, JobOutcome]]:
+    """A node other than 0: each model's job in turn, judged by node 0; stops where node 0 would
+    (Ctrl-C, or node 0 gone)."""
+    outcomes = []
+    try:
+        for index, planned in enumerate(planned_models):
+            outcome = follow_on_node(planned, index, settings, run_dir)
+            outcomes.append((planned.spec.name, outcome))
+            state = "ended cleanly" if outcome.clean_exit else f"did not end cleanly ({exit_words(outcome)})"
+            echo(f"{planned.spec.name}: the job {state} on node {settings.node_rank}; node 0 makes the verdict")
+            if outcome.interrupted:
+                break
+    except KeyboardInterrupt:
+        pass
+    return outcomes
+
+
+def exit_words(outcome: JobOutcome) -> str:
+    if outcome.timed_out:
+        return f"timed out after {outcome.duration_s:.0f}s"
+    return "interrupted" if outcome.interrupted else f"torchrun exit code {outcome.returncode}"
 
 
 def reuse_finished(result: ModelResult, sweep: SweepContext) -> ModelResult:

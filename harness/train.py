@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         faults.delay_cache_preparation(rank, cfg.spec.name)  # test-only (late_cache); no-op when unset
         job_caches.prepare_caches(cfg)  # before init_distributed: one writer per cache entry (see job_caches)
         ctx = dist_lib.init_distributed(cfg.device)
+        dist_lib.agree_on_job(cfg.job_identity())  # every node: the same model, settings and data
         train(cfg, ctx, report)
         return 0
     except Exception as exc:  # record what killed the job (and what was known), then fail the exit code

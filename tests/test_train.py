@@ -37,10 +37,10 @@ METRIC_FIELDS = (
 )
 
 
-def run_cli(*args, timeout=600) -> subprocess.CompletedProcess:
+def run_cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "run_validation.py"), *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout,
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout, env=env,
     )
 
 
@@ -63,14 +63,34 @@ def failure_context(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def converged(tmp_path_factory):
-    """One CLI call trains all four models one after another (one torchrun job each)."""
+    """One CLI call trains all four models one after another (one torchrun job each), as a new user's
+    first run: empty caches (SFT_HARNESS_CACHE, HF_HOME) and rank 0 held back (late_cache) so that
+    rank 1 builds every cache entry, the order that once published an empty checkpoint as complete."""
     output = tmp_path_factory.mktemp("converge")
+    env = {k: v for k, v in os.environ.items() if k != "SFT_HARNESS_INJECT_FAULT"}
+    env.update(SFT_HARNESS_CACHE=str(output / "cache"), HF_HOME=str(output / "hf"),
+               SFT_HARNESS_INJECT_FAULT="late_cache@0:0")
     proc = run_cli(
         "--models", ",".join(MODELS), "--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2",
         "--max-samples", str(CONVERGE_SAMPLES), "--output-dir", str(output), "--run-id", "r",
-        "--timeout-per-model", "240",
+        "--timeout-per-model", "240", "--wandb-mode", "disabled", env=env,
     )
     return proc, output / "r"
+
+
+def test_a_fresh_cache_built_by_the_losing_rank_is_complete(converged):
+    """Issue [P]: every tiny checkpoint of the run holds config.json and safetensors, passes the
+    cache's check, and was built by rank 1 (late_cache took)."""
+    from harness import cache
+
+    proc, run_dir = converged
+    assert proc.returncode == 0, failure_context(proc)
+    checkpoints = sorted(p for p in (run_dir.parent / "cache" / "tiny").iterdir() if not p.name.startswith("."))
+    assert sorted(p.name.rsplit("-", 1)[0] for p in checkpoints) == sorted(MODELS)
+    for folder in checkpoints:
+        assert (folder / "config.json").exists() and list(folder.glob("*.safetensors")), sorted(folder.iterdir())
+        assert cache.entry_problem(folder) is None
+        assert cache.built_by(folder)["rank"] == "1", f"{folder.name}: rank 0 built it; late_cache did not take"
 
 
 def test_cli_passes_all_four_models_and_exits_zero(converged):
@@ -92,7 +112,7 @@ def test_tiny_model_reaches_its_loss_target(converged, name):
     assert result["reasons"] == []
     assert result["load_path"] == MODELS[name] == worker["load_record"]["load_path"]
     assert result["world_size"] == worker["world_size"] == 2
-    assert result["exit"] == {"returncode": 0, "timed_out": False, "interrupted": False}
+    assert result["exit"] == {"returncode": 0, "timed_out": False, "interrupted": False, "node_lost": False}
     assert worker["status"] == "finished" and worker["stop_reason"] == "target_reached"
     assert worker["data"]["n_samples"] == CONVERGE_SAMPLES
     assert result["final_loss"] < LOSS_TARGET
