@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from harness import registry, validate
 from harness.environment import redact_secrets
-from harness.job import TRAINING_SETTINGS, ModelResult, summary_row
+from harness.job import TRAINING_SETTINGS, BackendProbe, BackendRecord, ModelResult, summary_row
 from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.registry import ModelSpec, UsageError
 from harness.report import print_table, read_json, write_json_atomic, write_run_reports
@@ -29,12 +29,21 @@ PLANNED = "PLANNED"  # a dry run's verdict: resolved, not trained
 class PlannedModel:
     spec: ModelSpec
     decision: LoadPathDecision
+    backend: str = "native"
+    probe: BackendProbe | None = None  # the class and load path the backend's stack will take
+
+    @property
+    def load_path(self) -> str | None:
+        return self.probe.load_path if self.probe else self.decision.load_path
 
     @property
     def mismatch_reason(self) -> str | None:
         expected = self.spec.expected_load_path
-        if expected and expected != self.decision.load_path:
-            return f"load path is {self.decision.load_path}, the registry expects {expected}"
+        if expected and expected != self.load_path:
+            if self.backend != "native":
+                return (f"{self.backend} will build {self.probe.class_name} (load path {self.load_path}) for a "
+                        f"text-only run; the registry expects {expected} ({self.probe.rule})")
+            return f"load path is {self.load_path}, the registry expects {expected}"
         return None
 
 
@@ -43,6 +52,7 @@ EXAMPLES = """examples:
   run_validation.py --models gemma-3-4b-it --weights synthetic             full size, random weights, no download
   run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --weights tiny --device cpu --nproc-per-node 2
   run_validation.py --models gemma-3-4b-it --dry-run                       the load path only
+  run_validation.py --models gemma-3-4b-it --backend trl                   gate TRL's SFTTrainer (pip install -e '.[trl]')
   run_validation.py --resume results/20261202-101500                       finish an interrupted run
 
 exit codes: 0 every model PASS, 1 a model FAIL, 2 bad usage (one line on stderr), 130 interrupted (Ctrl-C)"""
@@ -60,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="resolve load paths and report; no training")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where run folders go")
     parser.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
+    parser.add_argument("--backend", help="the stack that trains: native (the harness's trainer), trl (TRL SFTTrainer) or "
+                        "instructlab (instructlab-training, CUDA only); default: each model's registry backend:, else native")
     train = parser.add_argument_group("training (unset options take the weights mode's defaults and the registry's train: section)")
     train.add_argument("--weights", choices=("real", "synthetic", "tiny"), default="real",
                        help="real: hub/local checkpoint; synthetic: full-size random; tiny: scaled-down random (CPU)")
@@ -87,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="FSDP2: free gathered weights after each layer's forward (auto: with several ranks)")
     train.add_argument("--init-std", type=float, default=None, help="synthetic weights: std of the random init")
     train.add_argument("--compile", action="store_true", help="torch.compile the MLP and norm modules (costs compile time)")
+    train.add_argument("--save-checkpoint", action="store_true",
+                       help="native: save the trained model under <model>/checkpoint and evaluate it as an external stack's")
     train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")
     gate = parser.add_argument_group("release gate")
     gate.add_argument("--resume", type=Path, help="a run folder: skip the models finished there, run the rest into it")
@@ -142,7 +156,7 @@ def check_inputs(args) -> list[PlannedModel]:
         raise UsageError("nothing to do: give --models a,b,c (or --list-models)")
     if args.compare:
         validate.check_comparable(args.compare)
-    planned = plan_models(args.models)
+    planned = plan_models(args.models, args.backend)
     validate.check_output_dir(args.resume or args.output_dir)
     return planned
 
@@ -156,6 +170,10 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> None:
         cfg = run_config_for(item.spec, settings, Path("unused"))
         limits.append((item.spec.name, cfg.max_samples, cfg.max_seq_len))
     validate.check_dataset(settings.dataset, limits)
+    from harness import backends
+
+    for name in sorted({item.backend for item in planned}):
+        backends.check_usable(name, settings.device)
     if settings.weights == "real":
         for item in planned:
             package = item.spec.real_weights.partition(":")[2] if item.spec.real_weights else None
@@ -170,16 +188,34 @@ def list_models() -> None:
     print_table("Model registry", ["model", "hub id", "expected load path", "loss threshold", "shipped config"], rows)
 
 
-def plan_models(models_arg: str) -> list[PlannedModel]:
+def plan_models(models_arg: str, backend_arg: str | None = None) -> list[PlannedModel]:
     """Look up and resolve every model before any work starts: a bad name costs nothing."""
     names = [name.strip() for name in models_arg.split(",") if name.strip()]
     if not names:
         raise UsageError("--models is empty")
     from harness.plan import resolve_load_path
+    from harness.settings import backend_of
 
     specs = [registry.lookup(name) for name in names]
     validate.check_unique_models(names, [spec.folder_name for spec in specs])
-    return [PlannedModel(spec, resolve_load_path(registry.load_config(spec))) for spec in specs]
+    planned = []
+    for spec in specs:
+        config = registry.load_config(spec)
+        name = backend_of(spec, backend_arg)
+        planned.append(PlannedModel(spec, resolve_load_path(config), name, probe_backend(name, spec, config)))
+    return planned
+
+
+def probe_backend(name: str, spec: ModelSpec, config) -> BackendProbe:
+    """The stack's own prediction from the config (its extra must be installed: it runs the stack's code)."""
+    from harness import backends
+
+    module = backends.backend(name)
+    requirement = getattr(module, "REQUIREMENT", None)
+    if requirement and backends.installed_version(requirement) is None:
+        raise UsageError(f"--backend {name} needs {requirement.distribution}, which is not installed: "
+                         f"{requirement.install_command}")
+    return module.probe(spec, config)
 
 
 def new_run_dir(output_dir: Path, run_id: str | None) -> Path:
@@ -201,8 +237,9 @@ def dry_run(planned: list[PlannedModel], args) -> int:
         "exit_code": exit_code,
         "models": [{k: getattr(r, k) for k in ("model", "verdict", "load_path", "expected_load_path")} for r in results],
     })
-    rows = [[r.model, r.load_path, r.expected_load_path or "-", r.classes["model"], r.verdict] for r in results]
-    print_table(f"Dry run {run_dir.name}", ["model", "load path", "expected", "class", "verdict"], rows)
+    rows = [[r.model, r.backend.name if r.backend else "native", r.load_path, r.expected_load_path or "-",
+             r.classes["model"], r.verdict] for r in results]
+    print_table(f"Dry run {run_dir.name}", ["model", "backend", "load path", "expected", "class", "verdict"], rows)
     for r in results:
         print(f"{r.model}: {r.load_path_reason}")
         for reason in r.reasons:
@@ -214,12 +251,16 @@ def dry_run(planned: list[PlannedModel], args) -> int:
 def planned_result(item: PlannedModel, verdict: str = PLANNED, reasons: list[str] | None = None) -> ModelResult:
     """What is known of a model before it trains: its resolved load path (a dry run's result)."""
     mismatch = [item.mismatch_reason] if item.mismatch_reason else []
+    classes = item.decision.classes()
+    if item.probe:
+        classes["model"] = item.probe.class_name
     return ModelResult(
         model=item.spec.name, source=item.spec.source, hf_id=item.spec.hf_id,
-        load_path=item.decision.load_path, load_path_reason=item.decision.reason,
-        expected_load_path=item.spec.expected_load_path, classes=item.decision.classes(),
+        load_path=item.load_path, load_path_reason=item.decision.reason,
+        expected_load_path=item.spec.expected_load_path, classes=classes,
         verdict=FAIL if mismatch else verdict, reasons=mismatch or list(reasons or []),
         model_dir=item.spec.folder_name, loss_threshold=item.spec.loss_threshold,
+        backend=BackendRecord(item.backend, probe=item.probe) if item.probe else None,
     )
 
 
@@ -242,7 +283,7 @@ def resolve_training_args(args) -> None:
 
 # Options a resumed run keeps from its first invocation, unless given again on the command line: the
 # run's shape and every training setting the command line can give.
-RUN_OPTIONS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "no_packing", "timeout_per_model")
+RUN_OPTIONS = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "no_packing", "timeout_per_model", "backend")
 
 
 def resumable_options(parser: argparse.ArgumentParser) -> tuple[str, ...]:

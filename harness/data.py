@@ -43,7 +43,7 @@ from harness.tokenizers import END_OF_TURN_MARKERS
 log = logging.getLogger(__name__)
 
 # Bump when the tokenisation or labelling changes, so cached tokenised datasets are not reused.
-TOKENIZATION_VERSION = "1"
+TOKENIZATION_VERSION = "2"  # 2: the whitespace between the generation prompt and a reply is labelled
 
 
 # ---------------------------------------------------------------- tokenisation and labels
@@ -89,10 +89,17 @@ def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tup
             continue
         # The reply starts after the prompt that precedes it, when the template renders prefixes stably.
         prompt = _render_prompt(messages[:index], tokenizer)
-        if prompt is not None and text.startswith(prompt):
-            cursor = max(cursor, len(prompt))
-        spans.append(_reply_span(text, message["content"], cursor, markers))
-        cursor = spans[-1][1]
+        prompt_end = len(prompt) if prompt is not None and text.startswith(prompt) else None
+        if prompt_end is not None:
+            cursor = max(cursor, prompt_end)
+        start, end = _reply_span(text, message["content"], cursor, markers)
+        # Whitespace the template writes between the generation prompt and the reply (Mistral's
+        # " reply") is generated too: label it, or a reply whose first word has no space-merged
+        # token (" 1751" -> " ", "175", "1") starts with a token the model never learnt to emit.
+        if prompt_end is not None and prompt_end <= start and not text[prompt_end:start].strip():
+            start = prompt_end
+        spans.append((start, end))
+        cursor = end
     return text, spans
 
 

@@ -127,6 +127,8 @@ class RunConfig(JsonRecord):
     compile: bool = False  # torch.compile the MLP and norm modules of each layer
     init_std: float | None = None  # synthetic weights: the random init's std (None: the config's initializer_range)
     log_every: int = 25
+    save_checkpoint: bool = False  # native: save the trained model (hub layout) under output_dir/checkpoint
+    backend: str = "native"  # the stack that trains: native | trl | instructlab (harness.backends)
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -143,6 +145,11 @@ class RunConfig(JsonRecord):
     def worker_path(self) -> Path:
         return Path(self.output_dir) / "worker.json"
 
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the trained model is saved (hub layout), by any backend."""
+        return Path(self.output_dir) / "checkpoint"
+
     def rank_error_path(self, rank: int) -> Path:
         return Path(self.output_dir) / f"worker.rank{rank}.json"
 
@@ -158,7 +165,8 @@ class RunConfig(JsonRecord):
 
 # Fields the gate decides (which model, where, which data); every other RunConfig field is a training
 # setting that the weights mode's defaults, a model's `train:` section and the command line may set.
-GATE_FIELDS = ("model", "weights", "device", "output_dir", "dataset", "packing", "loss_threshold", "schema_version")
+GATE_FIELDS = ("model", "weights", "device", "output_dir", "dataset", "packing", "loss_threshold", "backend",
+               "schema_version")
 TRAINING_SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in GATE_FIELDS)
 
 
@@ -226,6 +234,75 @@ class Evaluation(JsonRecord):
 
 
 @dataclass
+class GenerationMismatch(JsonRecord):
+    """One sample whose greedy reply was not its training reply (decoded text, truncated)."""
+
+    sample: int  # position in the tokenised dataset
+    token_accuracy: float
+    prompt: str  # the prompt's end
+    expected: str
+    got: str
+
+
+@dataclass
+class GenerationCheck(JsonRecord):
+    """Greedy decoding with the KV cache after training (harness.generation), from the prompts of a
+    spread of training samples: does the model reproduce the replies it memorised?"""
+
+    samples: int
+    exact_matches: int
+    exact_match_rate: float
+    token_accuracy: float  # expected tokens reproduced at their position, over all expected tokens
+    expected_tokens: int
+    no_end_of_turn: int = 0  # replies that never emitted an end-of-turn token (ran on to the budget)
+    prompts_unlike_training: int = 0  # generation prompts that are not the training text's own prefix
+    max_new_tokens: int = 0
+    worst: list[GenerationMismatch] = field(default_factory=list)
+
+
+@dataclass
+class BackendProbe(JsonRecord):
+    """Before training, from the config only: the class and load path the stack WILL take, read from
+    the stack's own code where it exposes it (harness.backends)."""
+
+    backend: str
+    class_name: str | None
+    load_path: str | None
+    rule: str  # which code of the stack decided, in words
+
+
+@dataclass
+class CheckpointCheck(JsonRecord):
+    """The harness's own look at the checkpoint a stack saved (harness.checkpoint_eval): loaded with
+    the harness's loader along the path its config resolves to, evaluated on every sample."""
+
+    folder: str
+    error: str | None = None  # why it could not be found, loaded or evaluated
+    saved_class: str | None = None  # config.json's architectures[0]
+    load_record: LoadRecord | None = None
+    evaluation: Evaluation | None = None
+    generation: GenerationCheck | None = None  # greedy decoding of the saved model (harness.generation)
+    towers_changed: list[str] | None = None  # tower tensors that differ from the input checkpoint's (None: no towers saved)
+
+
+@dataclass
+class BackendRecord(JsonRecord):
+    """What the stack did, as the harness observed it. The stack's own figures never decide."""
+
+    name: str
+    version: str | None = None
+    probe: BackendProbe | None = None
+    observed_class: str | None = None  # the class the stack instantiated and trained
+    observed_load_path: str | None = None
+    towers: TowerCounts | None = None  # towers the stack's model carried
+    reported_final_loss: float | None = None  # the stack's own training loss at the end (recorded, never decides)
+    checkpoint: CheckpointCheck | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)  # the overfit recipe as the stack's options
+    unmapped: list[str] = field(default_factory=list)  # recipe items the stack cannot take, in words
+    not_available: list[str] = field(default_factory=list)  # checks that need the job's internals
+
+
+@dataclass
 class EpochRecord(JsonRecord):
     """What one complete epoch fed, summed over ranks."""
 
@@ -266,6 +343,7 @@ class Timings(JsonRecord):
     first_step: float | None = None
     train: float | None = None
     evaluate: float | None = None
+    generate: float | None = None  # the generation check (harness.generation)
     total: float | None = None
 
 
@@ -289,6 +367,7 @@ class WorkerReport(JsonRecord):
     gpu: str | None = None
     load_record: LoadRecord | None = None
     vocab_size: int | None = None
+    initial_entropy: float | None = None  # mean predictive entropy at the first step's labelled tokens, before it
     data: DataStats | None = None
     activation_checkpointing: bool | None = None
     attention: str | None = None
@@ -300,9 +379,11 @@ class WorkerReport(JsonRecord):
     trainable_params: ParamChange | None = None
     preflight: dict[str, dict[str, Any]] | None = None  # check name -> {"status", "detail", values...}
     evaluation: Evaluation | None = None
+    generation: GenerationCheck | None = None
     data_accounting: DataAccounting | None = None
     flops_per_token: float | None = None
     config: RunConfig | None = None
+    backend: BackendRecord | None = None  # the stack that trained, when not the native trainer
     time_s: Timings = field(default_factory=Timings)
     rank_errors: dict[str, str] = field(default_factory=dict)  # other ranks' errors (filled by read_worker_report)
     schema_version: int = SCHEMA_VERSION
@@ -319,6 +400,25 @@ class WorkerReport(JsonRecord):
 
 
 OUT_OF_MEMORY_ERROR = "OutOfMemoryError"  # type(torch.OutOfMemoryError).__name__
+
+
+def record_job_error(report: WorkerReport, exc: BaseException) -> None:
+    """What killed the job, in its report (status, "<ExceptionType>: message", traceback) and on stderr."""
+    import sys
+    import traceback
+
+    report.status, report.error = "error", f"{type(exc).__name__}: {exc}"
+    report.traceback = traceback.format_exc()
+    print(report.traceback, file=sys.stderr, flush=True)
+
+
+def write_worker_report(cfg: RunConfig, report: WorkerReport, rank: int) -> None:
+    """Rank 0 reports the job; another rank reports only its own error (it may be the one that ran
+    out of memory or crashed first)."""
+    if rank == 0:
+        report.to_json(cfg.worker_path)
+    elif report.status == "error":
+        report.to_json(cfg.rank_error_path(rank))
 
 
 def read_worker_report(cfg: RunConfig) -> WorkerReport:
@@ -406,6 +506,7 @@ class ResultTimes(JsonRecord):
     train: float | None = None
     total: float | None = None
     first_step: float | None = None
+    generate: float | None = None  # the generation check (harness.generation)
     wall: float | None = None
 
 
@@ -426,7 +527,9 @@ class ModelResult(JsonRecord):
     initial_loss: float | None = None
     final_loss: float | None = None
     final_train_loss: float | None = None
+    initial_entropy: float | None = None  # mean predictive entropy at the first step's labelled tokens
     evaluation: Evaluation | None = None
+    generation: GenerationCheck | None = None
     data_accounting: DataAccounting | None = None
     steps: int = 0
     stop_reason: str | None = None
@@ -445,6 +548,7 @@ class ModelResult(JsonRecord):
     preflight: dict[str, dict[str, Any]] | None = None
     exit: ExitRecord = field(default_factory=ExitRecord)
     retried_with_activation_checkpointing: str | None = None  # the first attempt's out-of-memory error
+    backend: BackendRecord | None = None  # the stack that trained (None: the native trainer, before backends)
     regressions: list[str] = field(default_factory=list)  # --compare
     log_file: str | None = None
     log_tail: list[str] = field(default_factory=list)

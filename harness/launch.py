@@ -43,7 +43,7 @@ class JobOutcome:
         return self.returncode == 0 and not self.timed_out and not self.interrupted
 
 
-def torchrun_command(job_path: Path, topology: Topology, job_index: int = 0) -> list[str]:
+def torchrun_command(job_path: Path, topology: Topology, job_index: int = 0, module: str = "harness.train") -> list[str]:
     """torchrun for one job. Multi-node: model k of the sweep meets at port + k, so a node still
     finishing model k-1 never joins model k's rendezvous (every node runs the models in one order)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topology.nproc_per_node}"]
@@ -61,17 +61,30 @@ def torchrun_command(job_path: Path, topology: Topology, job_index: int = 0) -> 
         ]
     else:
         command.append("--standalone")  # a free local port: jobs never collide
-    return command + ["-m", "harness.train", "--job", str(job_path)]
+    return command + ["-m", module, "--job", str(job_path)]
 
 
-def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, env=None) -> JobOutcome:
+def run_jobs(commands: list[list[str]], log_path: Path, timeout_s: float, on_line=None) -> JobOutcome:
+    """Commands one after another into one log (a backend's set-up, then its training), sharing the
+    timeout; the first that does not end cleanly ends the sequence. The last outcome, over the whole time."""
+    started, outcome = time.monotonic(), None
+    for position, command in enumerate(commands):
+        remaining = max(1.0, timeout_s - (time.monotonic() - started))
+        outcome = run_job(command, log_path, remaining, on_line, append=position > 0)
+        if not outcome.clean_exit:
+            break
+    outcome.duration_s = time.monotonic() - started
+    return outcome
+
+
+def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, env=None, append: bool = False) -> JobOutcome:
     """Run command in a new session; on timeout or Ctrl-C end the whole process group."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     started = time.monotonic()
     job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
     job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), job_env.get("PYTHONPATH")]))
-    with log_path.open("w") as log:
+    with log_path.open("a" if append else "w") as log:
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True, env=job_env, cwd=REPO_ROOT,

@@ -17,22 +17,25 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from harness.checkpoints import (
     CheckpointKeyError,
+    ancestor_prefixes,
     map_text_keys,
     missing_keys_error,
     read_index,
     read_tensors,
 )
 from harness.job import LoadRecord
-from harness.plan import LoadPathDecision, model_class, resolve_load_path
+from harness.plan import LoadPathDecision, UnsupportedModelError, model_class, resolve_load_path
 from harness.registry import ModelSpec, UsageError, load_config
 
 WEIGHTS_MODES = ("real", "synthetic", "tiny")
@@ -124,10 +127,36 @@ def load_checkpoint(folder: Path, dtype: torch.dtype, weights: str, source: str)
         model, loaded, checkpoint_total = from_pretrained_counted(folder, decision, dtype)
     if decision.load_path == "direct_vlm_load":
         freeze_towers(model)
+    loaded -= not_loaded_elements(model, folder)
     counts = count_parameters(model, checkpoint_total=checkpoint_total, loaded=loaded)
     if decision.load_path == "extract_causal_lm":
         counts.left_out_with_towers = checkpoint_total - loaded
     return model, make_record(decision, model, weights, source, counts, dtype)
+
+
+@torch.no_grad()
+def not_loaded_elements(model: nn.Module, folder: Path) -> int:
+    """Elements of parameters whose values are not the checkpoint's, whatever the loader reported:
+    each parameter whose name maps to a checkpoint tensor of its shape (key prefix detected as for
+    extraction) is compared on its first row. transformers 5.x leaves weights it could not place at
+    random init with only a warning (Gemma3ForCausalLM.from_pretrained on a Gemma 3 VLM checkpoint):
+    the load accounting counts what is really there. Parameters that only a key conversion maps
+    (fused experts, renamed blocks) have no counterpart by name and are not compared."""
+    index = read_index(folder)
+    params = dict(model.named_parameters())
+    mapping, _ = map_text_keys(list(params), index.shapes)
+    same_shape = {name: key for name, key in mapping.items() if tuple(params[name].shape) == index.shapes[key]}
+    differing = 0
+    for path in {index.files[key] for key in same_shape.values()}:
+        with safe_open(str(path), framework="pt") as handle:
+            for name, key in same_shape.items():
+                if index.files[key] != path:
+                    continue
+                param = params[name]
+                first = handle.get_slice(key)[0:1] if param.dim() else handle.get_tensor(key)
+                if not torch.equal(param[0:1] if param.dim() else param, first.to(param.dtype)):
+                    differing += param.numel()
+    return differing
 
 
 # ---------------------------------------------------------------- causal_lm and direct_vlm_load
@@ -137,11 +166,32 @@ def from_pretrained_counted(folder: Path, decision: LoadPathDecision, dtype: tor
     """`from_pretrained` of the decided class; a missing or mis-shaped key raises (5.x only warns)."""
     cls = model_class(decision.model_class)
     model, info = cls.from_pretrained(folder, dtype=dtype, output_loading_info=True)
-    missing = sorted(set(info.get("missing_keys", ())) | {item[0] for item in info.get("mismatched_keys", ())})
+    missing = missing_after_load(info)
     index = read_index(folder)
+    if missing and decision.load_path == "causal_lm":
+        # A VLM checkpoint of a type whose causal-LM class is text-only, its text weights under a prefix
+        # transformers does not map (Emu3 in 5.24: text_model.model.*): map the detected prefix.
+        key_mapping, prefix = prefix_key_mapping(state_keys(model), index)
+        if prefix:
+            model, info = cls.from_pretrained(folder, dtype=dtype, key_mapping=key_mapping, output_loading_info=True)
+            missing = missing_after_load(info)
     if missing:
         raise missing_keys_error(missing, index, "", decision.model_class)
     return model, count_unique(model.parameters()), index.numel()
+
+
+def missing_after_load(info: dict) -> list[str]:
+    return sorted(set(info.get("missing_keys", ())) | {item[0] for item in info.get("mismatched_keys", ())})
+
+
+def prefix_key_mapping(model_keys: list[str], index) -> tuple[dict[str, str], str]:
+    """from_pretrained's key_mapping for text weights under a prefix: `<prefix>` -> `model.` and the
+    head beside the backbone -> `lm_head` (as map_text_keys finds them)."""
+    _, prefix = map_text_keys(model_keys, index.shapes)
+    mapping = {rf"^{re.escape(prefix)}": "model."} if prefix else {}
+    for ancestor in ancestor_prefixes(prefix)[:-1]:
+        mapping[rf"^{re.escape(ancestor)}lm_head\."] = "lm_head."
+    return mapping, prefix
 
 
 # ---------------------------------------------------------------- extract_causal_lm
@@ -171,7 +221,8 @@ def extract_causal_lm(folder: Path, config, decision: LoadPathDecision, dtype: t
     mapping, prefix = map_text_keys(expected, index.shapes)
     missing = [key for key in expected if key not in mapping]
     if missing:
-        raise missing_keys_error(missing, index, prefix, decision.model_class)
+        return extract_with_key_conversion(folder, config, decision, dtype, index, expected,
+                                           missing_keys_error(missing, index, prefix, decision.model_class))
     check_shapes(model, mapping, index, decision.model_class)
     tensors = read_tensors(index, mapping, dtype)
     model.load_state_dict(tensors, strict=False, assign=True)  # completeness was checked above
@@ -179,6 +230,59 @@ def extract_causal_lm(folder: Path, config, decision: LoadPathDecision, dtype: t
     initialize_meta_buffers(model)
     assert_nothing_on_meta(model, decision.model_class)
     return model, sum(t.numel() for t in tensors.values()), index.numel()
+
+
+def extract_with_key_conversion(folder: Path, config, decision: LoadPathDecision, dtype: torch.dtype, index,
+                                expected: list[str], first_error: CheckpointKeyError):
+    """The text weights where no key prefix maps them (blocks renamed, per-expert tensors that 5.x
+    fuses, text layers under another parent than the embeddings): transformers' own loader of the
+    text-only class (it applies the class's weight merges), given first the detected prefix ->
+    `model.`, then the VLM type's checkpoint renames and its language-model path -> `model.`. The
+    towers' tensors stay unexpected keys, never part of the model. A weight still missing raises,
+    naming every attempt."""
+    cls = model_class(decision.model_class)
+    by_prefix, _ = prefix_key_mapping(expected, index)
+    attempts = []
+    for key_mapping in (by_prefix, vlm_key_mapping(config, decision)):
+        try:
+            model, info = cls.from_pretrained(folder, config=extraction_text_config(config), dtype=dtype,
+                                              key_mapping=key_mapping, output_loading_info=True)
+        except Exception as exc:  # transformers raises many kinds on a checkpoint it cannot map
+            attempts.append(f"{type(exc).__name__}: {str(exc)[:300]}")
+            continue
+        missing = missing_after_load(info)
+        if not missing:
+            print(f"[load] {decision.model_class}: text weights read through transformers' {config.model_type} "
+                  "checkpoint key conversion (the key prefix alone did not map them)", flush=True)
+            return model, count_unique(model.parameters()), index.numel()
+        attempts.append(f"{len(missing)} still missing: " + ", ".join(missing[:8])
+                        + (f" ... ({len(missing)} in all)" if len(missing) > 8 else ""))
+    raise CheckpointKeyError(f"{first_error} Through transformers' {config.model_type} key conversion: "
+                             + "; then ".join(attempts))
+
+
+def vlm_key_mapping(config, decision: LoadPathDecision) -> dict[str, str]:
+    """Regex renames: the VLM type's checkpoint renames (transformers' conversion mapping; the weight
+    merges are left to the text class's own), then its language-model path -> `model.`."""
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+    renames = {}
+    for transform in get_checkpoint_conversion_mapping(config.model_type) or []:
+        if getattr(transform, "operations", None):  # a merge or split of tensors, not a rename
+            continue
+        renames.update(zip(transform.source_patterns, transform.target_patterns))
+    renames[rf"^{re.escape(vlm_language_model_path(config, decision))}\."] = "model."
+    return renames
+
+
+def vlm_language_model_path(config, decision: LoadPathDecision) -> str:
+    """Where the VLM class keeps its text backbone (built on the meta device to look)."""
+    try:
+        vlm = build_on_meta(model_class(decision.multimodal_class), copy.deepcopy(config), torch.float32)
+        found = language_model_module(vlm)
+    except Exception:  # e.g. a tower that needs timm: the 5.x layout
+        found = None
+    return found[0] if found else "model.language_model"
 
 
 def state_keys(model: nn.Module) -> list[str]:
@@ -374,14 +478,42 @@ def is_multimodal(model: nn.Module) -> bool:
     return language_model_module(model) is not None
 
 
+def text_backbone(model: nn.Module) -> nn.Module:
+    """The module the trainer calls for hidden states: `.model` on nearly every class, else the
+    attribute the class names as its base model (GitForCausalLM: `.git`)."""
+    for name in ("model", getattr(model, "base_model_prefix", "") or ""):
+        module = getattr(model, name, None) if name else None
+        if isinstance(module, nn.Module) and module is not model:
+            return module
+    raise UnsupportedModelError(
+        f"{type(model).__name__} keeps no text backbone at .model or at its base_model_prefix "
+        f"{getattr(model, 'base_model_prefix', '')!r}: the harness cannot train it (harness/model_support.py)"
+    )
+
+
 def extra_forward_inputs(model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inputs a text-only batch needs beyond input_ids/labels/position_ids for this model class.
 
-    Gemma 3's VLM class takes token_type_ids (1 marks image tokens): zeros say 'all text'."""
-    forward = getattr(model, "forward", None)
-    if is_multimodal(model) and forward is not None and "token_type_ids" in inspect.signature(forward).parameters:
-        return {"token_type_ids": torch.zeros_like(input_ids)}
-    return {}
+    Gemma 3's VLM class takes token_type_ids (1 marks image tokens), Qwen-VL, GLM-4V and Molmo2
+    take mm_token_type_ids (Molmo2 raises without them in training): zeros say 'all text'."""
+    return {name: torch.zeros_like(input_ids) for name in token_type_inputs(model)}
+
+
+TOKEN_TYPE_INPUTS = ("token_type_ids", "mm_token_type_ids")  # 0 marks a text token
+
+
+def token_type_inputs(model: nn.Module) -> list[str]:
+    """The token-type inputs a VLM's forward (and its backbone's, which the trainer calls) takes."""
+    if not is_multimodal(model):
+        return []
+    forwards = [getattr(model, "forward", None), getattr(text_backbone(model), "forward", None)]
+    params = [set(inspect.signature(f).parameters) for f in forwards if f is not None]
+    return [name for name in TOKEN_TYPE_INPUTS if params and all(name in p for p in params)]
+
+
+def vocab_size(model: nn.Module) -> int:
+    """The vocabulary the logits span: the text config's (a VLM's top-level config has none, or a stale one)."""
+    return model.config.get_text_config(decoder=True).vocab_size
 
 
 def uses_mrope(model: nn.Module) -> bool:

@@ -128,6 +128,23 @@ class GlobalMean:
         return float(global_mean_loss(all_reduce_sum(local_sum), self.label_tokens))
 
 
+def _per_labelled_token(per_chunk, hidden_states, lm_head_weight, shift_labels, chunk_tokens, softcap) -> torch.Tensor:
+    """per_chunk(logits, labels) at every labelled token (fp32, shaped like shift_labels, 0 elsewhere),
+    the logits of at most chunk_tokens tokens at a time."""
+    hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
+    values = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    for start in range(0, labelled.numel(), chunk_tokens):
+        index = labelled[start : start + chunk_tokens]
+        logits = _chunk_logits(hidden.index_select(0, index), lm_head_weight, softcap)
+        values[index] = per_chunk(logits, labels[index])
+    return values.reshape(shift_labels.shape)
+
+
+def _token_entropy(logits: torch.Tensor, _labels: torch.Tensor) -> torch.Tensor:
+    # H = logsumexp(z) - sum(softmax(z) * z); two [chunk, vocab] buffers at most
+    return torch.logsumexp(logits, dim=-1) - torch.softmax(logits, dim=-1).mul_(logits).sum(-1)
+
+
 @torch.no_grad()
 def chunked_token_losses(
     hidden_states: torch.Tensor,
@@ -138,10 +155,20 @@ def chunked_token_losses(
 ) -> torch.Tensor:
     """Per-token cross-entropy (fp32, shaped like shift_labels, 0 where not labelled), chunk by
     chunk; for evaluation, where each sample's own loss is wanted."""
-    hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
-    losses = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
-    for start in range(0, labelled.numel(), chunk_tokens):
-        index = labelled[start : start + chunk_tokens]
-        logits = _chunk_logits(hidden.index_select(0, index), lm_head_weight, final_logit_softcapping)
-        losses[index] = _token_cross_entropy(logits, labels[index])
-    return losses.reshape(shift_labels.shape)
+    return _per_labelled_token(_token_cross_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens,
+                               final_logit_softcapping)
+
+
+@torch.no_grad()
+def chunked_token_entropy(
+    hidden_states: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    shift_labels: torch.Tensor,
+    chunk_tokens: int = 2048,
+    final_logit_softcapping: float | None = None,
+) -> torch.Tensor:
+    """Per-token entropy (nats) of the predicted distribution over the vocabulary (fp32, shaped like
+    shift_labels, 0 where not labelled), chunk by chunk. Random weights predict near-uniformly
+    (close to ln(vocab)); a pretrained model is far more certain, even where it is wrong."""
+    return _per_labelled_token(_token_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens,
+                               final_logit_softcapping)

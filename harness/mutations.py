@@ -145,6 +145,36 @@ def _number_positions_across_row(batch: dict) -> None:
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
 
 
+# ---------------------------------------------------------------- the wrappers: generation
+
+
+class _WithTemplate:
+    """The tokenizer, rendering with another chat template (everything else its own)."""
+
+    def __init__(self, tokenizer, template: str):
+        self._tokenizer, self._template = tokenizer, template
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self._tokenizer.apply_chat_template(*args, **{**kwargs, "chat_template": self._template})
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _another_family_template(generation_prompt_ids):
+    """generation_template_differs: the prompt rendered with the first other family's template."""
+    from harness.tokenizers import FAMILY_SPECIAL_TOKENS, family_chat_template
+
+    @functools.wraps(generation_prompt_ids)
+    def wrapped(messages, tokenizer):
+        other = next(t for t in map(family_chat_template, sorted(FAMILY_SPECIAL_TOKENS)) if t != tokenizer.chat_template)
+        return generation_prompt_ids(messages, _WithTemplate(tokenizer, other))
+    return wrapped
+
+
 # ---------------------------------------------------------------- the wrappers: the loaded model, sharding
 
 
@@ -183,6 +213,61 @@ def shard_without_reduction(model, *, bf16: bool, reshard_after_forward: bool = 
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return len(layers) + 1
+
+
+# ---------------------------------------------------------------- the wrappers: upstream bug classes in loading
+
+
+def _causal_lm_mapping_trusted(resolve_load_path):
+    """resolver_returns_causal_lm: the seed's own bug. 'Is it in the causal-LM mapping?' decides, so a
+    dual-registered VLM (Gemma 3) gets the class that mapping names: the full VLM, towers and all."""
+    from harness.plan import CAUSAL_LM
+
+    @functools.wraps(resolve_load_path)
+    def wrapped(config):
+        decision = resolve_load_path(config)
+        causal = CAUSAL_LM.get(config.model_type)
+        if causal is None or decision.load_path == "causal_lm":
+            return decision
+        return dataclasses.replace(decision, load_path="causal_lm", model_class=causal,
+                                   reason=f"{config.model_type!r} is in the causal-LM mapping ({causal})")
+    return wrapped
+
+
+def _token_types_dropped(extra_forward_inputs):
+    """token_type_ids_dropped: the text batch carries input_ids/labels only (TRL #5807)."""
+    from harness.loading import TOKEN_TYPE_INPUTS
+
+    @functools.wraps(extra_forward_inputs)
+    def wrapped(model, input_ids):
+        return {k: v for k, v in extra_forward_inputs(model, input_ids).items() if k not in TOKEN_TYPE_INPUTS}
+    return wrapped
+
+
+PLACEHOLDER_VOCAB = 32000  # what code reading `config.vocab_size` off a VLM's top level gets by default
+
+
+def _top_level_vocab(vocab_size):
+    """vocab_from_top_config: `model.config.vocab_size` (verl #1013); a VLM's top-level config has none
+    in transformers 5.x, so the placeholder default a library keeps stands in."""
+    @functools.wraps(vocab_size)
+    def wrapped(model):
+        return getattr(model.config, "vocab_size", None) or PLACEHOLDER_VOCAB
+    return wrapped
+
+
+def _trusting_from_pretrained(extract_causal_lm):
+    """silent_random_load: extraction by `TextClass.from_pretrained(<VLM checkpoint>)`, trusted because it
+    did not raise: transformers 5.x leaves every text weight at random init with only a warning, and
+    this loader reports every parameter as loaded."""
+    @functools.wraps(extract_causal_lm)
+    def wrapped(folder, config, decision, dtype):
+        from harness import loading
+
+        cls = loading.model_class(decision.model_class)
+        model = cls.from_pretrained(folder, config=loading.extraction_text_config(config), dtype=dtype)
+        return model, loading.count_unique(model.parameters()), loading.read_index(folder).numel()
+    return wrapped
 
 
 # ---------------------------------------------------------------- the wrappers: the trainer
@@ -304,4 +389,14 @@ CATALOGUE = {
     "grads_not_reduced": Mutation("distributed.shard_model", lambda shard_model: shard_without_reduction,
                                   "shards each rank on its own 1-rank mesh: gradients never cross ranks"),
     "towers_updated": Mutation("train.train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"),
+    "generation_template_differs": Mutation("generation.generation_prompt_ids", _another_family_template,
+                                            "renders the generation prompt with another family's chat template than training's"),
+    "resolver_returns_causal_lm": Mutation("loading.resolve_load_path", _causal_lm_mapping_trusted,
+                                           "trusts the causal-LM mapping: Gemma 3 loads as the full VLM"),
+    "token_type_ids_dropped": Mutation("loading.extra_forward_inputs", _token_types_dropped,
+                                       "drops the token-type inputs (token_type_ids, mm_token_type_ids) a VLM takes"),
+    "vocab_from_top_config": Mutation("loading.vocab_size", _top_level_vocab,
+                                      "reads the vocabulary size off the top-level config, not text_config"),
+    "silent_random_load": Mutation("loading.extract_causal_lm", _trusting_from_pretrained,
+                                   "extracts by a plain from_pretrained of the text class and trusts it"),
 }

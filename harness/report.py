@@ -192,8 +192,8 @@ def _case_properties(result: ModelResult) -> dict[str, str]:
 
 # ---- summary.md
 
-SUMMARY_COLUMNS = ["model", "load path", "expected", "weights", "ranks", "initial loss", "final loss", "steps",
-                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"]
+SUMMARY_COLUMNS = ["model", "load path", "expected", "weights", "ranks", "initial loss", "final loss", "replies reproduced",
+                   "steps", "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"]
 
 
 def summary_markdown(results: list[ModelResult], summary: dict) -> str:
@@ -212,7 +212,7 @@ def summary_markdown(results: list[ModelResult], summary: dict) -> str:
         row = [
             r.model, r.load_path, r.expected_load_path or "-", r.weights or "-",
             r.world_size if r.world_size is not None else "-",
-            _num(r.initial_loss), _num(r.final_loss),
+            _num(r.initial_loss), _num(r.final_loss), replies_reproduced(r.generation),
             r.steps,
             _num(r.tokens_per_s_per_gpu, ",.0f"),
             "-" if mfu is None else _num(100 * mfu, ".1f") + "%",
@@ -230,7 +230,35 @@ def summary_markdown(results: list[ModelResult], summary: dict) -> str:
         lines.append("")
         lines += [f"- {_md_text(reason)}" for reason in r.reasons or ["(no reason recorded)"]]
         lines.append("")
+    lines += generation_markdown(results)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def replies_reproduced(check) -> str:
+    """The generation check in one cell: exact replies of those decoded, and the token accuracy."""
+    if check is None:
+        return "-"
+    return f"{check.exact_matches}/{check.samples} ({check.token_accuracy:.1%} of tokens)"
+
+
+def generation_markdown(results: list[ModelResult]) -> list[str]:
+    """Each model's generation check with its worst mismatches (expected vs got, decoded)."""
+    checked = [r for r in results if r.generation is not None]
+    if not checked:
+        return []
+    lines = ["## Generation check", "",
+             "Greedy decoding with the KV cache from the prompts of training samples, after training "
+             "(harness/generation.py).", ""]
+    for r in checked:
+        check = r.generation
+        lines.append(f"- {r.model}: {check.exact_matches}/{check.samples} replies exact, {check.token_accuracy:.1%} of "
+                     f"{check.expected_tokens} tokens, {check.no_end_of_turn} without end-of-turn, "
+                     f"{check.prompts_unlike_training} prompts unlike training's")
+        for worst in check.worst:
+            lines.append(f"  - sample {worst.sample} ({worst.token_accuracy:.0%} of tokens): "
+                         f"prompt ...{_md_text(repr(worst.prompt[-60:]))}, "
+                         f"expected {_md_text(repr(worst.expected))}, got {_md_text(repr(worst.got))}")
+    return lines + [""]
 
 
 def _md_cell(value) -> str:

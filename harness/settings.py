@@ -46,6 +46,7 @@ class RunSettings:
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     timeout_per_model: float = 3600.0
+    backend: str | None = None  # --backend; None: each model's registry `backend:`, else native
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # training settings the command line gave
 
 
@@ -53,7 +54,7 @@ def settings_from_args(args) -> RunSettings:
     return RunSettings(weights=args.weights, device=args.device, dataset=Path(args.dataset), packing=not args.no_packing,
                        nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
                        rdzv_endpoint=args.rdzv_endpoint, timeout_per_model=args.timeout_per_model,
-                       overrides=cli_overrides(args))
+                       backend=getattr(args, "backend", None), overrides=cli_overrides(args))
 
 
 def cli_overrides(args) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def cli_overrides(args) -> dict[str, Any]:
             value = TRI_STATE.get(value, value)
         elif name == "attention" and value == "auto":
             value = None
-        elif name == "compile":
+        elif name in ("compile", "save_checkpoint"):
             value = value or None  # a flag: absent means "not given", not "off"
         if value is not None:
             given[name] = value
@@ -82,7 +83,13 @@ def run_config_for(spec: ModelSpec, settings: RunSettings, model_dir: Path) -> R
     values.update(spec.train.get(settings.weights, {}))
     values.update(settings.overrides)
     return RunConfig(model=spec.to_dict(), weights=settings.weights, device=settings.device, output_dir=str(model_dir),
-                     dataset=str(settings.dataset), packing=settings.packing, loss_threshold=spec.loss_threshold, **values)
+                     dataset=str(settings.dataset), packing=settings.packing, loss_threshold=spec.loss_threshold,
+                     backend=backend_of(spec, settings.backend), **values)
+
+
+def backend_of(spec: ModelSpec, asked: str | None) -> str:
+    """--backend for every model, else the model's registry `backend:`, else the native trainer."""
+    return asked or spec.backend or "native"
 
 
 def check_train_section(train: Any, where: str) -> None:

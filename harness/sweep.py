@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -11,6 +12,8 @@ from pathlib import Path
 
 from harness.job import (
     PROGRESS_PREFIX,
+    BackendRecord,
+    CheckpointCheck,
     ExitRecord,
     ModelResult,
     ResultTimes,
@@ -18,13 +21,13 @@ from harness.job import (
     StepMetrics,
     WorkerReport,
     read_metrics,
-    read_worker_report,
 )
-from harness.launch import JobOutcome, Topology, run_job, torchrun_command
+from harness import backends
+from harness.launch import JobOutcome, Topology, run_job, run_jobs
 from harness.settings import RunSettings, run_config_for
 from harness.verdict import FAIL, INTERRUPTED, PASS, VerdictInput, final_loss, judge, regressions
 
-STALE_FILES = ("worker.json", "metrics.jsonl", "result.json")  # a rerun must not read a previous attempt's
+STALE_FILES = ("worker.json", "metrics.jsonl", "result.json", "checkpoint_eval.json")  # a rerun must not read a previous attempt's
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,39 @@ def run_job_once(planned, index: int, settings: RunSettings, cfg: RunConfig, mod
                  on_line) -> tuple[ModelResult, WorkerReport]:
     for stale in STALE_FILES:
         (model_dir / stale).unlink(missing_ok=True)
+    shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # a previous attempt's model must not be judged
     outcome = launch_model_job(index, settings, cfg, model_dir / "train.log", on_line)
-    report = read_worker_report(cfg)
+    report = backends.backend(cfg.backend).collect(cfg, outcome)
+    if (backends.is_external(cfg.backend) or cfg.save_checkpoint) and not outcome.interrupted:
+        check_saved_checkpoint(cfg, report, settings)
     return collect_result(planned, cfg, outcome, report, topology_of(settings)), report
 
 
 def launch_model_job(index: int, settings: RunSettings, cfg: RunConfig, log_path: Path, on_line) -> JobOutcome:
     job_path = Path(cfg.output_dir) / "job.json"
     cfg.to_json(job_path)
-    command = torchrun_command(job_path, topology_of(settings), job_index=index)
-    return run_job(command, log_path, settings.timeout_per_model, on_line)
+    commands = backends.backend(cfg.backend).commands(cfg, topology_of(settings), index)
+    return run_jobs(commands, log_path, settings.timeout_per_model, on_line)
+
+
+def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSettings) -> None:
+    """The harness's own evaluation of the checkpoint the job saved (harness.checkpoint_eval), in a
+    process of its own. For a stack other than native it is the evaluation that decides convergence."""
+    from harness import checkpoint_eval
+
+    checkpoint_eval.result_path(cfg).unlink(missing_ok=True)
+    command = [sys.executable, "-m", "harness.checkpoint_eval", "--job", str(Path(cfg.output_dir) / "job.json")]
+    if backends.is_external(cfg.backend):
+        command.append("--compare-towers")  # with the input checkpoint the stack read
+    outcome = run_job(command, Path(cfg.output_dir) / "checkpoint_eval.log", settings.timeout_per_model)
+    path = checkpoint_eval.result_path(cfg)
+    check = CheckpointCheck.from_json(path) if path.exists() else CheckpointCheck(
+        folder=str(cfg.checkpoint_dir), error=f"the evaluation process exited with code {outcome.returncode} "
+                                              f"and wrote nothing (see checkpoint_eval.log)")
+    report.backend = report.backend or BackendRecord(cfg.backend)
+    report.backend.checkpoint = check
+    if backends.is_external(cfg.backend):  # the harness's own look decides, not the stack's
+        report.evaluation, report.generation = check.evaluation, check.generation
 
 
 def topology_of(settings: RunSettings) -> Topology:
@@ -124,7 +150,8 @@ def out_of_memory_without_checkpointing(cfg: RunConfig, report: WorkerReport) ->
 def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, topology: Topology) -> ModelResult:
     metrics = read_metrics(cfg.metrics_path)
     record = report.load_record
-    load_path = record.load_path if record else None
+    record_backend(planned, cfg, report)
+    load_path = observed_load_path(cfg, report)
     verdict = judge(verdict_input(planned, cfg, outcome, report, metrics, topology))
     times = report.time_s
     return ModelResult(
@@ -135,19 +162,22 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
         load_path=load_path or planned.decision.load_path,
         load_path_reason=record.reason if record else planned.decision.reason,
         expected_load_path=planned.spec.expected_load_path,
-        classes=record.classes if record else planned.decision.classes(),
+        classes=observed_classes(cfg, report) or planned.decision.classes(),
         verdict=verdict.verdict,
         reasons=verdict.reasons,
         initial_loss=verdict.initial_loss,
         final_loss=verdict.final_loss,
         final_train_loss=final_loss(losses_of(metrics)),
+        initial_entropy=report.initial_entropy,
         evaluation=report.evaluation,
+        generation=report.generation,
         data_accounting=report.data_accounting,
         steps=len(metrics),
         stop_reason=report.stop_reason,
         world_size=report.world_size or topology.nproc_per_node * topology.nnodes,
         gpu=report.gpu,
-        time_s=ResultTimes(load=times.load, train=times.train, total=times.total, first_step=times.first_step),
+        time_s=ResultTimes(load=times.load, train=times.train, total=times.total, first_step=times.first_step,
+                           generate=times.generate),
         tokens_per_s=steady_mean(metrics, "tokens_per_s"),
         tokens_per_s_per_gpu=steady_mean(metrics, "tokens_per_s_per_gpu"),
         mfu=steady_mean(metrics, "mfu"),
@@ -163,13 +193,48 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
         log_tail=[] if verdict.verdict == PASS else outcome.log_tail[-20:],
         model_dir=Path(cfg.output_dir).name,
         loss_threshold=cfg.loss_threshold,
+        backend=report.backend,
     )
+
+
+def record_backend(planned, cfg: RunConfig, report: WorkerReport) -> None:
+    """The backend beside the verdict: its prediction (probe) and, for a stack other than native,
+    which of the gate's checks could not be made."""
+    report.backend = report.backend or BackendRecord(cfg.backend)
+    report.backend.probe = report.backend.probe or getattr(planned, "probe", None)
+    if backends.is_external(cfg.backend):
+        report.backend.not_available = list(backends.NOT_AVAILABLE_OUTSIDE)
+
+
+def external_stack(cfg: RunConfig, report: WorkerReport) -> BackendRecord | None:
+    """What a stack other than the native trainer did (None for native: its own records say it)."""
+    if not backends.is_external(cfg.backend):
+        return None
+    return report.backend or BackendRecord(cfg.backend)
+
+
+def observed_load_path(cfg: RunConfig, report: WorkerReport) -> str | None:
+    stack = external_stack(cfg, report)
+    if stack is not None:
+        return stack.observed_load_path
+    return report.load_record.load_path if report.load_record else None
+
+
+def observed_classes(cfg: RunConfig, report: WorkerReport) -> dict[str, str | None] | None:
+    stack = external_stack(cfg, report)
+    if stack is not None:
+        return {"model": stack.observed_class} if stack.observed_class else None
+    return report.load_record.classes if report.load_record else None
 
 
 def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, metrics: list[StepMetrics],
                   topology: Topology) -> VerdictInput:
     record, towers, evaluation = report.load_record, report.towers, report.evaluation
-    load_path = record.load_path if record else None
+    load_path = observed_load_path(cfg, report)
+    stack = external_stack(cfg, report)
+    if stack is not None:  # what the harness saw from outside: the towers it carried, the checkpoint it saved
+        towers = stack.towers
+    saved = stack.checkpoint if stack else None
     return VerdictInput(
         clean_exit=outcome.clean_exit and report.finished,
         exit_detail=exit_detail(outcome, report, topology),
@@ -183,8 +248,9 @@ def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerRe
         stop_reason=report.stop_reason,
         non_finite_step=report.non_finite_step,
         tower_params_in_model=towers.params if towers and load_path == "extract_causal_lm" else 0,
-        trainable_tower_params=towers.trainable if towers else 0,
-        frozen_params_changed=bool(report.frozen_params and report.frozen_params.changed),
+        # A stack's towers are judged by whether they moved in its checkpoint, not by requires_grad.
+        trainable_tower_params=towers.trainable if towers and stack is None else 0,
+        frozen_params_changed=bool(saved.towers_changed) if saved else bool(report.frozen_params and report.frozen_params.changed),
         eval_loss=evaluation.loss if evaluation else None,
         eval_label_tokens=evaluation.label_tokens if evaluation else None,
         data_accounting=report.data_accounting,
@@ -195,6 +261,13 @@ def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerRe
         trainable_params_changed=report.trainable_params.changed if report.trainable_params else None,
         params_loaded=record.params.get("loaded") if record else None,
         params_total=record.params.get("model_total") if record else None,
+        backend=cfg.backend,
+        observed_class=stack.observed_class if stack else None,
+        stack_towers=stack.towers if stack else None,
+        checkpoint_error=saved.error if saved else None if stack is None else "the stack's checkpoint was not evaluated",
+        reported_final_loss=stack.reported_final_loss if stack else None,
+        initial_entropy=report.initial_entropy,
+        generation=report.generation,
     )
 
 

@@ -12,7 +12,6 @@ import math
 import os
 import sys
 import time
-import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,13 +23,14 @@ from harness import attention as attention_lib
 from harness import data as data_lib
 from harness import distributed as dist_lib
 from harness import faults
+from harness import generation as generation_lib
 from harness import job_caches
 from harness import loading
 from harness import mutations
 from harness import plan as plan_lib
 from harness import preflight
 from harness import profiling
-from harness.loss import GlobalMean, chunked_cross_entropy_sum, chunked_token_losses
+from harness.loss import GlobalMean, chunked_cross_entropy_sum, chunked_token_entropy, chunked_token_losses
 from harness.evaluate import evaluate_full_dataset
 from harness.job import (
     PROGRESS_PREFIX,
@@ -45,6 +45,8 @@ from harness.job import (
     Timings,
     TowerCounts,
     WorkerReport,
+    record_job_error,
+    write_worker_report,
 )
 from harness.metrics import (
     gpu_name,
@@ -72,12 +74,13 @@ class TrainableLM(nn.Module):
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False, hidden: bool = False):
+    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False, hidden: bool = False,
+                entropy: bool = False):
         extra = loading.extra_forward_inputs(self.lm, input_ids)
         if self.varlen and attention_mask is None:
             cu_seqlens, longest = attention_lib.sequence_boundaries(position_ids, *input_ids.shape, input_ids.device)
             extra.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=longest, max_length_k=longest)
-        outputs = self.lm.model(
+        outputs = loading.text_backbone(self.lm)(
             input_ids=input_ids,
             position_ids=loading.text_position_ids(self.lm, position_ids),
             attention_mask=attention_mask,
@@ -87,7 +90,7 @@ class TrainableLM(nn.Module):
         if hidden:  # no loss wanted (preflight's packing check reads a layer's output through a hook)
             return outputs.last_hidden_state
         head = self.lm.get_output_embeddings()
-        loss_fn = chunked_token_losses if per_token else chunked_cross_entropy_sum
+        loss_fn = chunked_token_entropy if entropy else chunked_token_losses if per_token else chunked_cross_entropy_sum
         return loss_fn(
             outputs.last_hidden_state, head.weight, shift_labels,
             chunk_tokens=self.chunk_tokens, final_logit_softcapping=self.softcap,
@@ -123,16 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, ctx, report)
         return 0
     except Exception as exc:  # record what killed the job (and what was known), then fail the exit code
-        report.status, report.error = "error", f"{type(exc).__name__}: {exc}"
-        report.traceback = traceback.format_exc()
-        print(report.traceback, file=sys.stderr, flush=True)
+        record_job_error(report, exc)
         return 1
     finally:
-        # Rank 0 reports the job; another rank reports only its own error (it may be the one that ran out of memory).
-        if rank == 0:
-            report.to_json(cfg.worker_path)
-        elif report.status == "error":
-            report.to_json(cfg.rank_error_path(rank))
+        write_worker_report(cfg, report, rank)
         dist_lib.close_distributed(clean=report.status == "finished")
 
 
@@ -145,11 +142,12 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
 
     loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic")
     text_config = loaded.model.config.get_text_config(decoder=True)
-    report.load_record, report.vocab_size = loaded.record, text_config.vocab_size
+    report.load_record, report.vocab_size = loaded.record, loading.vocab_size(loaded.model)
     tokenizer = loading.tokenizer_for(spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
     dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
     checks = {"labels": preflight.label_check(conversations, dataset, tokenizer, preflight.end_of_turn_marker(spec, tokenizer))}
+    checks["vocab"] = preflight.vocab_check(report.vocab_size, loaded.model)
     if ctx.is_main:  # before sharding: the plain extracted model against the full VLM
         checks["extraction"] = preflight.extraction_parity(spec, cfg.weights, loaded, dataset.samples[0].input_ids)
     load_done = time.monotonic()
@@ -209,6 +207,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
             if state.step == 0:  # preflight on the first step's data, before its parameters change
                 checks["packing"] = preflight.packing_check(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
                 reference = preflight.first_step_reference(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
+                report.initial_entropy = reference["entropy"]
             step_start = time.monotonic()
             with profiler.around(state.step + 1):
                 loss, grad_norm, tokens, label_tokens = train_step(
@@ -248,6 +247,12 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     if state.step and evaluated_at != state.step:
         evaluation = evaluate()
     evaluated = time.monotonic()
+    if cfg.save_checkpoint:  # the harness then evaluates it as it does an external stack's (cross-check)
+        save_trained_model(model, tokenizer, cfg, ctx)
+    # The model must answer as it will be used: greedy decoding with the KV cache reproduces its replies.
+    generation = generation_lib.generation_check(model, conversations, dataset, tokenizer,
+                                                 preflight.end_of_turn_marker(spec, tokenizer), pad_id(tokenizer), ctx)
+    generated = time.monotonic()
     report.status, report.stop_reason, report.non_finite_step = "finished", state.stop_reason, state.non_finite_step
     report.steps, report.epochs_started, report.steps_per_epoch, report.planned_steps = state.step, state.epoch, steps_per_epoch, total_steps
     report.device, report.gpu, report.data = str(ctx.device.type), gpu_name(ctx.device), dataset_stats(dataset)
@@ -256,11 +261,11 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     report.sharding = sharding_record(model, ctx, fsdp_units)
     report.frozen_params = ParamChange(frozen_before[0], frozen_before[1] != frozen_after[1])
     report.trainable_params = ParamChange(trainable_before[0], trainable_before[1] != trainable_after[1])
-    report.preflight, report.evaluation = checks, evaluation
+    report.preflight, report.evaluation, report.generation = checks, evaluation, generation
     report.data_accounting, report.flops_per_token = DataAccounting.of(epoch_records), flops_per_token
     report.time_s = Timings(load=load_done - started, shard=shard_done - load_done,
                             first_step=(state.first_step_at or finished) - started, train=finished - train_started,
-                            evaluate=evaluated - finished, total=evaluated - started)
+                            evaluate=evaluated - finished, generate=generated - evaluated, total=generated - started)
     return report
 
 
@@ -293,6 +298,18 @@ def plan_epoch(cfg: RunConfig, dataset, ctx, epoch: int):
         dataset.samples, world_size=ctx.world_size, max_tokens_per_gpu=cfg.max_tokens_per_gpu,
         packing=cfg.packing, seed=cfg.seed, epoch=epoch,
     )
+
+
+def save_trained_model(model: TrainableLM, tokenizer, cfg: RunConfig, ctx) -> None:
+    """The trained model as a hub-layout checkpoint: every rank gathers the full state dict, rank 0
+    writes it (with the tokenizer) under cfg.checkpoint_dir."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(model.lm, options=options) if dist_lib.dist.is_initialized() else model.lm.state_dict()
+    if ctx.is_main:
+        model.lm.save_pretrained(cfg.checkpoint_dir, state_dict=state)
+        tokenizer.save_pretrained(cfg.checkpoint_dir)
 
 
 def pad_id(tokenizer) -> int:

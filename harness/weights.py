@@ -174,11 +174,13 @@ def write_text_with_stub_towers(config, folder: Path, text_model=None) -> None:
     text_config = copy.deepcopy(config.get_text_config(decoder=True))
     if text_model is None:
         text_model = AutoModelForCausalLM.from_config(text_config)
+    tied = getattr(text_config, "tie_word_embeddings", None)  # some 5.x text configs leave it to the top level
+    tied = bool(getattr(config, "tie_word_embeddings", False)) if tied is None else tied
     tensors = {}
     for key, tensor in text_model.state_dict().items():
         if key.startswith("model."):
             tensors["model.language_model." + key[len("model."):]] = tensor.contiguous()
-        elif key == "lm_head.weight" and not text_config.tie_word_embeddings:
+        elif key == "lm_head.weight" and not tied:
             tensors["lm_head.weight"] = tensor.contiguous()
     tensors.update(stub_tower_tensors(text_config.hidden_size))
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})

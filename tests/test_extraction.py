@@ -130,3 +130,15 @@ def test_shape_mismatch_fails(tiny_gemma3_vlm):
     save_file(tensors, str(path), metadata={"format": "pt"})
     with pytest.raises(CheckpointKeyError, match="shape mismatch"):
         load_folder(folder)
+
+
+def test_load_accounting_counts_what_a_silent_load_left_random(tiny_gemma3_vlm):
+    """transformers 5.x: Gemma3ForCausalLM.from_pretrained(<VLM checkpoint>) leaves the text weights at
+    random init with a warning only. The load record compares every parameter with the checkpoint."""
+    from transformers import Gemma3ForCausalLM
+
+    folder, vlm = tiny_gemma3_vlm
+    silent = Gemma3ForCausalLM.from_pretrained(folder, config=loading.extraction_text_config(vlm.config))
+    assert loading.not_loaded_elements(silent, folder) > loading.count_unique(silent.parameters()) // 2
+    model, record = load_folder(folder)
+    assert loading.not_loaded_elements(model, folder) == 0 and record.params["loaded"] == record.params["model_total"]

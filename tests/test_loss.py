@@ -1,4 +1,6 @@
 """chunked_cross_entropy_sum equals F.cross_entropy(reduction='sum') on full logits, values and gradients."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,3 +81,22 @@ def test_global_mean_normalisation():
     assert sum(shares).item() == pytest.approx(80.0 / 40)
     assert global_mean_loss(torch.tensor(0.0), 0).item() == 0.0  # an all-dummy step does not divide by zero
     assert loss_for_backward(torch.tensor(10.0), 40, gradient_divide_factor=2).item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 2048])
+def test_chunked_entropy_is_the_entropy_of_the_softmax_at_labelled_tokens(cap, chunk_tokens):
+    from harness.loss import chunked_token_entropy
+
+    hidden, weight, labels = make_inputs()
+    labels[1, ::2] = IGNORE_INDEX
+    logits = (hidden @ weight.t()).float()
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    expected = torch.distributions.Categorical(logits=logits).entropy() * (labels != IGNORE_INDEX)
+    ours = chunked_token_entropy(hidden, weight, labels, chunk_tokens, cap)
+    assert ours.shape == labels.shape
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+    # near-uniform logits sit at ln(vocab)
+    flat = chunked_token_entropy(hidden * 1e-4, weight, labels, chunk_tokens, cap)
+    assert torch.allclose(flat[labels != IGNORE_INDEX], torch.full_like(flat[labels != IGNORE_INDEX], math.log(VOCAB)), atol=1e-3)

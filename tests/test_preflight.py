@@ -38,3 +38,9 @@ def test_partly_loaded_checkpoint_fails_for_real_and_tiny_weights_only():
     assert "left at random init" in only_reason(healthy(params_loaded=60, params_total=100))
     assert judge(healthy(weights="synthetic", params_loaded=0, params_total=100,
                          losses=[LN_1024] + [0.01] * 5, grad_norms=[1.0] * 6, lrs=[1e-3] * 6)).verdict == "PASS"
+
+
+def test_a_stack_whose_warm_up_starts_at_lr_0_loses_one_step_only():
+    """transformers' linear warm-up (TRL, instructlab) gives step 1 lr 0: not a bug there; a second step is."""
+    assert judge(healthy(lrs=[0.0] + [1e-3] * 7, backend="trl")).verdict == "PASS"
+    assert "learning rate is 0 at 1 step(s) from step 2" in only_reason(healthy(lrs=[1e-3, 0.0] + [1e-3] * 6, backend="trl"))

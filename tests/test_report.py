@@ -198,3 +198,20 @@ def test_interrupted_reports_leave_nothing_and_do_not_raise(sweep, monkeypatch, 
     assert sorted(p.name for p in run_dir.iterdir()) == before
     warnings = capsys.readouterr().err.strip().splitlines()
     assert len(warnings) == 3 and all("simulated" in line for line in warnings)
+
+
+def test_summary_markdown_and_result_json_show_the_generation_check(tmp_path):
+    check = {"samples": 32, "exact_matches": 30, "exact_match_rate": 0.9375, "token_accuracy": 0.878, "expected_tokens": 1017,
+             "worst": [{"sample": 77, "token_accuracy": 0.3, "prompt": "...<start_of_turn>model\n",
+                        "expected": "The city Ranlolun was founded<end_of_turn>", "got": "The city Ranlolun.<end_of_turn>"}]}
+    result = _result("tiny-pass", "PASS", [], generation=check)
+    text = report.summary_markdown([result, _result("tiny-external", "PASS", [])], {"run_id": "r"})
+    assert any(line.startswith("| model |") and " replies reproduced |" in line for line in text.splitlines())
+    assert "| 30/32 (87.8% of tokens) |" in text
+    section = text.split("## Generation check", 1)[1]
+    assert "- tiny-pass: 30/32 replies exact, 87.8% of 1017 tokens, 0 without end-of-turn" in section
+    assert "sample 77 (30% of tokens)" in section and "tiny-external" not in section
+    assert "expected 'The city Ranlolun was founded<end_of_turn>', got 'The city Ranlolun.<end_of_turn>'" in section
+    result.to_json(tmp_path / "result.json")
+    assert ModelResult.from_json(tmp_path / "result.json").generation == result.generation
+    assert json.loads((tmp_path / "result.json").read_text())["generation"]["worst"][0]["sample"] == 77

