@@ -34,7 +34,7 @@ from harness.checkpoints import (
     read_index,
     read_tensors,
 )
-from harness.job import LoadRecord
+from harness.job import LoadRecord, TowerCounts
 from harness.plan import LoadPathDecision, UnsupportedModelError, model_class, resolve_load_path
 from harness.registry import ModelSpec, UsageError, load_config
 
@@ -427,6 +427,13 @@ def freeze_towers(model: nn.Module) -> int:
 def tower_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     text = text_parameter_names(model)
     return {name: p for name, p in model.named_parameters() if name not in text}
+
+
+def tower_counts(model: nn.Module) -> TowerCounts:
+    """The towers' parameters (outside the language model and lm_head), all and trainable; after
+    FSDP2 sharding too (DTensor.numel() is the global size)."""
+    towers = list(tower_parameters(model).values())
+    return TowerCounts(params=count_unique(towers), trainable=count_unique(p for p in towers if p.requires_grad))
 
 
 def count_unique(parameters) -> int:

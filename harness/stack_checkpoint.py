@@ -85,8 +85,9 @@ def write_synthetic(cfg: RunConfig, folder: Path) -> None:
     class_name = decision.model_class if decision.load_path == "causal_lm" else decision.multimodal_class
     model = loading.build_on_meta(model_class(class_name), config, torch.float32)
     if cfg.init_std is not None:
-        for part in {id(c): c for c in (model.config, model.config.get_text_config(decoder=True))}.values():
-            part.initializer_range = cfg.init_std
+        from harness.train import set_initializer_range
+
+        set_initializer_range(model, cfg.init_std)
     device = "cuda" if cfg.device == "cuda" and torch.cuda.is_available() else "cpu"
     loading.materialize(model, device, seed=cfg.seed)
     model.to(getattr(torch, SYNTHETIC_SAVE_DTYPE)).save_pretrained(folder, max_shard_size=MAX_SHARD_SIZE)

@@ -43,7 +43,6 @@ from harness.job import (
     Sharding,
     StepMetrics,
     Timings,
-    TowerCounts,
     WorkerReport,
     record_job_error,
     write_worker_report,
@@ -257,7 +256,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     report.steps, report.epochs_started, report.steps_per_epoch, report.planned_steps = state.step, state.epoch, steps_per_epoch, total_steps
     report.device, report.gpu, report.data = str(ctx.device.type), gpu_name(ctx.device), dataset_stats(dataset)
     report.attention, report.reshard_after_forward = loaded.model.config._attn_implementation, reshard
-    report.compiled_modules, report.towers = compiled_modules, tower_parameter_counts(model)
+    report.compiled_modules, report.towers = compiled_modules, loading.tower_counts(model.lm)
     report.sharding = sharding_record(model, ctx, fsdp_units)
     report.frozen_params = ParamChange(frozen_before[0], frozen_before[1] != frozen_after[1])
     report.trainable_params = ParamChange(trainable_before[0], trainable_before[1] != trainable_after[1])
@@ -394,13 +393,6 @@ def parameter_checksum(model: nn.Module, trainable: bool) -> tuple[int, float]:
             weights = torch.arange(start + 1, start + part.numel() + 1, device=part.device, dtype=torch.float64)
             total += (part * weights).sum()
     return len(chosen), float(dist_lib.all_reduce_sum(total).item())
-
-
-def tower_parameter_counts(model: nn.Module) -> TowerCounts:
-    """The towers as loading defines them (outside the language model and lm_head), after sharding:
-    DTensor.numel() is the global size."""
-    towers = loading.tower_parameters(model.lm).values()
-    return TowerCounts(params=sum(p.numel() for p in towers), trainable=sum(p.numel() for p in towers if p.requires_grad))
 
 
 def sharding_record(model: nn.Module, ctx, fsdp_units: int) -> Sharding:

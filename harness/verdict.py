@@ -127,6 +127,8 @@ def checkpoint_reasons(inp: VerdictInput) -> list[str]:
     """The checkpoint the job saved, as the harness evaluated it (external stacks, --save-checkpoint)."""
     if inp.checkpoint_error:
         return [f"the checkpoint {inp.backend} saved could not be evaluated by the harness: {inp.checkpoint_error}"]
+    if inp.backend != "native" and inp.eval_loss is None:  # the stack's own loss never stands in for it
+        return [f"the harness has no evaluation of the checkpoint {inp.backend} saved: convergence is unproven"]
     if inp.reported_final_loss is None or inp.eval_loss is None:
         return []
     reported, evaluated = inp.reported_final_loss, inp.eval_loss

@@ -42,5 +42,10 @@ def test_partly_loaded_checkpoint_fails_for_real_and_tiny_weights_only():
 
 def test_a_stack_whose_warm_up_starts_at_lr_0_loses_one_step_only():
     """transformers' linear warm-up (TRL, instructlab) gives step 1 lr 0: not a bug there; a second step is."""
-    assert judge(healthy(lrs=[0.0] + [1e-3] * 7, backend="trl")).verdict == "PASS"
-    assert "learning rate is 0 at 1 step(s) from step 2" in only_reason(healthy(lrs=[1e-3, 0.0] + [1e-3] * 6, backend="trl"))
+    assert judge(healthy(lrs=[0.0] + [1e-3] * 7, backend="trl", eval_loss=0.01, eval_label_tokens=100)).verdict == "PASS"
+    assert "learning rate is 0 at 1 step(s) from step 2" in only_reason(healthy(lrs=[1e-3, 0.0] + [1e-3] * 6, backend="trl", eval_loss=0.01, eval_label_tokens=100))
+
+
+def test_an_external_stack_without_the_harness_evaluation_fails_whatever_its_own_loss():
+    reason = only_reason(healthy(backend="trl", eval_loss=None))
+    assert "no evaluation of the checkpoint trl saved" in reason

@@ -15,6 +15,7 @@ from pathlib import Path
 from harness.backends import Requirement, observed_load_path
 from harness.job import BackendProbe, BackendRecord, RunConfig, StepMetrics, TowerCounts, WorkerReport, read_worker_report
 from harness.launch import JobOutcome, Topology
+from harness.verdict import final_loss
 
 REQUIREMENT = Requirement(module="instructlab.training", distribution="instructlab-training", version="0.16.2",
                           extra="instructlab")
@@ -85,7 +86,7 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
     write_metrics(cfg, metrics)
     report.steps = len(metrics)
     losses = [m.loss for m in metrics]
-    record.reported_final_loss = sum(losses[-5:]) / len(losses[-5:]) if losses else None
+    record.reported_final_loss = final_loss(losses)
     if metrics and not all(math.isfinite(loss) for loss in losses):
         report.non_finite_step = next(m.step for m in metrics if not math.isfinite(m.loss))
     move_last_checkpoint(cfg)

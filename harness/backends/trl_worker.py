@@ -25,7 +25,6 @@ from harness.job import (
     RunConfig,
     StepMetrics,
     Timings,
-    TowerCounts,
     WorkerReport,
     record_job_error,
     write_worker_report,
@@ -37,7 +36,6 @@ from harness.job import (
 # 32 samples in 3 packed rows: a 5-step mean below 0.7x the threshold stopped at an evaluation of 0.0511.)
 STOP_MARGIN = 0.5
 STOP_EPOCHS = 2
-FINAL_WINDOW = 5
 
 # What the recipe cannot say in SFTConfig's terms (also in README's backend section).
 UNMAPPED = [
@@ -112,6 +110,7 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     import trl
     from transformers import AutoConfig, AutoTokenizer
 
+    from harness import loading
     from harness.backends import observed_load_path
     from harness.dataset_file import load_chat_dataset
     from harness.stack_checkpoint import input_checkpoint_path
@@ -130,7 +129,7 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     model = trainer.model
     record.observed_class = type(model).__name__
     record.observed_load_path = observed_load_path(AutoConfig.from_pretrained(folder), record.observed_class)
-    record.towers = tower_counts(model)
+    record.towers = loading.tower_counts(model)
     report.vocab_size = model.config.get_text_config(decoder=True).vocab_size
     report.data = DataStats(n_samples=len(conversations))
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
@@ -161,13 +160,6 @@ def dataset_of(conversations: list[list[dict]]):
     from datasets import Dataset
 
     return Dataset.from_list([{"messages": messages} for messages in conversations])
-
-
-def tower_counts(model) -> TowerCounts:
-    from harness.loading import count_unique, tower_parameters
-
-    towers = list(tower_parameters(model).values())
-    return TowerCounts(params=count_unique(towers), trainable=count_unique(p for p in towers if p.requires_grad))
 
 
 class HarnessCallback(TrainerCallback):
@@ -230,8 +222,9 @@ class HarnessCallback(TrainerCallback):
 
     @property
     def final_loss(self) -> float | None:
-        tail = self.losses[-FINAL_WINDOW:]
-        return sum(tail) / len(tail) if tail else None
+        from harness.verdict import final_loss
+
+        return final_loss(self.losses)
 
 
 if __name__ == "__main__":
