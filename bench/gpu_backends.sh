@@ -5,15 +5,22 @@
 set -u
 out=${OUT:-/tmp/out}/backends
 mkdir -p "$out"
-run() {  # name, seconds, args...
+run() {  # name, seconds, args...   ONLY=name1,name2 runs just those
   local name=$1 limit=$2; shift 2
+  [ -z "${ONLY:-}" ] || [[ ",$ONLY," == *",$name,"* ]] || return 0
   local started=$(date +%s)
-  timeout "$limit" python3 run_validation.py --device cuda --nproc-per-node 1 --wandb-mode disabled \
+  # the harness's own job timeout ends every rank; `timeout` (later) only guards the CLI itself
+  timeout $(( limit + 60 )) python3 run_validation.py --device cuda --nproc-per-node 1 --wandb-mode disabled \
+      --timeout-per-model "$limit" \
       --output-dir "$out/$name" --run-id run "$@" > "$out/$name.log" 2>&1
   echo "$name rc=$? $(( $(date +%s) - started ))s" | tee -a "$out/index.txt"
-  find "$out/$name" \( -name checkpoint -o -name instructlab -o -name trl \) -type d -prune -exec rm -rf {} + 2>/dev/null
+  for r in "$out/$name"/run/*/result.json; do [ -f "$r" ] && cp "$r" "$out/$name.$(basename "$(dirname "$r")").result.json"; done
+  rm -rf "$out/$name"  # the run folders are too deep to come back; result.json and the log do
 }
-run trl-tiny 150 --models gemma-3-4b-it,Llama-3.2-1B-Instruct --backend trl --weights tiny --max-samples 32
-run ilab-tiny 200 --models gemma-3-4b-it --backend instructlab --weights tiny --max-samples 32 --max-steps 60
+run ilab-tiny 150 --models gemma-3-4b-it --backend instructlab --weights tiny --max-samples 32 --max-steps 60
+run trl-tiny-gemma 150 --models gemma-3-4b-it --backend trl --weights tiny --max-samples 32
+run trl-tiny 250 --models Llama-3.2-1B-Instruct --backend trl --weights tiny --max-samples 32
 run trl-4b ${TRL_4B_S:-200} --models gemma-3-4b-it --backend trl --weights synthetic --max-steps ${STEPS:-40}
-run ilab-4b ${ILAB_4B_S:-200} --models gemma-3-4b-it --backend instructlab --weights synthetic --max-steps ${STEPS:-40}
+run ilab-4b ${ILAB_4B_S:-300} --models gemma-3-4b-it --backend instructlab --weights synthetic --max-steps ${STEPS:-40}
+run trl-3n ${TRL_3N_S:-200} --models gemma-3n-E4B-it --backend trl --weights synthetic --max-steps ${STEPS:-40}
+run ilab-3n ${ILAB_3N_S:-300} --models gemma-3n-E4B-it --backend instructlab --weights synthetic --max-steps ${STEPS:-40}

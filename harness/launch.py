@@ -37,6 +37,7 @@ class JobOutcome:
     duration_s: float
     log_path: Path
     log_tail: list[str] = field(default_factory=list)
+    launcher: str = "torchrun"  # what started the ranks, for the exit reason
 
     @property
     def clean_exit(self) -> bool:
@@ -101,7 +102,20 @@ def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, 
             interrupted = True
             end_process_group(process)
         reader.join(timeout=10)
-    return JobOutcome(process.returncode, timed_out, interrupted, time.monotonic() - started, log_path, list(tail))
+    return JobOutcome(process.returncode, timed_out, interrupted, time.monotonic() - started, log_path, list(tail),
+                      launcher_name(command))
+
+
+LAUNCHERS = {"torch.distributed.run": "torchrun", "accelerate.commands.launch": "accelerate launch",
+             "harness.backends.instructlab_worker": "instructlab's run_training"}
+
+
+def launcher_name(command: list[str]) -> str:
+    """torchrun, accelerate launch, or the module/program a command runs (a backend's own launcher)."""
+    if "-m" in command[:-1]:
+        module = command[command.index("-m") + 1]
+        return LAUNCHERS.get(module, module)
+    return Path(command[0]).name
 
 
 def _pump(stream, log, tail: deque, on_line) -> None:

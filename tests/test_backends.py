@@ -265,9 +265,11 @@ def test_native_checkpoint_evaluation_equals_the_in_job_evaluation(tmp_path):
 
 
 def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
-    """instructlab's files as 0.16.2 writes them (its metrics JSONL after a hyper-parameter line, its log
-    line for the extraction path, hf_format/last_epoch) -> metrics.jsonl, the observed load path and
-    class, the checkpoint moved where the harness evaluates it."""
+    """instructlab's files as 0.16.2 writes them (its metrics JSONL after a hyper-parameter line, each lr
+    the next step's; its log line for the extraction path wrapped by rich at 80 columns, as seen on an
+    H200, so unreadable; hf_format/last_epoch holding the text config, which names no architecture) ->
+    metrics.jsonl with each step's own lr, the load path and class from the saved checkpoint, the
+    vocabulary, the checkpoint moved where the harness evaluates it."""
     import shutil
 
     from harness.backends import instructlab
@@ -282,26 +284,39 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     WorkerReport(status="finished", world_size=1).to_json(cfg.worker_path)
     ckpt = instructlab.stack_dir(cfg) / "ckpt"
     lines = [{"script_params": {"learning_rate": 3e-3}}]
-    lines += [{"epoch": 0, "step": s, "rank": 0, "lr": 3e-3, "avg_loss": loss, "gradnorm": 1.5, "num_tokens_rank0": 900,
-               "num_loss_counted_tokens": 300, "cuda_mem_allocated": 1.2} for s, loss in [(1, 6.9), (2, 4.0), (3, 1.0)]]
+    lines += [{"epoch": 0, "step": s, "rank": 0, "lr": lr, "avg_loss": loss, "gradnorm": 1.5, "num_tokens_rank0": 900,
+               "num_loss_counted_tokens": 300, "cuda_mem_allocated": 1.2}
+              for s, loss, lr in [(1, 6.9, 1e-3), (2, 4.0, 2e-3), (3, 1.0, 0.0)]]
     ckpt.mkdir(parents=True)
     (ckpt / instructlab.METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
-    (ckpt / "full_logs_global0.log").write_text(f"INFO VLM config detected — {instructlab.EXTRACT_LINE}\n")
+    wrapped = instructlab.EXTRACT_LINE.replace(" to ", " to      vlm_utils.py:327\n                    ")
+    (ckpt / "full_logs_global0.log").write_text(f"[12:22:41] INFO     VLM config detected — {wrapped}\n")
     text_model = tmp_path / "text"
     from harness.loading import load_model
 
-    load_model(spec, "tiny").model.save_pretrained(text_model)  # what extraction saves: Gemma3ForCausalLM
+    extracted = load_model(spec, "tiny").model  # what extraction saves: Gemma3ForCausalLM, text config
+    extracted.config.architectures = None
+    extracted.save_pretrained(text_model)
     shutil.move(str(text_model), str(ckpt / "hf_format" / "last_epoch"))
     log = tmp_path / "train.log"
     log.write_text("")
     report = instructlab.collect(cfg, JobOutcome(0, False, False, 1.0, log))
-    assert [(m.step, m.loss, m.grad_norm, m.tokens, m.label_tokens) for m in read_metrics(cfg.metrics_path)] == [
-        (1, 6.9, 1.5, 900, 300), (2, 4.0, 1.5, 900, 300), (3, 1.0, 1.5, 900, 300)]
+    assert [(m.step, m.loss, m.grad_norm, m.tokens, m.label_tokens, m.lr) for m in read_metrics(cfg.metrics_path)] == [
+        (1, 6.9, 1.5, 900, 300, None), (2, 4.0, 1.5, 900, 300, 1e-3), (3, 1.0, 1.5, 900, 300, 2e-3)]
+    assert report.vocab_size == spec_vocab(cfg)
     assert report.backend.observed_load_path == "extract_causal_lm"
     assert report.backend.observed_class == "Gemma3ForCausalLM"
     assert report.backend.towers.params == 0
     assert (cfg.checkpoint_dir / "config.json").exists()
     assert report.backend.reported_final_loss == pytest.approx((6.9 + 4.0 + 1.0) / 3)
+
+
+def spec_vocab(cfg: RunConfig) -> int:
+    from transformers import AutoConfig
+
+    from harness.stack_checkpoint import input_checkpoint_path
+
+    return AutoConfig.from_pretrained(input_checkpoint_path(cfg)).text_config.vocab_size
 
 
 def test_instructlab_arguments_are_ones_its_pydantic_models_take(tmp_path):
@@ -321,3 +336,56 @@ def test_instructlab_arguments_are_ones_its_pydantic_models_take(tmp_path):
     assert parsed.keep_last_checkpoint_only and parsed.checkpoint_at_epoch and parsed.disable_flash_attn
     run = instructlab.training.TorchrunArgs(**torch_args)
     assert (run.nproc_per_node, run.nnodes, run.node_rank, run.master_addr, run.master_port) == (8, 2, 1, "node0", 29503)
+    # instructlab refuses max_batch_len < max_seq_len (seen on an H200 with the tiny models' 1024-token budget)
+    small = RunConfig(model={}, weights="tiny", device="cuda", output_dir=str(tmp_path), dataset="d",
+                      max_tokens_per_gpu=1024, max_seq_len=2048)
+    train_args, _ = arguments(small, tmp_path / "in", tmp_path / "work", batch=4, epochs=3,
+                              topology=Topology(1, 1, 0, "localhost:29500"), job_index=0)
+    assert instructlab.training.TrainingArgs(**train_args).max_batch_len == 2048
+
+
+def test_trl_on_gpu_is_accelerate_launch_with_an_fsdp2_config(tmp_path):
+    import yaml
+
+    from harness.backends import trl as trl_backend
+    from harness.launch import Topology, launcher_name
+
+    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir=str(tmp_path), dataset="d")
+    prepare, launch = trl_backend.commands(cfg, Topology(8, 2, 1, "node0:29500"), job_index=2)
+    assert prepare[-3:] == ["harness.stack_checkpoint", "--job", str(tmp_path / "job.json")]
+    assert launcher_name(launch) == "accelerate launch"
+    flags = dict(zip(launch[3::2], launch[4::2]))
+    assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("16", "2", "1")
+    assert (flags["--main_process_ip"], flags["--main_process_port"]) == ("node0", "29502")
+    settings = yaml.safe_load((tmp_path / trl_backend.ACCELERATE_CONFIG).read_text())
+    assert settings["distributed_type"] == "FSDP" and settings["fsdp_config"]["fsdp_version"] == 2
+    assert settings["fsdp_config"]["fsdp_reshard_after_forward"] is True  # 16 ranks
+    assert launch[-3:] == ["harness.backends.trl_worker", "--job", str(tmp_path / "job.json")]
+
+
+def test_trl_crashing_in_its_constructor_still_records_the_class_it_built(tmp_path, monkeypatch):
+    """As seen on an H200: a checkpoint whose chat template lacks {% generation %} markers makes
+    SFTTrainer's constructor raise (assistant-only loss), after TRL built the model; the report
+    still names the class, its towers and the error."""
+    pytest.importorskip("trl")
+    from harness import stack_checkpoint
+    from harness.backends import trl_worker
+    from harness.job import read_worker_report
+    from harness.loading import load_model, tokenizer_for
+
+    spec = registry.lookup("Llama-3.2-1B-Instruct")
+    folder = tmp_path / "input"
+    load_model(spec, "tiny").model.save_pretrained(folder)
+    tokenizer = tokenizer_for(spec, "tiny")
+    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(stack_checkpoint, "input_checkpoint_path", lambda cfg: folder)
+    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path / "run"),
+                    dataset=str(DEFAULT_DATASET), backend="trl", max_samples=8)
+    Path(cfg.output_dir).mkdir()
+    cfg.to_json(tmp_path / "run" / "job.json")
+    assert trl_worker.main(["--job", str(tmp_path / "run" / "job.json")]) == 1
+    report = read_worker_report(cfg)
+    assert report.status == "error" and "chat template" in report.error
+    assert (report.backend.observed_class, report.backend.observed_load_path) == ("LlamaForCausalLM", "causal_lm")
+    assert report.backend.towers.params == 0 and report.vocab_size == load_model(spec, "tiny").model.config.vocab_size

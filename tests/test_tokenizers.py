@@ -1,4 +1,5 @@
 """Real Gemma 3 tokenizer from the GGUF, tiny family tokenizers, chat templates."""
+import json
 import sys
 
 import pytest
@@ -35,6 +36,27 @@ def test_gemma_chat_template_renders_gemma3_format(gemma):
     )
     prompt = gemma.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_gemma_template_is_the_harness_s_over_an_older_cached_one(gemma):
+    """A cache written before the templates carried {% generation %} (TRL's assistant-only loss needs
+    them) still yields the harness's template."""
+    cached = tk.cache_dir() / "tokenizers" / "gemma3" / "chat_template.jinja"
+    current = tk.family_chat_template("gemma")
+    assert "{%- generation -%}" in current
+    assert tk.gemma_tokenizer().chat_template == current
+    marker = cached.parent / tk.MARKER
+    original, original_marker = cached.read_text(), marker.read_text()
+    older = current.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    cached.write_text(older)
+    manifest = json.loads(original_marker)
+    manifest["files"][cached.name] = cached.stat().st_size  # a complete entry, as an older harness left it
+    marker.write_text(json.dumps(manifest))
+    try:
+        assert tk.gemma_tokenizer().chat_template == current
+    finally:
+        cached.write_text(original)
+        marker.write_text(original_marker)
 
 
 def test_gemma_is_cached_with_a_marker(gemma):

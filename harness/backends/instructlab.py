@@ -90,7 +90,9 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
     if metrics and not all(math.isfinite(loss) for loss in losses):
         report.non_finite_step = next(m.step for m in metrics if not math.isfinite(m.loss))
     move_last_checkpoint(cfg)
-    record.observed_load_path, record.observed_class = observed_path(cfg, outcome)
+    source = input_config(cfg)
+    report.vocab_size = report.vocab_size or source.get_text_config(decoder=True).vocab_size
+    record.observed_load_path, record.observed_class = observed_path(cfg, outcome, source)
     record.towers = saved_towers(cfg.checkpoint_dir)
     if report.status == "finished" and not outcome.clean_exit:
         report.status = "error"
@@ -101,16 +103,18 @@ def read_stack_metrics(path: Path) -> list[StepMetrics]:
     """training_params_and_metrics_global0.jsonl: its first lines are hyper-parameters, then one line per step."""
     if not path.exists():
         return []
-    metrics = []
+    metrics, logged_lr = [], None
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else {}
         if "step" not in row or "avg_loss" not in row:
             continue
         tokens = row.get("num_tokens_rank0")
         metrics.append(StepMetrics(step=int(row["step"]), loss=float(row["avg_loss"]), epoch=row.get("epoch"),
-                                   grad_norm=row.get("gradnorm"), lr=row.get("lr"), tokens=tokens,
+                                   grad_norm=row.get("gradnorm"), lr=logged_lr, tokens=tokens,
                                    label_tokens=row.get("num_loss_counted_tokens"),
                                    peak_mem_allocated_gib=(row.get("cuda_mem_allocated") or None)))
+        # it logs get_last_lr() after the scheduler stepped: the lr of the NEXT step (step 1's is not logged)
+        logged_lr = row.get("lr")
     return metrics
 
 
@@ -130,18 +134,21 @@ def move_last_checkpoint(cfg: RunConfig) -> None:
         last.rename(cfg.checkpoint_dir)
 
 
-def observed_path(cfg: RunConfig, outcome: JobOutcome) -> tuple[str | None, str | None]:
-    """The path its log names (it logs only the VLM paths) and the class it saved; for a crash before
-    saving, the class its log's path implies."""
+def input_config(cfg: RunConfig):
+    """The config of the checkpoint the stack read."""
     from transformers import AutoConfig
 
     from harness.stack_checkpoint import input_checkpoint_path
 
+    return AutoConfig.from_pretrained(input_checkpoint_path(cfg))
+
+
+def observed_path(cfg: RunConfig, outcome: JobOutcome, source) -> tuple[str | None, str | None]:
+    """The path its log names (it logs only the VLM paths) and the class it saved; for a crash before
+    saving, the class its log's path implies."""
     logs = [outcome.log_path, *sorted((stack_dir(cfg) / "ckpt").glob("full_logs_global*.log"))]
     text = "\n".join(path.read_text(errors="replace") for path in logs if path.exists())
-    source = AutoConfig.from_pretrained(input_checkpoint_path(cfg))
-    saved = cfg.checkpoint_dir / "config.json"
-    class_name = (json.loads(saved.read_text()).get("architectures") or [None])[0] if saved.exists() else None
+    class_name = saved_class(cfg.checkpoint_dir)
     if EXTRACT_LINE in text:
         return "extract_causal_lm", class_name or probe(cfg.spec, source).class_name
     if DIRECT_LINE in text:
@@ -149,6 +156,22 @@ def observed_path(cfg: RunConfig, outcome: JobOutcome) -> tuple[str | None, str 
     if class_name:
         return observed_load_path(source, class_name), class_name
     return None, None
+
+
+def saved_class(folder: Path) -> str | None:
+    """The class of the checkpoint it saved: its config's architectures, else what that config resolves
+    to (a text backbone extracted from a VLM is saved with its text config, which names none)."""
+    saved = folder / "config.json"
+    if not saved.exists():
+        return None
+    architectures = json.loads(saved.read_text()).get("architectures")
+    if architectures:
+        return architectures[0]
+    from transformers import AutoConfig
+
+    from harness.plan import resolve_load_path
+
+    return resolve_load_path(AutoConfig.from_pretrained(folder)).model_class
 
 
 def saved_towers(folder: Path) -> TowerCounts | None:

@@ -18,8 +18,10 @@ UNMAPPED = [
     "step budget: instructlab trains whole epochs; epochs = the fewest that reach max_steps (at most the recipe's epochs)",
     "stop rule: none (no early stop at the target); the harness evaluates the last epoch's checkpoint",
     "token budget: effective_batch_size = samples per step for ~max_tokens_per_gpu tokens per GPU; "
-    "max_batch_len = max_tokens_per_gpu",
-    "schedule: instructlab's own lr scheduler (run_training passes none); warm-up steps mapped",
+    "max_batch_len = max(max_tokens_per_gpu, max_seq_len) (instructlab refuses a batch shorter than a sample)",
+    "schedule: instructlab's default cosine decay to 0 at the last step (TrainingArgs has no scheduler field), "
+    "not the recipe's; warm-up steps mapped. Its logged lr is the next step's (logged after the scheduler steps): "
+    "metrics.jsonl shifts it back one step",
     "sharding: FSDP1 through accelerate (HYBRID_SHARD), not FSDP2; flash attention off (disable_flash_attn)",
     "gradient clipping, betas: instructlab's defaults; weight decay mapped",
 ]
@@ -79,6 +81,7 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     write_worker_report(cfg, report, 0)
     prepared = time.monotonic()
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # its `torchrun`
+    os.environ["COLUMNS"] = "400"  # rich wraps its log lines at 80 columns off a terminal; collect reads them
     instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
                                       train_args=instructlab.training.TrainingArgs(**train_args))
     report.status, report.stop_reason = "finished", "step_budget"
@@ -90,7 +93,8 @@ def arguments(cfg: RunConfig, folder: Path, work: Path, batch: int, epochs: int,
     """The recipe as instructlab's TrainingArgs, the sweep's topology as its TorchrunArgs."""
     train_args = dict(
         model_path=str(folder), data_path=str(work / "messages.jsonl"), data_output_dir=str(work / "data"),
-        ckpt_output_dir=str(work / "ckpt"), max_seq_len=cfg.max_seq_len, max_batch_len=cfg.max_tokens_per_gpu,
+        ckpt_output_dir=str(work / "ckpt"), max_seq_len=cfg.max_seq_len,
+        max_batch_len=max(cfg.max_tokens_per_gpu, cfg.max_seq_len),
         num_epochs=epochs, effective_batch_size=batch, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
         random_seed=cfg.seed, adamw_weight_decay=cfg.weight_decay, process_data=False, save_samples=0,
         checkpoint_at_epoch=True, keep_last_checkpoint_only=True, accelerate_full_state_at_epoch=False,

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ def recipe_options(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         packing_strategy="bfd",
         padding_free=cfg.packing,
         max_length=cfg.max_tokens_per_gpu if cfg.packing else cfg.max_seq_len,
-        assistant_only_loss=True,  # TRL swaps in its training template where the model's lacks generation tags
+        assistant_only_loss=True,  # needs {% generation %} markers (the harness's templates carry them); TRL
+                                   # patches a few known templates and refuses the rest (Gemma's own among them)
         seed=cfg.seed,
         data_seed=cfg.seed,
         weight_decay=cfg.weight_decay,
@@ -110,8 +112,6 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     import trl
     from transformers import AutoConfig, AutoTokenizer
 
-    from harness import loading
-    from harness.backends import observed_load_path
     from harness.dataset_file import load_chat_dataset
     from harness.stack_checkpoint import input_checkpoint_path
 
@@ -124,18 +124,13 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     record.recipe = {k: v for k, v in options.items() if k != "output_dir"}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     callback = HarnessCallback(cfg, report.world_size, started)
-    trainer = trl.SFTTrainer(model=str(folder), args=trl.SFTConfig(**options), train_dataset=dataset_of(conversations),
-                             processing_class=tokenizer, callbacks=[callback])
-    model = trainer.model
-    record.observed_class = type(model).__name__
-    record.observed_load_path = observed_load_path(AutoConfig.from_pretrained(folder), record.observed_class)
-    record.towers = loading.tower_counts(model)
-    report.vocab_size = model.config.get_text_config(decoder=True).vocab_size
     report.data = DataStats(n_samples=len(conversations))
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     report.device = device.type
     report.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    write_worker_report(cfg, report, report.rank)  # a crash in training still leaves what TRL built
+    with recording_the_model_trl_builds(cfg, report, AutoConfig.from_pretrained(folder)):
+        trainer = trl.SFTTrainer(model=str(folder), args=trl.SFTConfig(**options),
+                                 train_dataset=dataset_of(conversations), processing_class=tokenizer, callbacks=[callback])
 
     steps_per_epoch = math.ceil(len(trainer.train_dataset) / (report.world_size * options["per_device_train_batch_size"]))
     trainer.args.max_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
@@ -154,6 +149,34 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     record.reported_final_loss = callback.final_loss
     report.time_s = Timings(load=load_done - started, first_step=callback.first_step_s, train=train_done - load_done,
                             total=saved - started)
+
+
+@contextmanager
+def recording_the_model_trl_builds(cfg: RunConfig, report: WorkerReport, source_config):
+    """Notes the class TRL's own create_model_from_path returns, its towers and vocabulary, and writes
+    the report at once: a crash later in SFTTrainer's constructor (its chat-template check, its data
+    processing) or in training still leaves what TRL built."""
+    from harness import loading
+    from harness.backends import observed_load_path
+    from trl.trainer import sft_trainer
+
+    create = sft_trainer.create_model_from_path
+
+    def create_and_record(*args, **kwargs):
+        model = create(*args, **kwargs)
+        record = report.backend
+        record.observed_class = type(model).__name__
+        record.observed_load_path = observed_load_path(source_config, record.observed_class)
+        record.towers = loading.tower_counts(model)
+        report.vocab_size = model.config.get_text_config(decoder=True).vocab_size
+        write_worker_report(cfg, report, report.rank)
+        return model
+
+    sft_trainer.create_model_from_path = create_and_record
+    try:
+        yield
+    finally:
+        sft_trainer.create_model_from_path = create
 
 
 def dataset_of(conversations: list[list[dict]]):
