@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from harness.cache import CacheError, build_once
@@ -43,7 +44,7 @@ from harness.tokenizers import END_OF_TURN_MARKERS
 log = logging.getLogger(__name__)
 
 # Bump when the tokenisation or labelling changes, so cached tokenised datasets are not reused.
-TOKENIZATION_VERSION = "2"  # 2: the whitespace between the generation prompt and a reply is labelled
+TOKENIZATION_VERSION = "3"  # 2: the whitespace between the generation prompt and a reply is labelled; 3: npz cache
 
 
 # ---------------------------------------------------------------- tokenisation and labels
@@ -184,18 +185,15 @@ def tokenize_conversations(
     Samples longer than max_seq_len are dropped (not truncated: a cut reply teaches the wrong end),
     logged and counted in n_dropped_too_long.
     """
-    import datasets
-
     fingerprint = dataset_fingerprint(conversations, tokenizer)
     folder = build_once(
         Path(cache_dir or default_cache_dir() / "tokenized") / fingerprint,
-        lambda tmp: _tokenize_all(conversations, tokenizer, num_proc, fingerprint).save_to_disk(str(tmp)),
+        lambda tmp: save_tokenized(_tokenize_all(conversations, tokenizer, num_proc, fingerprint), tmp),
         lambda tmp: verify_tokenized(tmp, len(conversations)),
         f"tokenised dataset {fingerprint} ({len(conversations)} conversations)",
     )
-    tokenized = datasets.load_from_disk(str(folder))
     # The length filter runs after the cache, so changing max_seq_len reuses the tokenised data.
-    return _select_by_length(tokenized["input_ids"], tokenized["shift_labels"], max_seq_len)
+    return _select_by_length(*load_tokenized(folder), max_seq_len)
 
 
 def _tokenize_all(conversations: list[list[dict]], tokenizer, num_proc: int | None, fingerprint: str):
@@ -214,17 +212,39 @@ def _tokenize_all(conversations: list[list[dict]], tokenizer, num_proc: int | No
 
 
 TOKENIZED_COLUMNS = ["input_ids", "shift_labels"]
+# The cache holds plain arrays (each column concatenated, plus the row lengths), not datasets' Arrow
+# folder: reading it needs numpy only, and every rank of every job reads it (importing datasets and
+# pandas there cost ~1 s a process on CPU).
+TOKENIZED_FILE = "tokens.npz"
+
+
+def save_tokenized(tokenized, folder: Path) -> None:
+    columns = {name: tokenized[name] for name in TOKENIZED_COLUMNS}
+    lengths = np.array([len(row) for row in columns["input_ids"]], dtype=np.int64)
+    flat = {name: np.fromiter((token for row in rows for token in row), dtype=np.int32, count=int(lengths.sum()))
+            for name, rows in columns.items()}
+    np.savez(Path(folder) / TOKENIZED_FILE, lengths=lengths, **flat)
+
+
+def load_tokenized(folder: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """(input_ids, shift_labels), one list per conversation."""
+    with np.load(Path(folder) / TOKENIZED_FILE) as saved:
+        bounds = np.cumsum(saved["lengths"])[:-1]
+        return tuple([row.tolist() for row in np.split(saved[name], bounds)] if len(saved["lengths"]) else []
+                     for name in TOKENIZED_COLUMNS)
 
 
 def verify_tokenized(folder: Path, rows: int) -> None:
-    """cache.build_once's check of a tokenised dataset: it loads, with one row per conversation."""
-    import datasets
-
-    loaded = datasets.load_from_disk(str(folder))
-    if sorted(loaded.column_names) != TOKENIZED_COLUMNS:
-        raise CacheError(f"saved columns {loaded.column_names}, not {TOKENIZED_COLUMNS}")
-    if loaded.num_rows != rows:
-        raise CacheError(f"saved {loaded.num_rows} rows for {rows} conversations")
+    """cache.build_once's check of a tokenised dataset: it loads, with one row per conversation and
+    labels as long as the input ids."""
+    try:
+        input_ids, shift_labels = load_tokenized(folder)
+    except (OSError, KeyError, ValueError) as error:
+        raise CacheError(f"unreadable {TOKENIZED_FILE}: {error}") from error
+    if len(input_ids) != rows:
+        raise CacheError(f"saved {len(input_ids)} rows for {rows} conversations")
+    if any(len(ids) != len(labels) for ids, labels in zip(input_ids, shift_labels)):
+        raise CacheError("saved labels differ in length from their input ids")
 
 
 def _worker_count(num_proc: int | None, num_conversations: int) -> int | None:

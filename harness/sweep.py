@@ -93,7 +93,8 @@ def run_job_once(planned, index: int, settings: RunSettings, cfg: RunConfig, mod
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # a previous attempt's model must not be judged
     outcome = launch_model_job(index, settings, cfg, model_dir / "train.log", on_line)
     report = backends.backend(cfg.backend).collect(cfg, outcome)
-    if (backends.is_external(cfg.backend) or cfg.save_checkpoint) and not outcome.interrupted:
+    # A job ended by Ctrl-C or its timeout is FAIL already; evaluating what it left would only add the wait.
+    if (backends.is_external(cfg.backend) or cfg.save_checkpoint) and not (outcome.interrupted or outcome.timed_out):
         check_saved_checkpoint(cfg, report, settings)
     return collect_result(planned, cfg, outcome, report, topology_of(settings)), report
 

@@ -285,7 +285,7 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     ckpt = instructlab.stack_dir(cfg) / "ckpt"
     lines = [{"script_params": {"learning_rate": 3e-3}}]
     lines += [{"epoch": 0, "step": s, "rank": 0, "lr": lr, "avg_loss": loss, "gradnorm": 1.5, "num_tokens_rank0": 900,
-               "num_loss_counted_tokens": 300, "cuda_mem_allocated": 1.2}
+               "num_loss_counted_tokens": 300, "cuda_mem_allocated": 1.2, "overall_throughput": 8.0, "batch_size": 4}
               for s, loss, lr in [(1, 6.9, 1e-3), (2, 4.0, 2e-3), (3, 1.0, 0.0)]]
     ckpt.mkdir(parents=True)
     (ckpt / instructlab.METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -303,6 +303,8 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     report = instructlab.collect(cfg, JobOutcome(0, False, False, 1.0, log))
     assert [(m.step, m.loss, m.grad_norm, m.tokens, m.label_tokens, m.lr) for m in read_metrics(cfg.metrics_path)] == [
         (1, 6.9, 1.5, 900, 300, None), (2, 4.0, 1.5, 900, 300, 1e-3), (3, 1.0, 1.5, 900, 300, 2e-3)]
+    # 4 samples at 8 samples/s: a 0.5 s step of 900 tokens on the one rank
+    assert {(m.step_time_s, m.tokens_per_s_per_gpu) for m in read_metrics(cfg.metrics_path)} == {(0.5, 1800.0)}
     assert report.vocab_size == spec_vocab(cfg)
     assert report.backend.observed_load_path == "extract_causal_lm"
     assert report.backend.observed_class == "Gemma3ForCausalLM"

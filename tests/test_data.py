@@ -196,6 +196,23 @@ def test_tokenize_counts_drops_and_caches(conversations, tmp_path):
     assert all(s.num_tokens <= limit for s in cut.samples)
 
 
+def test_cached_tokens_round_trip_and_a_cache_hit_needs_no_datasets(conversations, tmp_path):
+    """The cache gives back exactly what tokenisation produced; reading it (every rank of every job
+    does) imports neither datasets nor pandas."""
+    tokenizer = tiny_tokenizer("chatml")
+    cached = data.tokenize_conversations(conversations[:40], tokenizer, 100_000, tmp_path)
+    fresh = [data.tokenize_with_labels(messages, tokenizer) for messages in conversations[:40]]
+    assert [s.input_ids for s in cached.samples] == [ids for ids, _ in fresh]
+    assert [s.shift_labels for s in cached.samples] == [data.shift(labels) for _, labels in fresh]
+    probe = ("import sys, json; from harness import data; from harness.tokenizers import tiny_tokenizer; "
+             f"rows = json.load(open({str(tmp_path / 'rows.json')!r})); "
+             f"d = data.tokenize_conversations(rows, tiny_tokenizer('chatml'), 100000, {str(tmp_path)!r}); "
+             "print(d.n_samples, 'datasets' in sys.modules, 'pandas' in sys.modules)")
+    (tmp_path / "rows.json").write_text(json.dumps(conversations[:40]))
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert done.stdout.split() == ["40", "False", "False"], done.stderr[-2000:]
+
+
 def test_every_sample_too_long_is_a_clear_error_with_the_count(conversations, tmp_path):
     with pytest.raises(DatasetError, match=r"all 20 samples are longer than --max-seq-len 8 tokens \(the shortest has \d+\)"):
         data.tokenize_conversations(conversations[:20], tiny_tokenizer("chatml"), 8, tmp_path)

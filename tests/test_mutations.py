@@ -99,7 +99,9 @@ def run_all(runs: dict[str, tuple[list[str], dict]], processes: dict[str, int], 
     """CLI runs in order, each taking processes[key] ranks (1 if not named): as many at once as keep
     the ranks within `budget`, and at most `width` 1-rank runs."""
     pending, running, done = list(runs.items()), {}, {}
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
+    spans = {}
 
     def fits(key: str) -> bool:
         ranks = sum(processes.get(k, 1) for k in running) + processes.get(key, 1)
@@ -109,18 +111,21 @@ def run_all(runs: dict[str, tuple[list[str], dict]], processes: dict[str, int], 
     while pending or running:
         while pending and fits(pending[0][0]):
             key, (args, env) = pending.pop(0)
+            spans[key] = [time.monotonic() - started]
             running[key] = subprocess.Popen(cli_command(*args), cwd=REPO_ROOT, env=env, text=True,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for key, process in list(running.items()):
             if process.poll() is not None:
                 out, err = process.communicate()
                 done[key] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+                spans[key].append(time.monotonic() - started)
                 del running[key]
         if time.monotonic() > deadline:
             for process in running.values():
                 process.kill()
             raise AssertionError(f"CLI runs still going after {timeout}s: {list(running)}")
         time.sleep(0.2)
+    print("\n".join(["", "CLI run: start -> end (s)"] + [f"{key:<14} {a:6.1f} -> {b:6.1f}" for key, (a, b) in spans.items()]))
     return done
 
 

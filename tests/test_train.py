@@ -202,6 +202,7 @@ def run_curve(tmp_path: Path, nproc: int) -> Path:
         "--nproc-per-node", str(nproc), "--max-tokens-per-gpu", str(TOKENS_PER_STEP // nproc),
         "--max-samples", str(CURVE_SAMPLES), "--max-steps", str(CURVE_STEPS),
         "--output-dir", str(tmp_path), "--run-id", f"ranks{nproc}", "--timeout-per-model", "240",
+        "--wandb-mode", "disabled",
     )
     # 5 steps cannot reach the loss target: the verdict FAILs (exit 1); anything else is a crash.
     assert proc.returncode in (0, 1), failure_context(proc)

@@ -82,7 +82,7 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
     checkpoint (moved to the model's checkpoint folder)."""
     report = read_worker_report(cfg)
     record = report.backend = report.backend or BackendRecord("instructlab")
-    metrics = read_stack_metrics(stack_dir(cfg) / "ckpt" / METRICS_FILE)
+    metrics = read_stack_metrics(stack_dir(cfg) / "ckpt" / METRICS_FILE, report.world_size or 1)
     write_metrics(cfg, metrics)
     report.steps = len(metrics)
     losses = [m.loss for m in metrics]
@@ -99,8 +99,10 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
     return report
 
 
-def read_stack_metrics(path: Path) -> list[StepMetrics]:
-    """training_params_and_metrics_global0.jsonl: its first lines are hyper-parameters, then one line per step."""
+def read_stack_metrics(path: Path, world_size: int = 1) -> list[StepMetrics]:
+    """training_params_and_metrics_global0.jsonl: its first lines are hyper-parameters, then one line per
+    step, written by rank 0: its tokens are rank 0's (the step's on one rank), its throughput is samples
+    per second of that step (so the step time is batch_size / overall_throughput)."""
     if not path.exists():
         return []
     metrics, logged_lr = [], None
@@ -108,10 +110,15 @@ def read_stack_metrics(path: Path) -> list[StepMetrics]:
         row = json.loads(line) if line.strip() else {}
         if "step" not in row or "avg_loss" not in row:
             continue
-        tokens = row.get("num_tokens_rank0")
+        rank0_tokens = row.get("num_tokens_rank0")
+        throughput, samples = row.get("overall_throughput"), row.get("batch_size")
+        step_time = samples / throughput if throughput and samples else None
+        per_gpu = rank0_tokens / step_time if rank0_tokens and step_time else None
         metrics.append(StepMetrics(step=int(row["step"]), loss=float(row["avg_loss"]), epoch=row.get("epoch"),
-                                   grad_norm=row.get("gradnorm"), lr=logged_lr, tokens=tokens,
-                                   label_tokens=row.get("num_loss_counted_tokens"),
+                                   grad_norm=row.get("gradnorm"), lr=logged_lr,
+                                   tokens=rank0_tokens if world_size == 1 else None,
+                                   label_tokens=row.get("num_loss_counted_tokens"), step_time_s=step_time,
+                                   tokens_per_s_per_gpu=per_gpu, tokens_per_s=per_gpu * world_size if per_gpu else None,
                                    peak_mem_allocated_gib=(row.get("cuda_mem_allocated") or None)))
         # it logs get_last_lr() after the scheduler stepped: the lr of the NEXT step (step 1's is not logged)
         logged_lr = row.get("lr")
