@@ -391,3 +391,19 @@ def test_trl_crashing_in_its_constructor_still_records_the_class_it_built(tmp_pa
     assert report.status == "error" and "chat template" in report.error
     assert (report.backend.observed_class, report.backend.observed_load_path) == ("LlamaForCausalLM", "causal_lm")
     assert report.backend.towers.params == 0 and report.vocab_size == load_model(spec, "tiny").model.config.vocab_size
+
+
+def test_instructlab_progress_lines_follow_its_metrics_file(tmp_path, capsys):
+    """instructlab's per-step JSONL, read as it grows (a line half written is left for the next read),
+    becomes the harness's progress lines: what the sweep's status display shows."""
+    from harness.backends.instructlab_worker import print_new_steps
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(json.dumps({"script_params": {}}) + "\n" + json.dumps({"step": 1, "avg_loss": 6.9}) + "\n"
+                    + json.dumps({"step": 2, "avg_loss": 5.25}) + "\n" + '{"step": 3, "avg_')
+    offset = print_new_steps(path, 0, planned_steps=40, every=2)
+    assert capsys.readouterr().out == "[progress] step 2 (budget 40) loss 5.2500\n"
+    with path.open("a") as handle:
+        handle.write('loss": 4.0}\n' + json.dumps({"step": 4, "avg_loss": 3.5}) + "\n")
+    print_new_steps(path, offset, planned_steps=40, every=2)
+    assert capsys.readouterr().out == "[progress] step 4 (budget 40) loss 3.5000\n"

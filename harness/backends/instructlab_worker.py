@@ -8,10 +8,12 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
-from harness.job import BackendRecord, DataStats, RunConfig, Timings, WorkerReport, record_job_error, write_worker_report
+from harness.job import PROGRESS_PREFIX, BackendRecord, DataStats, RunConfig, Timings, WorkerReport, record_job_error, write_worker_report
 from harness.launch import Topology
 
 UNMAPPED = [
@@ -82,10 +84,47 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     prepared = time.monotonic()
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # its `torchrun`
     os.environ["COLUMNS"] = "400"  # rich wraps its log lines at 80 columns off a terminal; collect reads them
-    instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
-                                      train_args=instructlab.training.TrainingArgs(**train_args))
+    with following_progress(work / "ckpt" / backend.METRICS_FILE, report.planned_steps, cfg.log_every):
+        instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
+                                          train_args=instructlab.training.TrainingArgs(**train_args))
     report.status, report.stop_reason = "finished", "step_budget"
     report.time_s = Timings(load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started)
+
+
+@contextmanager
+def following_progress(metrics_path: Path, planned_steps: int, every: int, poll_s: float = 2.0):
+    """instructlab prints its step metrics as wrapped rich text; its JSONL is read as it grows instead,
+    and every `every`-th step becomes the harness's progress line (the sweep's status display)."""
+    done = threading.Event()
+
+    def follow() -> None:
+        offset = 0
+        while not done.wait(poll_s):
+            offset = print_new_steps(metrics_path, offset, planned_steps, every)
+        print_new_steps(metrics_path, offset, planned_steps, every)
+
+    follower = threading.Thread(target=follow, daemon=True)
+    follower.start()
+    try:
+        yield
+    finally:
+        done.set()
+        follower.join(timeout=10)
+
+
+def print_new_steps(path: Path, offset: int, planned_steps: int, every: int) -> int:
+    """Progress lines for the complete lines after `offset`; the new offset."""
+    if not path.exists():
+        return offset
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        chunk = handle.read()
+    complete = chunk[: chunk.rfind(b"\n") + 1]
+    for line in complete.decode(errors="replace").splitlines():
+        row = json.loads(line) if line.strip().startswith("{") else {}
+        if "step" in row and "avg_loss" in row and int(row["step"]) % max(1, every) == 0:
+            print(f"{PROGRESS_PREFIX}step {row['step']} (budget {planned_steps}) loss {float(row['avg_loss']):.4f}", flush=True)
+    return offset + len(complete)
 
 
 def arguments(cfg: RunConfig, folder: Path, work: Path, batch: int, epochs: int, topology: Topology,
