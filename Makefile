@@ -5,7 +5,8 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test files spread over this many pytest workers (pytest-xdist), a file's tests kept together (module
 # fixtures run once); the distributed tests' jobs are mostly single-threaded start-up, so 2 workers on
-# 2 cores overlap them. TEST_WORKERS=0 runs everything in one process.
+# 2 cores overlap them; --no-loadscope-reorder keeps tests/conftest.py's longest-first order (xdist
+# would sort files by their number of tests). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 # Where the harness keeps tiny checkpoints, converted GGUF, tokenizers and tokenised data.
 CACHE := $(or $(SFT_HARNESS_CACHE),$(HOME)/.cache/sft-harness)
@@ -26,7 +27,7 @@ validate: setup
 	$(PY) run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --weights tiny --device cpu --nproc-per-node 2
 
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:  # the environment and the caches (run folders under results/ are kept)
 	rm -rf $(VENV) "$(CACHE)"

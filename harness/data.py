@@ -219,19 +219,26 @@ TOKENIZED_FILE = "tokens.npz"
 
 
 def save_tokenized(tokenized, folder: Path) -> None:
-    columns = {name: tokenized[name] for name in TOKENIZED_COLUMNS}
-    lengths = np.array([len(row) for row in columns["input_ids"]], dtype=np.int64)
-    flat = {name: np.fromiter((token for row in rows for token in row), dtype=np.int32, count=int(lengths.sum()))
-            for name, rows in columns.items()}
-    np.savez(Path(folder) / TOKENIZED_FILE, lengths=lengths, **flat)
+    """Each column concatenated (int32) with its own row lengths."""
+    arrays = {}
+    for name in TOKENIZED_COLUMNS:
+        rows = tokenized[name] if name in tokenized.column_names else []  # datasets' map of 0 rows has no columns
+        arrays[f"{name}_lengths"] = np.array([len(row) for row in rows], dtype=np.int64)
+        arrays[name] = np.fromiter((token for row in rows for token in row), dtype=np.int32,
+                                   count=int(arrays[f"{name}_lengths"].sum()))
+    np.savez(Path(folder) / TOKENIZED_FILE, **arrays)
 
 
 def load_tokenized(folder: Path) -> tuple[list[list[int]], list[list[int]]]:
     """(input_ids, shift_labels), one list per conversation."""
     with np.load(Path(folder) / TOKENIZED_FILE) as saved:
-        bounds = np.cumsum(saved["lengths"])[:-1]
-        return tuple([row.tolist() for row in np.split(saved[name], bounds)] if len(saved["lengths"]) else []
-                     for name in TOKENIZED_COLUMNS)
+        return tuple(split_rows(saved[name], saved[f"{name}_lengths"]) for name in TOKENIZED_COLUMNS)
+
+
+def split_rows(flat: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    if not len(lengths):
+        return []
+    return [row.tolist() for row in np.split(flat, np.cumsum(lengths)[:-1])]
 
 
 def verify_tokenized(folder: Path, rows: int) -> None:
@@ -241,7 +248,7 @@ def verify_tokenized(folder: Path, rows: int) -> None:
         input_ids, shift_labels = load_tokenized(folder)
     except (OSError, KeyError, ValueError) as error:
         raise CacheError(f"unreadable {TOKENIZED_FILE}: {error}") from error
-    if len(input_ids) != rows:
+    if len(input_ids) != rows or len(shift_labels) != rows:
         raise CacheError(f"saved {len(input_ids)} rows for {rows} conversations")
     if any(len(ids) != len(labels) for ids, labels in zip(input_ids, shift_labels)):
         raise CacheError("saved labels differ in length from their input ids")

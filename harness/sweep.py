@@ -257,7 +257,7 @@ def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerRe
         data_accounting=report.data_accounting,
         sharding=report.sharding,
         preflight=report.preflight,
-        lrs=[m.lr for m in metrics if m.lr is not None],
+        lrs=[m.lr for m in metrics],  # one per step, None where the stack did not say (kept: steps stay numbered)
         warmup_steps=cfg.warmup_steps,
         trainable_params_changed=report.trainable_params.changed if report.trainable_params else None,
         params_loaded=record.params.get("loaded") if record else None,

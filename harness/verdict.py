@@ -48,7 +48,7 @@ class VerdictInput:
     data_accounting: DataAccounting | None = None
     sharding: Sharding | None = None
     preflight: dict | None = None  # harness.preflight: check name -> {"status", "detail"}
-    lrs: list[float] = field(default_factory=list)  # per optimizer step
+    lrs: list[float | None] = field(default_factory=list)  # per optimizer step; None: not recorded
     warmup_steps: int = 0
     trainable_params_changed: bool | None = None  # None: not recorded
     params_loaded: int | None = None  # load record: elements read from the checkpoint
@@ -293,7 +293,7 @@ def optimizer_reasons(inp: VerdictInput) -> list[str]:
     reasons = []
     if inp.trainable_params_changed is False and inp.losses:
         reasons.append(f"trainable parameters are unchanged after {len(inp.losses)} steps: the optimizer never stepped")
-    zero = [step for step, lr in enumerate(inp.lrs, start=1) if not lr > 0]
+    zero = [step for step, lr in enumerate(inp.lrs, start=1) if lr is not None and not lr > 0]
     if zero[:1] == [1] and inp.warmup_steps > 0 and inp.backend != "native":
         zero = zero[1:]  # transformers' linear warm-up (TRL, instructlab) starts at lr 0: one step, by convention
     if zero:

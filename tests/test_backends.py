@@ -303,8 +303,10 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     report = instructlab.collect(cfg, JobOutcome(0, False, False, 1.0, log))
     assert [(m.step, m.loss, m.grad_norm, m.tokens, m.label_tokens, m.lr) for m in read_metrics(cfg.metrics_path)] == [
         (1, 6.9, 1.5, 900, 300, None), (2, 4.0, 1.5, 900, 300, 1e-3), (3, 1.0, 1.5, 900, 300, 2e-3)]
-    # 4 samples at 8 samples/s: a 0.5 s step of 900 tokens on the one rank
+    # 4 samples at 8 samples/s: a 0.5 s step of 900 tokens (instructlab sums them over ranks)
     assert {(m.step_time_s, m.tokens_per_s_per_gpu) for m in read_metrics(cfg.metrics_path)} == {(0.5, 1800.0)}
+    two_ranks = instructlab.read_stack_metrics(ckpt / instructlab.METRICS_FILE, world_size=2)
+    assert {(m.tokens, m.tokens_per_s, m.tokens_per_s_per_gpu) for m in two_ranks} == {(900, 1800.0, 900.0)}
     assert report.vocab_size == spec_vocab(cfg)
     assert report.backend.observed_load_path == "extract_causal_lm"
     assert report.backend.observed_class == "Gemma3ForCausalLM"

@@ -46,6 +46,15 @@ def test_a_stack_whose_warm_up_starts_at_lr_0_loses_one_step_only():
     assert "learning rate is 0 at 1 step(s) from step 2" in only_reason(healthy(lrs=[1e-3, 0.0] + [1e-3] * 6, backend="trl", eval_loss=0.01, eval_label_tokens=100))
 
 
+def test_a_step_whose_lr_was_not_recorded_keeps_the_others_numbered():
+    """instructlab's step 1 has no lr (it logs each step's successor): a later zero is still named by
+    its own step, after warm-up."""
+    reason = only_reason(healthy(lrs=[None] + [1e-3] * 4 + [0.0, 1e-3, 1e-3], backend="instructlab",
+                                 eval_loss=0.01, eval_label_tokens=100))
+    assert "learning rate is 0 at 1 step(s) from step 6 (after warm-up" in reason
+    assert judge(healthy(lrs=[None] + [1e-3] * 7, backend="instructlab", eval_loss=0.01, eval_label_tokens=100)).verdict == "PASS"
+
+
 def test_an_external_stack_without_the_harness_evaluation_fails_whatever_its_own_loss():
     reason = only_reason(healthy(backend="trl", eval_loss=None))
     assert "no evaluation of the checkpoint trl saved" in reason

@@ -101,8 +101,10 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
 
 def read_stack_metrics(path: Path, world_size: int = 1) -> list[StepMetrics]:
     """training_params_and_metrics_global0.jsonl: its first lines are hyper-parameters, then one line per
-    step, written by rank 0: its tokens are rank 0's (the step's on one rank), its throughput is samples
-    per second of that step (so the step time is batch_size / overall_throughput)."""
+    step, written by rank 0. Its `num_tokens_rank0` is the step's tokens over every rank (its batch
+    metrics are all-reduced with SUM before logging; padded rows count whole, flash attention being
+    off); its throughput is samples per second of that step, so the step time is
+    batch_size / overall_throughput."""
     if not path.exists():
         return []
     metrics, logged_lr = [], None
@@ -110,15 +112,14 @@ def read_stack_metrics(path: Path, world_size: int = 1) -> list[StepMetrics]:
         row = json.loads(line) if line.strip() else {}
         if "step" not in row or "avg_loss" not in row:
             continue
-        rank0_tokens = row.get("num_tokens_rank0")
+        tokens = row.get("num_tokens_rank0")
         throughput, samples = row.get("overall_throughput"), row.get("batch_size")
         step_time = samples / throughput if throughput and samples else None
-        per_gpu = rank0_tokens / step_time if rank0_tokens and step_time else None
+        per_s = tokens / step_time if tokens and step_time else None
         metrics.append(StepMetrics(step=int(row["step"]), loss=float(row["avg_loss"]), epoch=row.get("epoch"),
-                                   grad_norm=row.get("gradnorm"), lr=logged_lr,
-                                   tokens=rank0_tokens if world_size == 1 else None,
+                                   grad_norm=row.get("gradnorm"), lr=logged_lr, tokens=tokens,
                                    label_tokens=row.get("num_loss_counted_tokens"), step_time_s=step_time,
-                                   tokens_per_s_per_gpu=per_gpu, tokens_per_s=per_gpu * world_size if per_gpu else None,
+                                   tokens_per_s=per_s, tokens_per_s_per_gpu=per_s / world_size if per_s else None,
                                    peak_mem_allocated_gib=(row.get("cuda_mem_allocated") or None)))
         # it logs get_last_lr() after the scheduler stepped: the lr of the NEXT step (step 1's is not logged)
         logged_lr = row.get("lr")
@@ -176,9 +177,9 @@ def saved_class(folder: Path) -> str | None:
         return architectures[0]
     from transformers import AutoConfig
 
-    from harness.plan import resolve_load_path
+    from harness.plan import decide_load_path
 
-    return resolve_load_path(AutoConfig.from_pretrained(folder)).model_class
+    return decide_load_path(AutoConfig.from_pretrained(folder)).model_class  # the class alone, no refusal
 
 
 def saved_towers(folder: Path) -> TowerCounts | None:
