@@ -89,7 +89,7 @@ def judge(inp: VerdictInput) -> Verdict:
     reasons += initial_loss_reasons(initial, inp)
     final = inp.eval_loss if inp.eval_loss is not None else final_loss(inp.losses)
     reasons += final_loss_reasons(final, inp)
-    reasons += generation_reasons(inp.generation)
+    reasons += generation_reasons(inp.generation, trained=inp.clean_exit and bool(inp.losses))
     reasons += tower_reasons(inp)
     reasons += accounting_reasons(inp.data_accounting)
     reasons += sharding_reasons(inp.sharding)
@@ -209,11 +209,13 @@ GENERATION_MIN_EXACT = 0.5  # replies reproduced exactly, end-of-turn included
 GENERATION_MIN_TOKEN_ACCURACY = 0.6  # expected tokens reproduced at their position
 
 
-def generation_reasons(check: GenerationCheck | None) -> list[str]:
+def generation_reasons(check: GenerationCheck | None, trained: bool = True) -> list[str]:
     """A model whose loss is low but that does not answer as it will be used: it never ends its turn,
-    is prompted with another template than training's, or decodes with other positions or cache."""
-    if check is None:
-        return []  # not recorded (a stack other than the native trainer)
+    is prompted with another template than training's, or decodes with other positions or cache.
+    Every job that trained and exited cleanly records the check (native in the job, other stacks in the
+    harness's evaluation of their checkpoint): one without it is not passed."""
+    if check is None:  # a crashed job or an unevaluated checkpoint is already a reason of its own
+        return ["no generation check was recorded: whether the trained model answers is unproven"] if trained else []
     if not check.samples:
         return ["generation check decoded no sample"]
     if check.exact_match_rate >= GENERATION_MIN_EXACT and check.token_accuracy >= GENERATION_MIN_TOKEN_ACCURACY:

@@ -196,9 +196,14 @@ def generation(exact: int = 32, samples: int = 32, token_accuracy: float = 1.0, 
                            token_accuracy=token_accuracy, expected_tokens=640, worst=worst, **extra)
 
 
-def test_a_reproducing_model_passes_and_an_unrecorded_check_is_not_judged():
+def test_a_reproducing_model_passes_and_an_unrecorded_check_fails_a_trained_job():
     assert judge(healthy(generation=generation())).verdict == "PASS"
-    assert judge(healthy(generation=None)).verdict == "PASS"  # a stack that does not run it
+    unrecorded = judge(healthy(generation=None))
+    assert unrecorded.verdict == "FAIL" and unrecorded.reasons == [
+        "no generation check was recorded: whether the trained model answers is unproven"]
+    # a job that crashed is failed for that; the missing check adds nothing
+    crashed = judge(healthy(generation=None, clean_exit=False, exit_detail="rank 1 was killed"))
+    assert not any("generation check" in reason for reason in crashed.reasons)
 
 
 @pytest.mark.parametrize("exact, token_accuracy, verdict", [

@@ -1,6 +1,7 @@
 """A healthy run's verdict input, for the verdict tests to break one condition at a time."""
 import math
 
+from harness.job import GenerationCheck
 from harness.verdict import VerdictInput
 
 LN_1024 = math.log(1024)
@@ -13,6 +14,8 @@ def healthy(**overrides) -> VerdictInput:
         grad_norms=[1.0] * 8, loss_threshold=0.05, stop_reason="target_reached",
         preflight={"labels": {"status": "pass", "detail": "ok"}, "extraction": {"status": "skipped", "detail": "no VLM"}},
         lrs=[1e-3] * 8, warmup_steps=5, trainable_params_changed=True, params_loaded=100, params_total=100,
+        generation=GenerationCheck(samples=32, exact_matches=30, exact_match_rate=30 / 32, token_accuracy=0.98,
+                                   expected_tokens=500),
     )
     values.update(overrides)
     return VerdictInput(**values)
