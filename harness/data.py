@@ -44,7 +44,8 @@ from harness.tokenizers import END_OF_TURN_MARKERS
 log = logging.getLogger(__name__)
 
 # Bump when the tokenisation or labelling changes, so cached tokenised datasets are not reused.
-TOKENIZATION_VERSION = "3"  # 2: the whitespace between the generation prompt and a reply is labelled; 3: npz cache
+TOKENIZATION_VERSION = "4"  # 2: the whitespace between the generation prompt and a reply is labelled; 3: npz cache;
+# 4: npz with each column's own row lengths (a "3" entry written before that change cannot be read)
 
 
 # ---------------------------------------------------------------- tokenisation and labels

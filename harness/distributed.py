@@ -110,3 +110,69 @@ def local_parameter_bytes(model: nn.Module) -> int:
         local = param.to_local() if hasattr(param, "to_local") else param
         total += local.numel() * local.element_size()
     return total
+
+
+def weights_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rank 0, before sharding: its loaded weights set aside by name (parameters and buffers), the
+    model itself left on the meta device as the other ranks built it (ties and requires_grad kept),
+    so sharding copies nothing and broadcast_weights can free each tensor once it is sent."""
+    kept = {name: tensor.detach() for name, tensor in named_tensors(model)}
+    meta_of: dict[int, nn.Parameter] = {}  # one meta Parameter per original: tied weights stay tied
+    for module in model.modules():
+        for key, param in module._parameters.items():
+            if param is not None:
+                if id(param) not in meta_of:
+                    meta_of[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                module._parameters[key] = meta_of[id(param)]
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = torch.empty_like(buffer, device="meta")
+    return kept
+
+
+@torch.no_grad()
+def broadcast_weights(model: nn.Module, kept: dict[str, torch.Tensor] | None, ctx: DistContext) -> None:
+    """After shard_model on a meta model: every rank's shard of the weights rank 0 read (`kept`, from
+    weights_to_meta; None on the other ranks). One tensor at a time: rank 0 sends it whole, each rank
+    keeps its slice, rank 0 drops its copy. A node holds at most rank 0's one fp32 copy, shrinking,
+    plus one tensor in flight, whatever its number of ranks; every rank ends with the same values a
+    rank that read the checkpoint itself would have. Buffers are copied as they are."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    check_same_tensors(list(kept.items()) if ctx.is_main else None, named_tensors(model), ctx)
+    model.to_empty(device=ctx.device)  # new buffer objects: list the tensors again after it
+    for name, tensor in named_tensors(model):
+        if ctx.is_main:
+            full = kept.pop(name).to(device=ctx.device, dtype=tensor.dtype)
+        else:
+            full = torch.empty(tensor.shape, dtype=tensor.dtype, device=ctx.device)
+        dist.broadcast(full, src=0)
+        if isinstance(tensor, DTensor):  # this rank's slice, as FSDP2 placed it (uneven shards included)
+            tensor.copy_(distribute_tensor(full, tensor.device_mesh, tensor.placements, src_data_rank=None))
+        else:
+            tensor.copy_(full)
+        del full
+
+
+def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def check_same_tensors(read: list[tuple[str, torch.Tensor]] | None, built: list[tuple[str, torch.Tensor]],
+                       ctx: DistContext) -> None:
+    """Before any broadcast, on every rank: what rank 0 read (`read`) and what each rank built must
+    have the same names and shapes in the same order, or the broadcasts would pair the wrong tensors
+    (or wait forever on a rank that raised)."""
+    def layout(named):
+        return [(name, tuple(tensor.shape)) for name, tensor in named]
+
+    layouts: list[list | None] = [None] * ctx.world_size
+    dist.all_gather_object(layouts, (layout(read) if read is not None else None, layout(built)))
+    expected = layouts[0][0]
+    for rank, (_, other) in enumerate(layouts):
+        if other != expected:
+            differing = next((f"{a} vs {b}" for a, b in zip(expected, other) if a != b),
+                             f"{len(expected)} vs {len(other)} tensors")
+            raise RuntimeError(f"the model rank 0 read and the one rank {rank} built on the meta device differ "
+                               f"(first difference: {differing}); this is a harness bug: the two must come "
+                               "from the same class and config")

@@ -10,7 +10,10 @@
   lm_head is frozen. The trainer feeds text only, with `extra_forward_inputs` / `text_position_ids`.
 
 `synthetic` builds the full-size architecture with random weights; `load_model(..., on_meta=True)`
-returns it on the meta device so each rank can shard first and `materialize` after.
+returns it on the meta device so each rank can shard first and `materialize` after. For a checkpoint
+(real or tiny weights), `on_meta=True` builds the same class along the same path and reads nothing
+but the config: under FSDP only rank 0 reads the weights and `distributed.broadcast_weights` gives
+each other rank its shard, so a node holds one fp32 copy whatever its number of ranks.
 """
 from __future__ import annotations
 
@@ -77,11 +80,11 @@ def load_model(
     """The model ready for training (towers frozen or absent) and how it was loaded."""
     if weights not in WEIGHTS_MODES:
         raise UsageError(f"weights {weights!r} is not one of {WEIGHTS_MODES}")
-    if on_meta and weights != "synthetic":
-        raise UsageError(f"on_meta=True builds random weights to materialise later: use weights='synthetic', not {weights!r}")
     start = time.perf_counter()
     if weights == "synthetic":
         model, record = build_synthetic(spec, dtype, on_meta)
+    elif on_meta:
+        model, record = checkpoint_structure(*checkpoint_folder(spec, weights), dtype, weights)
     else:
         folder, source = checkpoint_folder(spec, weights)
         model, record = load_checkpoint(folder, dtype, weights, source)
@@ -336,16 +339,35 @@ def assert_nothing_on_meta(model: nn.Module, class_name: str) -> None:
 # ---------------------------------------------------------------- synthetic weights
 
 
-def build_synthetic(spec: ModelSpec, dtype: torch.dtype, on_meta: bool) -> tuple[nn.Module, LoadRecord]:
-    """The full-size architecture from the shipped config, random weights, no download."""
-    config = load_config(spec)
+def build_along_path(config, dtype: torch.dtype) -> tuple[LoadPathDecision, nn.Module]:
+    """The class the load path decides, built on the meta device from the config it is built from
+    (the text config where the text model is extracted), towers frozen where the VLM is kept."""
     decision = resolve_load_path(config)
     build_config = extraction_text_config(config) if decision.load_path == "extract_causal_lm" else config
     model = build_on_meta(model_class(decision.model_class), build_config, dtype)
-    if not on_meta:
-        materialize(model, "cpu")
+    if embeddings_should_tie(model) and not embeddings_tied(model):
+        model.tie_weights()
     if decision.load_path == "direct_vlm_load":
         freeze_towers(model)
+    return decision, model
+
+
+def checkpoint_structure(folder: Path, source: str, dtype: torch.dtype, weights: str) -> tuple[nn.Module, LoadRecord]:
+    """What load_checkpoint builds, on the meta device, no tensor read: for the ranks that receive
+    their shards from rank 0 (its record, written by rank 0, is the one reported)."""
+    from transformers import AutoConfig
+
+    decision, model = build_along_path(AutoConfig.from_pretrained(folder), dtype)
+    counts = count_parameters(model, checkpoint_total=None, loaded=0)
+    return model, make_record(decision, model, weights, f"{source} (read by rank 0, broadcast)", counts, dtype)
+
+
+def build_synthetic(spec: ModelSpec, dtype: torch.dtype, on_meta: bool) -> tuple[nn.Module, LoadRecord]:
+    """The full-size architecture from the shipped config, random weights, no download."""
+    config = load_config(spec)
+    decision, model = build_along_path(config, dtype)
+    if not on_meta:
+        materialize(model, "cpu")
     counts = count_parameters(model, checkpoint_total=None, loaded=0)
     if decision.load_path == "extract_causal_lm":
         counts.left_out_with_towers = tower_parameter_count(decision, config, counts.model_total)

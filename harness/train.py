@@ -139,7 +139,10 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     torch.manual_seed(cfg.seed)
     spec = cfg.spec
 
-    loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic")
+    # A checkpoint is read by rank 0 only; the other ranks build it on meta and get their shards
+    # broadcast after sharding (host memory: one fp32 copy per node, not one per rank).
+    from_rank0 = cfg.weights != "synthetic" and ctx.world_size > 1
+    loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic" or (from_rank0 and not ctx.is_main))
     text_config = loaded.model.config.get_text_config(decoder=True)
     report.load_record, report.vocab_size = loaded.record, loading.vocab_size(loaded.model)
     tokenizer = loading.tokenizer_for(spec, cfg.weights)
@@ -168,7 +171,10 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     compiled_modules = compile_pointwise_modules(loaded.model) if cfg.compile else 0
     bf16 = ctx.device.type == "cuda"
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
+    kept = dist_lib.weights_to_meta(model) if from_rank0 and ctx.is_main else None  # rank 0's copy, by name
     fsdp_units = dist_lib.shard_model(model, bf16=bf16, reshard_after_forward=reshard)
+    if from_rank0:
+        dist_lib.broadcast_weights(model, kept, ctx)
     if cfg.weights == "synthetic":
         if cfg.init_std is not None:
             set_initializer_range(loaded.model, cfg.init_std)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from harness import loading, registry, weights
+from harness.paths import REPO_ROOT
 
 SPECS = {spec.name: spec for spec in registry.all_specs()}
 
@@ -124,11 +128,46 @@ def test_tiny_model_vocab_is_the_tiny_tokenizers():
     assert model.config.vocab_size == len(loading.tokenizer_for(spec, "tiny"))
 
 
-def test_bad_weights_mode_and_meta_with_real_weights_are_usage_errors():
+def test_bad_weights_mode_is_a_usage_error():
     with pytest.raises(registry.UsageError, match="not one of"):
         loading.load_model(SPECS["gemma-3-270m"], "random")
-    with pytest.raises(registry.UsageError, match="synthetic"):
-        loading.load_model(SPECS["gemma-3-270m"], "tiny", on_meta=True)
+
+
+@pytest.mark.parametrize("name", ["gemma-3-4b-it", "Qwen2.5-VL-3B-Instruct", "Llama-3.2-1B-Instruct"])
+def test_checkpoint_on_meta_is_the_loaded_model_without_its_weights(name):
+    """What a rank other than 0 builds: the class, parameter names, shapes, requires_grad and ties
+    of the real load, all on meta, nothing read."""
+    pytest.importorskip("tokenizers")
+    read, (meta, meta_record) = loading.load_model(SPECS[name], "tiny"), loading.load_model(SPECS[name], "tiny", on_meta=True)
+    assert type(meta) is type(read.model) and meta_record.load_path == read.record.load_path
+    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in read.model.named_parameters()]
+    assert all(p.device.type == "meta" for p in meta.parameters()) and meta_record.params["loaded"] == 0
+    assert meta_record.tied_embeddings == read.record.tied_embeddings
+    assert "read by rank 0" in meta_record.source
+
+
+@pytest.mark.slow
+def test_two_ranks_get_rank_0s_weights_without_reading_them(tmp_path):
+    """Host memory per node: rank 0 reads the checkpoint, rank 1 builds it on meta; after sharding,
+    broadcast_weights gives rank 1 its shards. Gathered, every parameter and buffer equals a plain read."""
+    output = tmp_path / "weights.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO_ROOT / "tests" / "dist_weights_from_rank0.py"), "--output", str(output)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    ranks = json.loads(output.read_text())
+    for name in ("gemma-3-4b-it", "Qwen2.5-VL-3B-Instruct"):
+        reader, receiver = ranks["0"][name], ranks["1"][name]
+        assert reader["loaded_elements"] > 0 and not reader["on_meta_before_shard"], name
+        assert receiver["loaded_elements"] == 0 and receiver["on_meta_before_shard"], name  # nothing read
+        for rank in (reader, receiver):
+            assert rank["sharded_params"] == rank["params"] > 0, name
+            assert rank["worst_param_diff"] == 0.0 and rank["worst_buffer_diff"] == 0.0, name
+            assert rank["wrong_requires_grad"] == [], name
+            assert rank["buffers"] > 0, name  # embed_scale / RoPE: garbage after to_empty unless copied
+    assert ranks["1"]["Qwen2.5-VL-3B-Instruct"]["frozen"] > 0  # the towers stay frozen on both ranks
 
 
 def test_materialize_after_fsdp2_sharding_single_process():
@@ -159,5 +198,32 @@ def test_materialize_after_fsdp2_sharding_single_process():
         ids = torch.randint(3, text_config.vocab_size, (2, 8))
         loss = model(input_ids=ids, labels=ids).loss
         assert abs(loss.item() - torch.log(torch.tensor(float(text_config.vocab_size))).item()) < 1.0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_model_built_unlike_the_one_rank_0_read_is_refused_before_any_broadcast():
+    """Broadcasts pair tensors by position: a name or shape that differs must raise on every rank
+    (here the only one), naming the first difference, instead of mixing tensors up or hanging."""
+    import socket
+
+    import torch.distributed as dist
+
+    from harness import distributed as dist_lib
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        ctx = dist_lib.DistContext(0, 1, 0, torch.device("cpu"))
+        read = [("lm.embed.weight", torch.zeros(8, 4)), ("lm.norm.weight", torch.zeros(4))]
+        dist_lib.check_same_tensors(read, [(name, torch.empty(t.shape, device="meta")) for name, t in read], ctx)
+        with pytest.raises(RuntimeError, match=r"first difference: \('lm.norm.weight', \(4,\)\) vs \('lm.norm.weight', \(5,\)\)"):
+            dist_lib.check_same_tensors(read, [read[0], ("lm.norm.weight", torch.zeros(5))], ctx)
+        with pytest.raises(RuntimeError, match="2 vs 1 tensors"):
+            dist_lib.check_same_tensors(read, read[:1], ctx)
     finally:
         dist.destroy_process_group()

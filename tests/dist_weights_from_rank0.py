@@ -1,0 +1,64 @@
+"""A checkpoint read by rank 0 only, the other ranks' shards broadcast (torchrun, gloo, CPU); used
+by tests/test_loading.py.
+
+For each tiny model, every rank does what the trainer does: rank 0 reads the checkpoint, rank 1
+builds it on the meta device (nothing read), both shard it (shard_model around TrainableLM), then
+broadcast_weights. Every parameter and buffer, gathered, must equal a plain read of the same
+checkpoint, with the same requires_grad. Rank 0 writes what it found to --output.
+"""
+import argparse
+import json
+
+import torch
+
+from harness import distributed as dist_lib
+from harness import loading, registry
+from harness.train import TrainableLM
+
+# extraction (tied embeddings, Gemma's embed_scale buffer) and a direct VLM load (frozen towers)
+MODELS = ("gemma-3-4b-it", "Qwen2.5-VL-3B-Instruct")
+
+
+def check_model(name: str, ctx) -> dict:
+    spec = registry.lookup(name)
+    loaded = loading.load_model(spec, "tiny", on_meta=not ctx.is_main)
+    on_meta_before_shard = all(p.device.type == "meta" for p in loaded.model.parameters())
+    model = TrainableLM(loaded.model)
+    kept = dist_lib.weights_to_meta(model) if ctx.is_main else None
+    dist_lib.shard_model(model, bf16=False)
+    dist_lib.broadcast_weights(model, kept, ctx)
+    plain = TrainableLM(loading.load_model(spec, "tiny").model)
+    plain_params, plain_buffers = dict(plain.named_parameters()), dict(plain.named_buffers())
+    worst, wrong_grad, sharded = 0.0, [], 0
+    for param_name, param in model.named_parameters():
+        full = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()  # a collective: every rank
+        sharded += hasattr(param, "full_tensor")
+        worst = max(worst, float((full - plain_params[param_name]).abs().max()))
+        if param.requires_grad != plain_params[param_name].requires_grad:
+            wrong_grad.append(param_name)
+    worst_buffer = max((float((buffer - plain_buffers[buffer_name]).abs().max())
+                        for buffer_name, buffer in model.named_buffers()), default=0.0)
+    return {"on_meta_before_shard": on_meta_before_shard, "loaded_elements": loaded.record.params["loaded"],
+            "worst_param_diff": worst, "worst_buffer_diff": worst_buffer, "wrong_requires_grad": wrong_grad,
+            "sharded_params": sharded, "params": len(plain_params), "buffers": len(plain_buffers),
+            "frozen": sum(not p.requires_grad for p in plain_params.values())}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+    for name in MODELS:  # before the process group: one writer per cache entry (as job_caches)
+        loading.checkpoint_folder(registry.lookup(name), "tiny")
+    ctx = dist_lib.init_distributed("cpu")
+    results = {name: check_model(name, ctx) for name in MODELS}
+    gathered = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, results)
+    if ctx.is_main:
+        with open(args.output, "w") as handle:
+            json.dump({str(rank): result for rank, result in enumerate(gathered)}, handle)
+    dist_lib.close_distributed()
+
+
+if __name__ == "__main__":
+    main()
