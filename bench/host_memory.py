@@ -139,8 +139,11 @@ def measure(args, nproc: int, every_rank_reads: bool, scratch: Path) -> dict:
         raise SystemExit(f"nproc {nproc}: the worker failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     loaded = json.loads(result.read_text())
     after_ready = [pss for is_ready, _, pss in samples if is_ready]
+    loaded_samples = [pss for _, is_loaded, pss in samples if is_loaded]
+    if not after_ready or not loaded_samples:  # a sample slower than the workers' 0.5 s pauses
+        raise SystemExit(f"nproc {nproc}: the sampler saw no node state at the ready or loaded marker")
     baseline, peak = after_ready[0], max(after_ready)
-    final = next(pss for _, is_loaded, pss in samples if is_loaded)  # the model in place, the load's temporaries gone
+    final = loaded_samples[0]  # the model in place, the load's temporaries gone
     return {"nproc": nproc, "mode": "every rank reads" if every_rank_reads else "rank 0 reads, broadcast",
             **loaded, "baseline_gib": round(baseline / GIB, 2), "peak_gib": round(peak / GIB, 2),
             "peak_above_baseline_gib": round((peak - baseline) / GIB, 2), "loaded_gib": round(final / GIB, 2),

@@ -113,11 +113,12 @@ def local_parameter_bytes(model: nn.Module) -> int:
 
 
 def weights_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rank 0, before sharding: its loaded weights set aside by name (parameters and buffers), the
-    model itself left on the meta device as the other ranks built it (ties and requires_grad kept),
-    so sharding copies nothing and broadcast_weights can free each tensor once it is sent."""
-    kept = {name: tensor.detach() for name, tensor in named_tensors(model)}
-    meta_of: dict[int, nn.Parameter] = {}  # one meta Parameter per original: tied weights stay tied
+    """Rank 0, before sharding: its loaded weights set aside under every name they have (parameters
+    and buffers, aliases included), the model itself left on the meta device as the other ranks
+    built it (ties and requires_grad kept), so sharding copies nothing and broadcast_weights can
+    free each tensor once it is sent."""
+    kept = {name: tensor.detach() for name, tensor in named_tensors(model, remove_duplicate=False)}
+    meta_of: dict[int, torch.Tensor] = {}  # one meta tensor per original: tied weights stay tied
     for module in model.modules():
         for key, param in module._parameters.items():
             if param is not None:
@@ -126,7 +127,9 @@ def weights_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
                 module._parameters[key] = meta_of[id(param)]
         for key, buffer in module._buffers.items():
             if buffer is not None:
-                module._buffers[key] = torch.empty_like(buffer, device="meta")
+                if id(buffer) not in meta_of:
+                    meta_of[id(buffer)] = torch.empty_like(buffer, device="meta")
+                module._buffers[key] = meta_of[id(buffer)]
     return kept
 
 
@@ -139,11 +142,12 @@ def broadcast_weights(model: nn.Module, kept: dict[str, torch.Tensor] | None, ct
     rank that read the checkpoint itself would have. Buffers are copied as they are."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    check_same_tensors(list(kept.items()) if ctx.is_main else None, named_tensors(model), ctx)
-    model.to_empty(device=ctx.device)  # new buffer objects: list the tensors again after it
-    for name, tensor in named_tensors(model):
+    model.to_empty(device=ctx.device)
+    named = named_tensors(model)
+    check_same_tensors(named, kept, ctx)
+    for name, tensor in named:
         if ctx.is_main:
-            full = kept.pop(name).to(device=ctx.device, dtype=tensor.dtype)
+            full = kept.pop(name).to(device=ctx.device, dtype=tensor.dtype).contiguous()
         else:
             full = torch.empty(tensor.shape, dtype=tensor.dtype, device=ctx.device)
         dist.broadcast(full, src=0)
@@ -152,27 +156,42 @@ def broadcast_weights(model: nn.Module, kept: dict[str, torch.Tensor] | None, ct
         else:
             tensor.copy_(full)
         del full
+    if kept is not None:
+        kept.clear()  # aliases (a tied lm_head) would keep their tensors alive for the caller's lifetime
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()  # the largest full tensor (Gemma 3n's per-layer embedding: 9 GB) stays reserved otherwise
 
 
-def named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    return [*model.named_parameters(), *model.named_buffers()]
+def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(remove_duplicate=remove_duplicate), *model.named_buffers(remove_duplicate=remove_duplicate)]
 
 
-def check_same_tensors(read: list[tuple[str, torch.Tensor]] | None, built: list[tuple[str, torch.Tensor]],
+def check_same_tensors(built: list[tuple[str, torch.Tensor]], kept: dict[str, torch.Tensor] | None,
                        ctx: DistContext) -> None:
-    """Before any broadcast, on every rank: what rank 0 read (`read`) and what each rank built must
-    have the same names and shapes in the same order, or the broadcasts would pair the wrong tensors
-    (or wait forever on a rank that raised)."""
-    def layout(named):
-        return [(name, tuple(tensor.shape)) for name, tensor in named]
-
-    layouts: list[list | None] = [None] * ctx.world_size
-    dist.all_gather_object(layouts, (layout(read) if read is not None else None, layout(built)))
-    expected = layouts[0][0]
-    for rank, (_, other) in enumerate(layouts):
+    """Before any broadcast, on every rank: each rank must have built the same tensors (names, shapes,
+    dtypes, requires_grad, in the same order) and rank 0 must have read each of them, or the
+    broadcasts would pair the wrong tensors (or wait forever on a rank that raised)."""
+    layout = [(name, tuple(tensor.shape), str(tensor.dtype), tensor.requires_grad) for name, tensor in built]
+    unread = [name for name, _ in built if name not in kept] if kept is not None else []
+    layouts: list[tuple | None] = [None] * ctx.world_size
+    dist.all_gather_object(layouts, (layout, unread))
+    expected, unread = layouts[0]
+    if unread:
+        raise RuntimeError(f"rank 0 read no value for {len(unread)} tensors of the model it built: {unread[:5]}; "
+                           "this is a harness bug")
+    for rank, (other, _) in enumerate(layouts):
         if other != expected:
             differing = next((f"{a} vs {b}" for a, b in zip(expected, other) if a != b),
                              f"{len(expected)} vs {len(other)} tensors")
             raise RuntimeError(f"the model rank 0 read and the one rank {rank} built on the meta device differ "
                                f"(first difference: {differing}); this is a harness bug: the two must come "
                                "from the same class and config")
+
+
+def broadcast_generation_config(lm: nn.Module, ctx: DistContext) -> None:
+    """Rank 0's generation defaults (from_pretrained read the checkpoint's generation_config.json;
+    a meta build did not): generate() fills unset options from them, so every rank must decode alike."""
+    shared = [getattr(lm, "generation_config", None) if ctx.is_main else None]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        lm.generation_config = shared[0]

@@ -175,6 +175,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     fsdp_units = dist_lib.shard_model(model, bf16=bf16, reshard_after_forward=reshard)
     if from_rank0:
         dist_lib.broadcast_weights(model, kept, ctx)
+        dist_lib.broadcast_generation_config(loaded.model, ctx)
     if cfg.weights == "synthetic":
         if cfg.init_std is not None:
             set_initializer_range(loaded.model, cfg.init_std)

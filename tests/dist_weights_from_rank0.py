@@ -1,8 +1,8 @@
 """A checkpoint read by rank 0 only, the other ranks' shards broadcast (torchrun, gloo, CPU); used
 by tests/test_loading.py.
 
-For each tiny model, every rank does what the trainer does: rank 0 reads the checkpoint, rank 1
-builds it on the meta device (nothing read), both shard it (shard_model around TrainableLM), then
+For each tiny model, every rank does what the trainer does: rank 0 reads the checkpoint, the others
+build it on the meta device (nothing read), both shard it (shard_model around TrainableLM), then
 broadcast_weights. Every parameter and buffer, gathered, must equal a plain read of the same
 checkpoint, with the same requires_grad. Rank 0 writes what it found to --output.
 """
@@ -27,21 +27,25 @@ def check_model(name: str, ctx) -> dict:
     kept = dist_lib.weights_to_meta(model) if ctx.is_main else None
     dist_lib.shard_model(model, bf16=False)
     dist_lib.broadcast_weights(model, kept, ctx)
-    plain = TrainableLM(loading.load_model(spec, "tiny").model)
+    dist_lib.broadcast_generation_config(loaded.model, ctx)
+    plain_lm = loading.load_model(spec, "tiny").model
+    plain = TrainableLM(plain_lm)
     plain_params, plain_buffers = dict(plain.named_parameters()), dict(plain.named_buffers())
-    worst, wrong_grad, sharded = 0.0, [], 0
+    unequal, wrong_grad, sharded, uneven = [], [], 0, 0
     for param_name, param in model.named_parameters():
         full = (param.full_tensor() if hasattr(param, "full_tensor") else param).detach()  # a collective: every rank
         sharded += hasattr(param, "full_tensor")
-        worst = max(worst, float((full - plain_params[param_name]).abs().max()))
+        uneven += param.dim() > 0 and param.shape[0] % ctx.world_size != 0
+        if not torch.equal(full, plain_params[param_name]):  # exact, and NaN garbage is never equal
+            unequal.append(param_name)
         if param.requires_grad != plain_params[param_name].requires_grad:
             wrong_grad.append(param_name)
-    worst_buffer = max((float((buffer - plain_buffers[buffer_name]).abs().max())
-                        for buffer_name, buffer in model.named_buffers()), default=0.0)
+    unequal += [name for name, buffer in model.named_buffers() if not torch.equal(buffer, plain_buffers[name])]
     return {"on_meta_before_shard": on_meta_before_shard, "loaded_elements": loaded.record.params["loaded"],
-            "worst_param_diff": worst, "worst_buffer_diff": worst_buffer, "wrong_requires_grad": wrong_grad,
+            "unequal": unequal, "wrong_requires_grad": wrong_grad, "uneven_shards": uneven,
             "sharded_params": sharded, "params": len(plain_params), "buffers": len(plain_buffers),
-            "frozen": sum(not p.requires_grad for p in plain_params.values())}
+            "frozen": sum(not p.requires_grad for p in plain_params.values()),
+            "same_generation_config": loaded.model.generation_config.to_dict() == plain_lm.generation_config.to_dict()}
 
 
 def main():
