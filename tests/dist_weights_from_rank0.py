@@ -48,6 +48,19 @@ def check_model(name: str, ctx) -> dict:
             "same_generation_config": loaded.model.generation_config.to_dict() == plain_lm.generation_config.to_dict()}
 
 
+def refusal_of_a_rank_built_differently(ctx) -> str | None:
+    """The last rank builds one tensor one row longer than rank 0 read: every rank must raise (the
+    message, or None where nothing was raised)."""
+    rows = 9 if ctx.rank == ctx.world_size - 1 else 8
+    built = [("lm.embed.weight", torch.empty(rows, 4, device="meta")), ("lm.norm.weight", torch.empty(4, device="meta"))]
+    kept = {"lm.embed.weight": torch.zeros(8, 4), "lm.norm.weight": torch.zeros(4)} if ctx.is_main else None
+    try:
+        dist_lib.check_same_tensors(built, kept, ctx)
+    except RuntimeError as error:
+        return str(error)
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output", required=True)
@@ -56,6 +69,7 @@ def main():
         loading.checkpoint_folder(registry.lookup(name), "tiny")
     ctx = dist_lib.init_distributed("cpu")
     results = {name: check_model(name, ctx) for name in MODELS}
+    results["refusal"] = refusal_of_a_rank_built_differently(ctx)
     gathered = [None] * ctx.world_size
     torch.distributed.all_gather_object(gathered, results)
     if ctx.is_main:

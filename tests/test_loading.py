@@ -172,6 +172,9 @@ def test_ranks_get_rank_0s_weights_without_reading_them(tmp_path):
             assert rank["uneven_shards"] > 0, name  # rows that do not split evenly over the ranks were covered
             assert rank["same_generation_config"], name  # generate() fills its unset options from it
     assert ranks["2"]["Qwen2.5-VL-3B-Instruct"]["frozen"] > 0  # the towers stay frozen on every rank
+    for rank in ranks.values():  # a rank that built differently is refused on every rank, not left waiting
+        assert rank["refusal"] and "rank 2 built" in rank["refusal"], rank["refusal"]
+        assert "('lm.embed.weight', (8, 4), 'torch.float32', False) vs ('lm.embed.weight', (9, 4)" in rank["refusal"]
 
 
 def test_materialize_after_fsdp2_sharding_single_process():
