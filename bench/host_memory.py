@@ -8,8 +8,8 @@ shards broadcast (what harness/train.py does), against every rank reading (what 
     python bench/host_memory.py --model /data/g4b --nproc 1,2,4 --one-gpu  # N ranks sharing GPU 0 (gloo)
 
 Each run is `torchrun --nproc-per-node N` of this file's worker: it prepares the checkpoint folder,
-joins the process group, then loads as the trainer does (load_model -> TrainableLM -> shard_model ->
-broadcast_weights), or with --every-rank-reads each rank reads it all. Meanwhile this process sums
+joins the process group, then loads as the trainer does (load_model -> TrainableLM ->
+shard_read_by_rank0), or with --every-rank-reads each rank reads it all. Meanwhile this process sums
 the proportional set size (PSS: shared pages split between the processes that map them, so the
 safetensors page cache is not counted once per rank) of every process under torchrun, every 50 ms.
 Reported per run: the node's PSS when all ranks were ready to load (baseline), its peak while
@@ -60,11 +60,7 @@ def worker(args) -> None:
     loaded = loading.load_model(spec, args.weights, on_meta=from_rank0 and not ctx.is_main)
     phases["read"] = pss_bytes(os.getpid()) / GIB
     model = TrainableLM(loaded.model)
-    kept = dist_lib.weights_to_meta(model) if from_rank0 and ctx.is_main else None
-    dist_lib.shard_model(model, bf16=ctx.device.type == "cuda")
-    phases["sharded"] = pss_bytes(os.getpid()) / GIB
-    if from_rank0:
-        dist_lib.broadcast_weights(model, kept, ctx)
+    dist_lib.shard_read_by_rank0(model, ctx, read_by_rank0=from_rank0, bf16=ctx.device.type == "cuda")
     if ctx.device.type == "cuda":
         torch.cuda.synchronize()
     phases["loaded"] = pss_bytes(os.getpid()) / GIB

@@ -112,6 +112,19 @@ def local_parameter_bytes(model: nn.Module) -> int:
     return total
 
 
+def shard_read_by_rank0(model: nn.Module, ctx: DistContext, *, read_by_rank0: bool, bf16: bool,
+                        reshard_after_forward: bool = True) -> int:
+    """shard_model; where rank 0 alone read a checkpoint (the other ranks built the model on meta),
+    rank 0's model goes to meta first and every rank then receives its shard of rank 0's weights and
+    rank 0's generation config. Returns the FSDP unit count."""
+    kept = weights_to_meta(model) if read_by_rank0 and ctx.is_main else None
+    units = shard_model(model, bf16=bf16, reshard_after_forward=reshard_after_forward)
+    if read_by_rank0:
+        broadcast_weights(model, kept, ctx)
+        broadcast_generation_configs(model, ctx)
+    return units
+
+
 def weights_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
     """Rank 0, before sharding: its loaded weights set aside under every name they have (parameters
     and buffers, aliases included), the model itself left on the meta device as the other ranks
@@ -188,10 +201,11 @@ def check_same_tensors(built: list[tuple[str, torch.Tensor]], kept: dict[str, to
                                "from the same class and config")
 
 
-def broadcast_generation_config(lm: nn.Module, ctx: DistContext) -> None:
+def broadcast_generation_configs(model: nn.Module, ctx: DistContext) -> None:
     """Rank 0's generation defaults (from_pretrained read the checkpoint's generation_config.json;
     a meta build did not): generate() fills unset options from them, so every rank must decode alike."""
-    shared = [getattr(lm, "generation_config", None) if ctx.is_main else None]
-    dist.broadcast_object_list(shared, src=0)
-    if shared[0] is not None:
-        lm.generation_config = shared[0]
+    holders = [module for module in model.modules() if getattr(module, "generation_config", None) is not None]
+    configs = [module.generation_config if ctx.is_main else None for module in holders]
+    dist.broadcast_object_list(configs, src=0)
+    for module, config in zip(holders, configs):
+        module.generation_config = config

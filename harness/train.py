@@ -171,11 +171,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     compiled_modules = compile_pointwise_modules(loaded.model) if cfg.compile else 0
     bf16 = ctx.device.type == "cuda"
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
-    kept = dist_lib.weights_to_meta(model) if from_rank0 and ctx.is_main else None  # rank 0's copy, by name
-    fsdp_units = dist_lib.shard_model(model, bf16=bf16, reshard_after_forward=reshard)
-    if from_rank0:
-        dist_lib.broadcast_weights(model, kept, ctx)
-        dist_lib.broadcast_generation_config(loaded.model, ctx)
+    fsdp_units = dist_lib.shard_read_by_rank0(model, ctx, read_by_rank0=from_rank0, bf16=bf16, reshard_after_forward=reshard)
     if cfg.weights == "synthetic":
         if cfg.init_std is not None:
             set_initializer_range(loaded.model, cfg.init_std)

@@ -2,8 +2,8 @@
 by tests/test_loading.py.
 
 For each tiny model, every rank does what the trainer does: rank 0 reads the checkpoint, the others
-build it on the meta device (nothing read), both shard it (shard_model around TrainableLM), then
-broadcast_weights. Every parameter and buffer, gathered, must equal a plain read of the same
+build it on the meta device (nothing read), both shard it (shard_read_by_rank0 around TrainableLM, as the
+trainer does). Every parameter and buffer, gathered, must equal a plain read of the same
 checkpoint, with the same requires_grad. Rank 0 writes what it found to --output.
 """
 import argparse
@@ -24,10 +24,7 @@ def check_model(name: str, ctx) -> dict:
     loaded = loading.load_model(spec, "tiny", on_meta=not ctx.is_main)
     on_meta_before_shard = all(p.device.type == "meta" for p in loaded.model.parameters())
     model = TrainableLM(loaded.model)
-    kept = dist_lib.weights_to_meta(model) if ctx.is_main else None
-    dist_lib.shard_model(model, bf16=False)
-    dist_lib.broadcast_weights(model, kept, ctx)
-    dist_lib.broadcast_generation_config(loaded.model, ctx)
+    dist_lib.shard_read_by_rank0(model, ctx, read_by_rank0=True, bf16=False)
     plain_lm = loading.load_model(spec, "tiny").model
     plain = TrainableLM(plain_lm)
     plain_params, plain_buffers = dict(plain.named_parameters()), dict(plain.named_buffers())

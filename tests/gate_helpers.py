@@ -61,6 +61,16 @@ def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout:
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
+def run_dist_script(script: str, nproc: int, output: Path, timeout: float = 300) -> dict:
+    """tests/<script> under `torchrun --standalone` on `nproc` gloo ranks; the JSON it writes to --output."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(REPO_ROOT / "tests" / script), "--output", str(output)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(output.read_text())
+
+
 def leftover_processes(run_dir: Path, grace_s: float = 5.0) -> list[str]:
     """Live processes whose command line names the run folder (torchrun and its ranks carry
     <run_dir>/<model>/job.json), after a short grace period for the kernel to reap them."""

@@ -11,9 +11,6 @@ cannot (a model that never ends its turn, a generation prompt rendered with anot
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import types
 
@@ -24,9 +21,10 @@ from harness import data as data_lib
 from harness import generation, loading, mutations, preflight, registry
 from harness.distributed import DistContext
 from harness.loss import softcap
-from harness.paths import DEFAULT_DATASET, REPO_ROOT
+from harness.paths import DEFAULT_DATASET
 from harness.train import TrainableLM, train_step
 from harness.verdict import GENERATION_MIN_EXACT, generation_reasons
+from gate_helpers import run_dist_script
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TRAIN_MODEL = "Qwen3-4B-Instruct-2507"  # chatml; the fastest tiny model to memorise a few samples
@@ -217,13 +215,7 @@ def test_a_model_set_to_the_varlen_kernel_decodes_with_sdpa_and_keeps_its_settin
 
 @pytest.mark.slow
 def test_fsdp_ranks_decode_what_the_plain_model_decodes(tmp_path):
-    output = tmp_path / "generation.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(REPO_ROOT / "tests" / "dist_generation.py"), "--output", str(output)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    results = json.loads(output.read_text())
+    results = run_dist_script("dist_generation.py", 2, tmp_path / "generation.json")
     for name, result in results.items():
         assert result["fraction_this_rank"] < 0.75, name  # really sharded
         assert result["sharded_replies"] == result["plain_replies"], name  # ranks with different prompt counts

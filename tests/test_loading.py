@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from harness import loading, registry, weights
-from harness.paths import REPO_ROOT
+from gate_helpers import run_dist_script
 
 SPECS = {spec.name: spec for spec in registry.all_specs()}
 
@@ -152,14 +149,8 @@ def test_ranks_get_rank_0s_weights_without_reading_them(tmp_path):
     """Host memory per node: rank 0 reads the checkpoint, ranks 1 and 2 build it on meta; after
     sharding, broadcast_weights gives them their shards. Gathered, every parameter and buffer equals
     a plain read exactly."""
-    output = tmp_path / "weights.json"
     # 3 ranks: the tiny models' rows (128, 256, ...) do not split evenly, as FSDP2 pads them
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
-               str(REPO_ROOT / "tests" / "dist_weights_from_rank0.py"), "--output", str(output)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    ranks = json.loads(output.read_text())
+    ranks = run_dist_script("dist_weights_from_rank0.py", 3, tmp_path / "weights.json")
     for name in ("gemma-3-4b-it", "Qwen2.5-VL-3B-Instruct"):
         reader, receivers = ranks["0"][name], [ranks["1"][name], ranks["2"][name]]
         assert reader["loaded_elements"] > 0 and not reader["on_meta_before_shard"], name
@@ -177,59 +168,51 @@ def test_ranks_get_rank_0s_weights_without_reading_them(tmp_path):
         assert "('lm.embed.weight', (8, 4), 'torch.float32', False) vs ('lm.embed.weight', (9, 4)" in rank["refusal"]
 
 
-def test_materialize_after_fsdp2_sharding_single_process():
-    """The trainer shards the meta model first, then materialises: params are DTensors then."""
+@pytest.fixture
+def single_process_group():
+    """A one-rank gloo process group for the test, torn down after it."""
     import socket
 
     import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_materialize_after_fsdp2_sharding_single_process(single_process_group):
+    """The trainer shards the meta model first, then materialises: params are DTensors then."""
     from torch.distributed.fsdp import fully_shard
 
     from harness.plan import model_class, resolve_load_path
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        config = weights.tiny_config(SPECS["gemma-3-4b-it"])
-        text_config = loading.extraction_text_config(config)
-        model = loading.build_on_meta(model_class(resolve_load_path(config).model_class), text_config, torch.float32)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        loading.materialize(model, "cpu", seed=0)
-        assert type(model.lm_head.weight).__name__ == "DTensor" and loading.embeddings_tied(model)
-        assert all(torch.isfinite(p.full_tensor()).all() for p in model.parameters())
-        ids = torch.randint(3, text_config.vocab_size, (2, 8))
-        loss = model(input_ids=ids, labels=ids).loss
-        assert abs(loss.item() - torch.log(torch.tensor(float(text_config.vocab_size))).item()) < 1.0
-    finally:
-        dist.destroy_process_group()
+    config = weights.tiny_config(SPECS["gemma-3-4b-it"])
+    text_config = loading.extraction_text_config(config)
+    model = loading.build_on_meta(model_class(resolve_load_path(config).model_class), text_config, torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    loading.materialize(model, "cpu", seed=0)
+    assert type(model.lm_head.weight).__name__ == "DTensor" and loading.embeddings_tied(model)
+    assert all(torch.isfinite(p.full_tensor()).all() for p in model.parameters())
+    ids = torch.randint(3, text_config.vocab_size, (2, 8))
+    loss = model(input_ids=ids, labels=ids).loss
+    assert abs(loss.item() - torch.log(torch.tensor(float(text_config.vocab_size))).item()) < 1.0
 
 
-def test_a_model_built_unlike_the_one_rank_0_read_is_refused_before_any_broadcast():
-    """Broadcasts pair tensors by position: a name, shape, dtype or requires_grad that differs, or a
-    tensor rank 0 has no value for, must raise on every rank (here the only one), naming it, instead
-    of mixing tensors up or hanging."""
-    import socket
-
-    import torch.distributed as dist
-
+def test_a_tensor_rank_0_did_not_read_is_refused_before_any_broadcast(single_process_group):
+    """Broadcasts pair tensors by position: a tensor of the built model that rank 0 has no value for
+    must raise (on every rank; the 3-rank test covers a rank that built differently), naming it,
+    instead of mixing tensors up or hanging."""
     from harness import distributed as dist_lib
 
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    try:
-        ctx = dist_lib.DistContext(0, 1, 0, torch.device("cpu"))
-        built = [("lm.embed.weight", torch.zeros(8, 4)), ("lm.norm.weight", torch.zeros(4))]
-        dist_lib.check_same_tensors(built, dict(built), ctx)
-        with pytest.raises(RuntimeError, match=r"no value for 1 tensors of the model it built: \['lm.norm.weight'\]"):
-            dist_lib.check_same_tensors(built, dict(built[:1]), ctx)
-    finally:
-        dist.destroy_process_group()
+    ctx = dist_lib.DistContext(0, 1, 0, torch.device("cpu"))
+    built = [("lm.embed.weight", torch.zeros(8, 4)), ("lm.norm.weight", torch.zeros(4))]
+    dist_lib.check_same_tensors(built, dict(built), ctx)
+    with pytest.raises(RuntimeError, match=r"no value for 1 tensors of the model it built: \['lm.norm.weight'\]"):
+        dist_lib.check_same_tensors(built, dict(built[:1]), ctx)
