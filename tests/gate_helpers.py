@@ -39,8 +39,11 @@ def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout:
                        poll_s: float = 0.2) -> subprocess.CompletedProcess:
     """Start the CLI in its own process group, press Ctrl-C (SIGINT to the group, as a terminal
     does) once ready() is true, and wait for the CLI to wind down."""
+    # SIGINT's default action in the CLI whatever the test runner inherited: a shell without job control
+    # starts `cmd &` with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
     process = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO_ROOT, env=env or cli_env(), start_new_session=True)
+                               cwd=REPO_ROOT, env=env or cli_env(), start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     try:
         while not ready():
