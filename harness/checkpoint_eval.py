@@ -51,6 +51,7 @@ def evaluate_checkpoint(cfg: RunConfig, folder: Path, check: CheckpointCheck, in
     from harness.distributed import DistContext
     from harness.evaluate import evaluate_full_dataset
     from harness.generation import generation_check
+    from harness.metrics import model_flops_per_token
     from harness.preflight import end_of_turn_marker
     from harness.train import TrainableLM, pad_id, plan_epoch
 
@@ -71,6 +72,7 @@ def evaluate_checkpoint(cfg: RunConfig, folder: Path, check: CheckpointCheck, in
     tokenizer = loading.tokenizer_for(cfg.spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
     dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
+    check.flops_per_token = model_flops_per_token(model, dataset)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
     wrapped = TrainableLM(model, varlen=attention == "varlen")
     check.evaluation = evaluate_full_dataset(wrapped, dataset, plan_epoch(cfg, dataset, ctx, 0), cfg.packing, ctx,

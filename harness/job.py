@@ -283,6 +283,9 @@ class CheckpointCheck(JsonRecord):
     evaluation: Evaluation | None = None
     generation: GenerationCheck | None = None  # greedy decoding of the saved model (harness.generation)
     towers_changed: list[str] | None = None  # tower tensors that differ from the input checkpoint's (None: no towers saved)
+    # Training FLOPs per token of the saved text model over this dataset (metrics.model_flops_per_token):
+    # the stack's MFU, as the native trainer counts it (towers do no work on text-only data)
+    flops_per_token: float | None = None
 
 
 @dataclass

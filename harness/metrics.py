@@ -22,11 +22,13 @@ def gpu_name(device: torch.device) -> str | None:
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:
-    name = gpu_name(device)
-    if not name:
-        return None
+    return peak_bf16_flops_of(gpu_name(device))
+
+
+def peak_bf16_flops_of(name: str | None) -> float | None:
+    """The datasheet peak of a GPU named as torch.cuda.get_device_name names it (None: unknown, or no GPU)."""
     for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
+        if name and key in name:
             return tflops * 1e12
     return None
 

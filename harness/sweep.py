@@ -181,7 +181,7 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
                            generate=times.generate),
         tokens_per_s=steady_mean(metrics, "tokens_per_s"),
         tokens_per_s_per_gpu=steady_mean(metrics, "tokens_per_s_per_gpu"),
-        mfu=steady_mean(metrics, "mfu"),
+        mfu=steady_mean(metrics, "mfu") if not backends.is_external(cfg.backend) else stack_mfu(report, metrics),
         peak_mem_gib=max((m.peak_mem_allocated_gib or 0 for m in metrics), default=None) or None,
         load_record=record,
         data=report.data,
@@ -305,6 +305,18 @@ def node_lost_line(outcome: JobOutcome, report: WorkerReport, topology: Topology
         return None
     lines = [report.error or "", *outcome.log_tail]
     return next((line.strip()[:200] for line in lines if any(mark in line for mark in PEER_LOST_MARKS)), None)
+
+
+def stack_mfu(report: WorkerReport, metrics: list[StepMetrics]) -> float | None:
+    """An external stack's MFU: its tokens/s per GPU times the FLOPs per token of the text model it
+    saved, as the harness's evaluation counted them; None without a GPU, a checkpoint or a speed."""
+    from harness.metrics import mfu, peak_bf16_flops_of
+
+    check = report.backend.checkpoint if report.backend else None
+    per_gpu = steady_mean(metrics, "tokens_per_s_per_gpu")
+    if check is None or check.flops_per_token is None or per_gpu is None:
+        return None
+    return mfu(per_gpu, check.flops_per_token, peak_bf16_flops_of(report.gpu))
 
 
 def steady_mean(metrics: list[StepMetrics], key: str) -> float | None:

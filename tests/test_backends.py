@@ -262,6 +262,26 @@ def test_native_checkpoint_evaluation_equals_the_in_job_evaluation(tmp_path):
     assert saved["samples"] == in_job["samples"] == 16 and saved["label_tokens"] == in_job["label_tokens"]
     assert saved["loss"] == pytest.approx(in_job["loss"], rel=1e-4), (saved, in_job, done.stdout[-2000:])
     assert saved["worst_sample_index"] == in_job["worst_sample_index"]
+    # the FLOPs an external stack's MFU is counted with are the native trainer's for the same model
+    worker = json.loads((result_path.parent / "worker.json").read_text())
+    assert check["flops_per_token"] == pytest.approx(worker["flops_per_token"], rel=1e-9)
+
+
+def test_an_external_stack_s_mfu_is_its_speed_times_the_saved_model_s_flops():
+    """MFU for TRL and instructlab: their tokens/s per GPU (steady steps, the first left out) x the
+    FLOPs per token the harness counted on the checkpoint they saved / the GPU's datasheet peak."""
+    from harness.job import BackendRecord, CheckpointCheck, StepMetrics, WorkerReport
+    from harness.sweep import stack_mfu
+
+    metrics = [StepMetrics(step=1, loss=9.0, tokens_per_s_per_gpu=10.0),
+               StepMetrics(step=2, loss=5.0, tokens_per_s_per_gpu=4000.0),
+               StepMetrics(step=3, loss=3.0, tokens_per_s_per_gpu=6000.0)]
+    backend = BackendRecord("trl", checkpoint=CheckpointCheck(folder="x", flops_per_token=2.5e10))
+    report = WorkerReport(gpu="NVIDIA H200", backend=backend)
+    assert stack_mfu(report, metrics) == pytest.approx(5000.0 * 2.5e10 / 989e12)
+    assert stack_mfu(WorkerReport(gpu=None, backend=backend), metrics) is None  # CPU: no peak to divide by
+    no_checkpoint = WorkerReport(gpu="NVIDIA H200", backend=BackendRecord("trl"))
+    assert stack_mfu(no_checkpoint, metrics) is None
 
 
 def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
@@ -409,3 +429,25 @@ def test_instructlab_progress_lines_follow_its_metrics_file(tmp_path, capsys):
         handle.write('loss": 4.0}\n' + json.dumps({"step": 4, "avg_loss": 3.5}) + "\n")
     print_new_steps(path, offset, planned_steps=40, every=2)
     assert capsys.readouterr().out == "[progress] step 4 (budget 40) loss 3.5000\n"
+
+
+def test_instructlab_failure_names_the_rank_s_own_exception(tmp_path):
+    """run_training says only "Suffered a failure during distributed training"; the reason must say what
+    the rank raised. The lines are those of instructlab x gemma-3n-E4B-it on one H200 (out of memory)."""
+    from harness.backends.instructlab_worker import first_rank_error
+
+    log = tmp_path / "full_logs_global0.log"
+    log.write_text(
+        "[rank0]:W1202 18:39:28.113000 1876 torch/distributed/fsdp/_flat_param.py:500] UserWarning: FSDP upcast\n"
+        "Epoch 0:   9%|         | 1/11 [00:11<01:51, 11.15s/it][rank0]: Traceback (most recent call last):\n"
+        "[rank0]:   File \"/tmp/site/instructlab/training/main_ds.py\", line 1410, in <module>\n"
+        "[rank0]:     logits = logits.float()\n"
+        "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.99 GiB. GPU 0 has a total "
+        "capacity of 139.80 GiB of which 6.59 GiB is free.\n"
+        "[rank1]: torch.distributed.DistBackendError: NCCL communicator was aborted\n"
+        "RuntimeError: Suffered a failure during distributed training. Please see the training logs\n")
+    assert first_rank_error(log) == ("rank 0: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.99 GiB. "
+                                     "GPU 0 has a total capacity of 139.80 GiB of which 6.59 GiB is free.")
+    log.write_text("RuntimeError: Suffered a failure during distributed training.\n")
+    assert first_rank_error(log) is None  # nothing a rank said: run_training's own error stands
+    assert first_rank_error(tmp_path / "absent.log") is None

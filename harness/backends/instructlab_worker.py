@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ UNMAPPED = [
     "metrics.jsonl shifts it back one step",
     "sharding: FSDP1 through accelerate (HYBRID_SHARD), not FSDP2; flash attention off (disable_flash_attn)",
     "gradient clipping, betas: instructlab's defaults; weight decay mapped",
+    "tokens: its counts, so tokens/s and MFU, include the padding of each micro-batch (flash attention off)",
 ]
 
 
@@ -85,10 +87,31 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # its `torchrun`
     os.environ["COLUMNS"] = "400"  # rich wraps its log lines at 80 columns off a terminal; collect reads them
     with following_progress(work / "ckpt" / backend.METRICS_FILE, report.planned_steps, cfg.log_every):
-        instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
-                                          train_args=instructlab.training.TrainingArgs(**train_args))
+        try:
+            instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
+                                              train_args=instructlab.training.TrainingArgs(**train_args))
+        except Exception as exc:  # it says only "Suffered a failure during distributed training"
+            cause = first_rank_error(work / "ckpt" / f"full_logs_global{topology.node_rank}.log")
+            if cause is None:
+                raise
+            raise RuntimeError(f"instructlab's training failed: {cause}") from exc
     report.status, report.stop_reason = "finished", "step_budget"
     report.time_s = Timings(load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started)
+
+
+# torchrun prefixes each line of a worker's output with [rankN]:, the exception's last line included.
+RANK_ERROR = re.compile(r"^\[rank(\d+)\]: ((?:\w+\.)*\w*(?:Error|Exception)\b.*)$")
+
+
+def first_rank_error(log_path: Path, limit: int = 300) -> str | None:
+    """The first exception a training rank raised, from the stack's log: "rank N: Type: message"."""
+    if not log_path.exists():
+        return None
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = RANK_ERROR.match(line.strip())
+        if match:
+            return f"rank {match.group(1)}: {match.group(2)}"[:limit]
+    return None
 
 
 @contextmanager
