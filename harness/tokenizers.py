@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -129,6 +130,34 @@ def gemma_gguf_path() -> Path:
     return Path(assemble())
 
 
+@contextmanager
+def gguf_parsed_once():
+    """transformers parses the whole GGUF file for the config, again for the weights and again for the
+    tokenizer (~15 s each on one core: the 262k-token vocabulary is read field by field); inside this
+    block each file is parsed once and the read-only reader shared. Re-entrant."""
+    import gguf
+
+    original = gguf.GGUFReader
+    if getattr(original, "shared_readers", None) is not None:  # an enclosing block already shares them
+        yield
+        return
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    shared_reader.shared_readers = readers
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+        readers.clear()
+
+
 def gemma_tokenizer():
     """The real Gemma 3 tokenizer (262k vocab) read from the GGUF, with the Gemma 3 chat template."""
     target = cache_dir() / "tokenizers" / "gemma3"
@@ -145,7 +174,8 @@ def _convert_gemma_tokenizer(target: Path):
 
     gguf_path = gemma_gguf_path()  # only when converting: a cached tokenizer needs no GGUF package
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except ImportError as error:
         raise TokenizerSetupError(f"reading {gguf_path} needs the gguf package: `pip install -e .[gguf]`") from error
     _check_gemma_conversion(tokenizer, target)

@@ -226,6 +226,13 @@ def verify_converted_gguf(folder: Path) -> None:
 
 
 def write_converted_gguf(package: str, folder: Path) -> None:
+    from harness.tokenizers import gguf_parsed_once
+
+    with gguf_parsed_once():  # config, weights and (uncached) tokenizer from one parse of the file
+        _write_converted_gguf(package, folder)
+
+
+def _write_converted_gguf(package: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = gguf_package_file(package)

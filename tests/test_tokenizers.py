@@ -128,3 +128,29 @@ def test_a_wrong_gemma_conversion_is_refused(gemma, tmp_path):
     with pytest.raises(TokenizerSetupError, match="converted the Gemma GGUF tokenizer wrongly"):
         tk._check_gemma_conversion(Broken(gemma), tmp_path)
     tk._check_gemma_conversion(gemma, tmp_path)  # the real one passes
+
+
+def test_a_gguf_file_is_parsed_once_inside_the_block(tmp_path):
+    """transformers builds a GGUFReader for the config, the weights and the tokenizer (~15 s each for
+    Gemma's vocabulary); inside gguf_parsed_once they share one reader per file, and the class is back after."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.arange(6, dtype=np.float32).reshape(2, 3))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with tk.gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        with tk.gguf_parsed_once():  # re-entrant: an inner block shares the outer one's readers
+            assert gguf.GGUFReader(str(path)) is first
+        assert gguf.GGUFReader(path) is first
+        assert [t.name for t in first.tensors] == ["token_embd.weight"]
+        assert first.tensors[0].data.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(path) is not first
