@@ -8,6 +8,9 @@ PYTEST_ARGS ?=
 # 2 cores overlap them; --no-loadscope-reorder keeps tests/conftest.py's longest-first order (xdist
 # would sort files by their number of tests). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
+# One intra-op thread per process: the suite runs several torch processes per core, and a second
+# OpenMP thread each only spins against the others (measured on 2 cores: 7% less CPU, 5% less wall).
+TEST_THREADS ?= 1
 # Where the harness keeps tiny checkpoints, converted GGUF, tokenizers and tokenised data.
 CACHE := $(or $(SFT_HARNESS_CACHE),$(HOME)/.cache/sft-harness)
 
@@ -27,7 +30,7 @@ validate: setup
 	$(PY) run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --weights tiny --device cpu --nproc-per-node 2
 
 test: setup
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:  # the environment and the caches (run folders under results/ are kept)
 	rm -rf $(VENV) "$(CACHE)"
