@@ -342,13 +342,21 @@ def free_port():
         return sock.getsockname()[1]
 
 
+# gloo on CPU (torch 2.13) once aborted rank 0 as the script ended, its step done (CI, 2026-12-02):
+# that one signature gets a second run; any other failure, or the same one twice, fails the test.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def run_world(nproc, micro_batches, output):
-    command = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-        str(REPO_ROOT / "tests" / "dist_world_size_loss.py"), "--output", str(output), "--micro-batches", str(micro_batches),
-    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    for _ in range(2):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
+            str(REPO_ROOT / "tests" / "dist_world_size_loss.py"), "--output", str(output), "--micro-batches", str(micro_batches),
+        ]
+        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        if result.returncode == 0 or TEARDOWN_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(output.read_text())
 
