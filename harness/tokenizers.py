@@ -135,8 +135,11 @@ def gguf_parsed_once():
     """transformers parses the whole GGUF file for the config, again for the weights and again for the
     tokenizer (~15 s each on one core: the 262k-token vocabulary is read field by field); inside this
     block each file is parsed once and the read-only reader shared. Re-entrant."""
-    import gguf
-
+    try:
+        import gguf
+    except ImportError:  # whoever reads the file next raises the error that names the install command
+        yield
+        return
     original = gguf.GGUFReader
     if getattr(original, "shared_readers", None) is not None:  # an enclosing block already shares them
         yield
