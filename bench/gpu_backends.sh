@@ -2,6 +2,7 @@
 # The backends on the GPU machine (issue 16): each stack on the card's model, tiny first (fast checks of
 # the launch paths), then synthetic full size with a short step budget. Results under $OUT/backends.
 # Usage on the device: bash bench/gpu_backends.sh   (after the wheel install line of ../shared/device/wheels.sh)
+# EXTRA="--max-tokens-per-gpu 4096" adds CLI options to every selected run (the script takes no arguments).
 set -u
 out=${OUT:-/tmp/out}/backends
 mkdir -p "$out"
@@ -12,7 +13,7 @@ run() {  # name, seconds, args...   ONLY=name1,name2 runs just those
   # the harness's own job timeout ends every rank; `timeout` (later) only guards the CLI itself
   timeout $(( limit + ${CLI_SLACK:-60} )) python3 run_validation.py --device cuda --nproc-per-node 1 --wandb-mode disabled \
       --timeout-per-model "$limit" \
-      --output-dir "$out/$name" --run-id run "$@" > "$out/$name.log" 2>&1 &
+      --output-dir "$out/$name" --run-id run "$@" ${EXTRA:-} > "$out/$name.log" 2>&1 &
   local cli=$!
   while kill -0 $cli 2>/dev/null; do  # where the time goes: the job log's last line and GPU memory, every 10 s
     echo "$(( $(date +%s) - started ))s gpu $(nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null) |" \
