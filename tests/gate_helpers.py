@@ -64,12 +64,20 @@ def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout:
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def run_dist_script(script: str, nproc: int, output: Path, timeout: float = 300) -> dict:
+# gloo on CPU (torch 2.13) once aborted rank 0 as a script ended, its work done (CI, 2026-12-02): that
+# one signature gets a second run; any other failure, or the same one twice, fails the test.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_dist_script(script: str, nproc: int, output: Path, *args: str, timeout: float = 300) -> dict:
     """tests/<script> under `torchrun --standalone` on `nproc` gloo ranks; the JSON it writes to --output."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(REPO_ROOT / "tests" / script), "--output", str(output)]
+               str(REPO_ROOT / "tests" / script), "--output", str(output), *args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for _ in range(2):
+        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr:
+            break
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(output.read_text())
 

@@ -1,8 +1,6 @@
 """Dataset file, validation, assistant-only labels, the step plan, collation and packing invariance."""
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 from collections import Counter
@@ -15,6 +13,7 @@ from harness.data import IGNORE_INDEX, DatasetError, TokenizedSample
 from harness.loss import chunked_cross_entropy_sum
 from harness.paths import DATASETS_DIR, DEFAULT_DATASET, REPO_ROOT
 from harness.tokenizers import END_OF_TURN_MARKERS, tiny_tokenizer
+from gate_helpers import run_dist_script
 
 
 def load_generator():
@@ -336,29 +335,8 @@ def test_packed_loss_and_grads_equal_samples_run_alone(chatml_dataset, kind, att
 # ---------------------------------------------------------------- world-size invariance (torchrun, gloo)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-# gloo on CPU (torch 2.13) once aborted rank 0 as the script ended, its step done (CI, 2026-12-02):
-# that one signature gets a second run; any other failure, or the same one twice, fails the test.
-TEARDOWN_ABORT = "terminate called without an active exception"
-
-
 def run_world(nproc, micro_batches, output):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    for _ in range(2):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
-            str(REPO_ROOT / "tests" / "dist_world_size_loss.py"), "--output", str(output), "--micro-batches", str(micro_batches),
-        ]
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-        if result.returncode == 0 or TEARDOWN_ABORT not in result.stderr:
-            break
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(output.read_text())
+    return run_dist_script("dist_world_size_loss.py", nproc, output, "--micro-batches", str(micro_batches), timeout=120)
 
 
 @pytest.mark.slow
