@@ -120,16 +120,26 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     scale = scaling if scaling is not None else head_dim ** -0.5
     # [B, H, T, D] -> [B*T, H, D], the kernel's token-major layout
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
-    kernel = varlen_kernel()
-    if query.is_cuda and kernel is not None:
-        out = _varlen_cuda(kernel, q, k, v, cu_seqlens, max_len, scale, sliding_window)
+    if query.is_cuda and VARLEN_KERNEL is not None:
+        out = _varlen_cuda(VARLEN_KERNEL, q, k, v, cu_seqlens, max_len, scale, sliding_window)
     else:
         out = _varlen_reference(q, k, v, cu_seqlens, scale, sliding_window)
     return out.reshape(batch, length, heads, head_dim), None
 
 
+def kernel_parameters(kernel) -> frozenset[str]:
+    """The keyword arguments this torch's varlen kernel takes (they changed between releases)."""
+    return frozenset(inspect.signature(kernel).parameters) if kernel is not None else frozenset()
+
+
+# Looked up once at import: inside a torch.compile'd decoder layer an import or inspect.signature
+# would break the graph.
+VARLEN_KERNEL = varlen_kernel()
+KERNEL_PARAMETERS = kernel_parameters(VARLEN_KERNEL)
+
+
 def _varlen_cuda(kernel, q, k, v, cu_seqlens, max_len: int, scale: float, sliding_window):
-    params = inspect.signature(kernel).parameters
+    params = KERNEL_PARAMETERS if kernel is VARLEN_KERNEL else kernel_parameters(kernel)
     kwargs = {}
     if "enable_gqa" in params:
         kwargs["enable_gqa"] = q.shape[1] != k.shape[1]

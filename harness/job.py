@@ -96,6 +96,11 @@ class JsonRecord:
 # ---------------------------------------------------------------- gate -> job
 
 
+# What --compile may name: nothing, each MLP and norm (the pointwise chains around the matmuls), or
+# each whole decoder layer (projections, RoPE, norms, residuals, MLP and the varlen kernel in one graph).
+COMPILE_SCOPES = ("off", "pointwise", "layers")
+
+
 @dataclass
 class RunConfig(JsonRecord):
     """Everything one training job needs; the sweep writes it as job.json. The fields from `lr` down
@@ -124,7 +129,7 @@ class RunConfig(JsonRecord):
     activation_checkpointing: bool | None = None  # None: on where memory needs it (plan.wants_activation_checkpointing)
     reshard_after_forward: bool | None = None  # None: only with several ranks (one rank saves nothing by it)
     attention: str = "auto"  # auto | sdpa | varlen (harness.attention)
-    compile: bool = False  # torch.compile the MLP and norm modules of each layer
+    compile: str = "off"  # off | pointwise (each MLP and norm) | layers (each whole decoder layer): torch.compile
     init_std: float | None = None  # synthetic weights: the random init's std (None: the config's initializer_range)
     log_every: int = 25
     save_checkpoint: bool = False  # native: save the trained model (hub layout) under output_dir/checkpoint
@@ -376,6 +381,7 @@ class WorkerReport(JsonRecord):
     attention: str | None = None
     reshard_after_forward: bool | None = None
     compiled_modules: int = 0
+    compile: str = "off"  # the scope the job compiled (train.choose_compile)
     towers: TowerCounts | None = None
     sharding: Sharding | None = None
     frozen_params: ParamChange | None = None

@@ -66,7 +66,7 @@ def cli_overrides(args) -> dict[str, Any]:
             value = TRI_STATE.get(value, value)
         elif name == "attention" and value == "auto":
             value = None
-        elif name in ("compile", "save_checkpoint"):
+        elif name == "save_checkpoint":
             value = value or None  # a flag: absent means "not given", not "off"
         if value is not None:
             given[name] = value

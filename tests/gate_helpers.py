@@ -13,9 +13,10 @@ import psutil
 
 from harness.paths import REPO_ROOT
 
-# A tiny CPU sweep: 2 gloo ranks, 32 samples. Ministral-3-3B-Instruct-2512 (tiny) reaches its target in ~60 steps
-# (~15 s a job on 2 cores), Llama-3.2-1B-Instruct (tiny) in ~115 (~20-35 s).
-TINY_ARGS = ("--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2", "--max-samples", "32")
+# A tiny CPU sweep: 2 gloo ranks, 16 samples (one step an epoch). Ministral-3-3B-Instruct-2512 and
+# Llama-3.2-1B-Instruct (tiny) each reach the target in ~40 steps, ~15 s a job alone on 2 cores (at 32
+# samples Llama took ~115 steps: the sweeps' samples set most of the suite's time).
+TINY_ARGS = ("--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2", "--max-samples", "16")
 FAKE_HF_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz"
 FAKE_WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
 

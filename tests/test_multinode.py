@@ -18,7 +18,7 @@ from gate_helpers import cli_command, cli_env, leftover_processes, read_json
 pytestmark = pytest.mark.slow
 
 FAST, SECOND = "Ministral-3-3B-Instruct-2512", "Llama-3.2-1B-Instruct"
-NODE_ARGS = ("--weights", "tiny", "--device", "cpu", "--nproc-per-node", "1", "--nnodes", "2", "--max-samples", "32",
+NODE_ARGS = ("--weights", "tiny", "--device", "cpu", "--nproc-per-node", "1", "--nnodes", "2", "--max-samples", "16",
              "--wandb-mode", "disabled", "--run-id", "mn", "--timeout-per-model", "240")
 
 

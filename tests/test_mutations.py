@@ -137,7 +137,7 @@ def runs(tmp_path_factory) -> dict:
     dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
                                for q, *answers in CONTRADICTIONS for a in answers))
     single = {"rank1": sweep_run("rank1", output)}
-    single |= {f"seed{seed}": (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--max-samples", "24",
+    single |= {f"seed{seed}": (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--max-samples", "16",
                                 "--seed", str(seed), "--output-dir", str(output), "--run-id", f"seed{seed}"], cli_env())
                for seed in SEEDS}
     single["contradictory"] = (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--dataset", str(dataset),

@@ -27,9 +27,10 @@ MODELS = {
     "Qwen3-VL-2B-Instruct": "direct_vlm_load",
     "Llama-3.2-1B-Instruct": "causal_lm",
 }
-# 64 samples (~4k tokens, ~2k label tokens, 3 steps an epoch at the tiny default lr 3e-3 and 1024
-# tokens per rank): each model passes in 100-160 steps, ~20 s; the step budget is min(4000, 100 epochs) = 300.
-CONVERGE_SAMPLES = 64
+# 32 samples (~2k tokens, ~1k label tokens, 1-2 steps an epoch at the tiny default lr 3e-3 and 1024
+# tokens per rank): each model passes in 75-115 steps (64 samples took 100-160, the suite's longest
+# fixture); the step budget is min(4000, 100 epochs) >= 100 epochs.
+CONVERGE_SAMPLES = 32
 LOSS_TARGET = 0.05
 METRIC_FIELDS = (
     "step", "epoch", "loss", "grad_norm", "lr", "tokens", "label_tokens", "step_time_s", "tokens_per_s",
@@ -192,7 +193,10 @@ def test_qwen3_vl_towers_are_frozen_and_unchanged(converged):
 # So step k is the same data on 1 and 2 ranks (checked below with plan_steps), split differently.
 CURVE_SAMPLES = 24
 CURVE_STEPS = 5
-CURVE_MODELS = ("gemma-3-4b-it", "Qwen3-VL-2B-Instruct")
+# One model: what is compared (the loss normalisation and the step plan) is the trainer's, not the
+# model's; tests/test_data.py checks the same at the step level, and the FSDP grad norm of every load
+# path is checked below.
+CURVE_MODELS = ("gemma-3-4b-it",)
 TOKENS_PER_STEP = 4096
 
 
