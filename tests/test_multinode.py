@@ -85,7 +85,8 @@ def test_two_nodes_one_judge_world_size_two(tmp_path):
 
 
 def test_a_node_started_with_other_models_refuses_at_the_first_rendezvous(tmp_path):
-    (code0, _, _), (code1, _, _) = two_nodes(tmp_path, f"{FAST},{SECOND}", f"{SECOND},{FAST}")
+    # one model each (a second would only refuse again): node 1 trains another model than node 0
+    (code0, _, _), (code1, _, _) = two_nodes(tmp_path, FAST, SECOND)
     assert code0 == 1 and code1 == 1
     result = read_json(tmp_path / "node0" / "mn" / FAST / "result.json")
     assert result["verdict"] == "FAIL"
