@@ -66,6 +66,8 @@ def cli_overrides(args) -> dict[str, Any]:
             value = TRI_STATE.get(value, value)
         elif name == "attention" and value == "auto":
             value = None
+        elif name == "compile" and isinstance(value, bool):  # a run resumed from before the scopes: a flag
+            value = "pointwise" if value else None
         elif name == "save_checkpoint":
             value = value or None  # a flag: absent means "not given", not "off"
         if value is not None:
