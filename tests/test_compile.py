@@ -26,7 +26,7 @@ def test_choose_compile(requested, checkpointing, chosen):
     assert train.choose_compile(requested, checkpointing) == chosen
 
 
-def test_layers_compiles_each_decoder_layer_and_pointwise_each_mlp_and_norm(tiny_llama):
+def test_layers_compiles_each_decoder_layer_forward(tiny_llama):
     layers = list(tiny_llama.model.layers)
     assert train.compile_modules(tiny_llama, "layers") == 3
     assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in layers)
@@ -50,7 +50,18 @@ def test_outside_the_training_step_the_compiled_layers_run_eagerly(tiny_llama):
         torch._dynamo.utils.counters.clear()
         assert torch.equal(tiny_llama(ids).logits, expected)
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"], "a graph was compiled outside the step"
-    assert isinstance(train.compiled_stance(0), type(train.contextlib.nullcontext()))
+
+
+def test_the_training_step_alone_runs_under_the_compiling_stance(tiny_llama):
+    from torch._dynamo import eval_frame
+
+    train.compile_modules(tiny_llama, "pointwise")
+    assert eval_frame._stance.stance == "force_eager"
+    with train.compiled_stance(10):
+        assert eval_frame._stance.stance == "default"
+    assert eval_frame._stance.stance == "force_eager"
+    with train.compiled_stance(0):  # nothing compiled: the stance is left alone
+        assert eval_frame._stance.stance == "force_eager"
 
 
 def test_the_bare_flag_is_pointwise_and_a_scope_can_be_named():
