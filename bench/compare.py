@@ -34,6 +34,7 @@ def main() -> int:
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--only", choices=("ours", "peer", "both"), default="both")
     parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--ours-args", default="", help="extra harness options, e.g. '--compile layers' (recorded)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
     args = parser.parse_args()
@@ -45,7 +46,8 @@ def main() -> int:
         "name": args.name, "model": args.model, "weights": args.weights,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "num_gpus": args.num_gpus,
         "settings": {"max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule,
-                     "warmup_steps": args.warmup_steps, "tokens_per_gpu": args.tokens_per_gpu},
+                     "warmup_steps": args.warmup_steps, "tokens_per_gpu": args.tokens_per_gpu,
+                     "ours_args": args.ours_args},
         "ours": ours, "peer": peer, "ratios": ratios(ours, peer),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,13 +60,28 @@ def run_ours(args, common: list[str]) -> dict:
     run_id = f"bench-{args.name}"
     command = [sys.executable, str(ROOT / "run_validation.py"), "--models", args.model, "--weights", args.weights,
                "--nproc-per-node", str(args.num_gpus), "--max-tokens-per-gpu", str(args.tokens_per_gpu), "--run-id", run_id,
-               "--wandb-mode", "disabled", *common]
+               "--wandb-mode", "disabled", *common, *args.ours_args.split()]
     subprocess.run(command, cwd=ROOT, check=False)
-    result = json.loads(next((ROOT / "results" / run_id).glob("*/result.json")).read_text())
+    result_file = next((ROOT / "results" / run_id).glob("*/result.json"))
+    result = json.loads(result_file.read_text())
     figures = {key: result.get(key) for key in FIGURES}
+    figures["tokens_per_s_per_gpu_mean_of_steps"] = figures["tokens_per_s_per_gpu"]  # the harness's own figure
+    figures.update(aggregate_rate(result_file.parent / "metrics.jsonl", args.num_gpus, result.get("mfu"),
+                                  figures["tokens_per_s_per_gpu"]))
     figures["time_to_target_s"] = result.get("time_to_verdict_s") if result.get("stop_reason") == "target_reached" else None
     figures["final_loss"] = result.get("final_loss")
     return figures
+
+
+def aggregate_rate(metrics_file: Path, num_gpus: int, mfu: float | None, mean_rate: float | None) -> dict:
+    """tokens/s per GPU as trl_peer.py counts it (every token after the first step over the time
+    from the first step's end to the last's), so the ratio compares like with like; MFU scaled to it."""
+    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "tokens" in r and "elapsed_s" in r]
+    if len(rows) < 2:
+        return {}
+    rate = sum(r["tokens"] for r in rows[1:]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / num_gpus
+    return {"tokens_per_s_per_gpu": rate, "mfu": mfu * rate / mean_rate if mfu and mean_rate else None}
 
 
 def run_peer(args, common: list[str]) -> dict:

@@ -11,6 +11,8 @@ sum over ranks and micro-batches is the step loss whatever the world size, packi
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from harness.distributed import all_reduce_sum
@@ -39,37 +41,60 @@ def _flatten_labelled(hidden_states: torch.Tensor, shift_labels: torch.Tensor):
     return hidden, labels, (labels != IGNORE_INDEX).nonzero().squeeze(1)
 
 
+def _chunk_loss_sum(raw_logits: torch.Tensor, labels: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Sum of the chunk's token losses from its raw (model-dtype) logits."""
+    return _token_cross_entropy(softcap(raw_logits.float(), cap), labels).sum()
+
+
+def _chunk_logit_grad(raw_logits: torch.Tensor, labels: torch.Tensor, cap: float | None, grad_total: torch.Tensor) -> torch.Tensor:
+    """d(loss sum)/d(raw logits) of one chunk, in the logits' dtype."""
+    logits = softcap(raw_logits.float(), cap)
+    # d(logsumexp - picked)/d(capped logits) = softmax - onehot
+    grad = torch.softmax(logits, dim=-1)
+    grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
+    if cap is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh^2 = 1 - (capped / cap)^2
+        grad *= 1 - (logits / cap) ** 2
+    return (grad * grad_total).to(raw_logits.dtype)
+
+
+@functools.cache
+def _compiled_chunk_functions():
+    """The two elementwise/reduction halves compiled (the matmuls stay cuBLAS calls): each fuses the
+    upcast, softcap, softmax and one-hot into one pass over the [chunk, vocab] logits instead of
+    writing fp32 copies of them. dynamic: the last chunk of a step is shorter."""
+    return torch.compile(_chunk_loss_sum, dynamic=True), torch.compile(_chunk_logit_grad, dynamic=True)
+
+
+def _chunk_functions(compiled: bool):
+    return _compiled_chunk_functions() if compiled else (_chunk_loss_sum, _chunk_logit_grad)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum of cross-entropy over rows of `hidden` (all labelled), chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, cap):
+    def forward(ctx, hidden, weight, labels, chunk_tokens, cap, compiled):
+        loss_sum, _ = _chunk_functions(compiled)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            logits = _chunk_logits(hidden[start : start + chunk_tokens], weight, cap)
-            total += _token_cross_entropy(logits, labels[start : start + chunk_tokens]).sum()
+            total += loss_sum(hidden[start : start + chunk_tokens] @ weight.t(), labels[start : start + chunk_tokens], cap)
         ctx.save_for_backward(hidden, weight, labels)
-        ctx.chunk_tokens, ctx.cap = chunk_tokens, cap
+        ctx.chunk_tokens, ctx.cap, ctx.compiled = chunk_tokens, cap, compiled
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         hidden, weight, labels = ctx.saved_tensors
+        _, logit_grad = _chunk_functions(ctx.compiled)
         grad_hidden = torch.empty_like(hidden)
         # fp32 accumulator across chunks, so bf16 weights do not lose precision chunk after chunk.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             chunk = hidden[start : start + ctx.chunk_tokens]
-            logits = _chunk_logits(chunk, weight, ctx.cap)
-            # d(logsumexp - picked)/d(capped logits) = softmax - onehot
-            grad_logits = torch.softmax(logits, dim=-1)
-            grad_logits[torch.arange(chunk.shape[0], device=chunk.device), labels[start : start + ctx.chunk_tokens]] -= 1
-            if ctx.cap is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh^2 = 1 - (capped / cap)^2
-                grad_logits *= 1 - (logits / ctx.cap) ** 2
-            grad_logits = (grad_logits * grad_total).to(weight.dtype)
+            grad_logits = logit_grad(chunk @ weight.t(), labels[start : start + ctx.chunk_tokens], ctx.cap, grad_total)
             grad_hidden[start : start + ctx.chunk_tokens] = grad_logits @ weight
             grad_weight += (grad_logits.t() @ chunk).float()
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def chunked_cross_entropy_sum(
@@ -78,6 +103,7 @@ def chunked_cross_entropy_sum(
     shift_labels: torch.Tensor,
     chunk_tokens: int = 2048,
     final_logit_softcapping: float | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Sum over labelled tokens of cross_entropy(softcap(hidden @ W^T), label), as an fp32 scalar.
 
@@ -85,12 +111,13 @@ def chunked_cross_entropy_sum(
     trained). Only labelled positions go through the LM head. lm_head_weight must be a plain
     (unsharded) tensor: under FSDP2 call this where the LM head's parameters are gathered.
     Returns a zero that still carries gradients (zeros) when nothing is labelled, so dummy
-    micro-batches run the same backward as real ones.
+    micro-batches run the same backward as real ones. compiled: the per-chunk softmax work runs
+    torch.compile'd (under torch.compiler's force_eager stance it runs eagerly).
     """
     hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
     # index_select's backward scatters the gradient back to the labelled positions, zeros elsewhere.
     return _ChunkedLinearCrossEntropy.apply(
-        hidden.index_select(0, labelled), lm_head_weight, labels[labelled], chunk_tokens, final_logit_softcapping
+        hidden.index_select(0, labelled), lm_head_weight, labels[labelled], chunk_tokens, final_logit_softcapping, compiled
     )
 
 

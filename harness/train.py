@@ -7,7 +7,6 @@ uses is a small component elsewhere (loading, data, loss, distributed, metrics).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 
 from harness import attention as attention_lib
+from harness import compiling
 from harness import data as data_lib
 from harness import distributed as dist_lib
 from harness import faults
@@ -73,6 +73,7 @@ class TrainableLM(nn.Module):
         text_config = lm.config.get_text_config(decoder=True)
         self.softcap = getattr(text_config, "final_logit_softcapping", None)
         self.chunk_tokens = chunk_tokens
+        self.compiled_loss = False  # the loss chunks' softmax work compiled (set with --compile)
 
     def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False, hidden: bool = False,
                 entropy: bool = False):
@@ -90,11 +91,12 @@ class TrainableLM(nn.Module):
         if hidden:  # no loss wanted (preflight's packing check reads a layer's output through a hook)
             return outputs.last_hidden_state
         head = self.lm.get_output_embeddings()
-        loss_fn = chunked_token_entropy if entropy else chunked_token_losses if per_token else chunked_cross_entropy_sum
-        return loss_fn(
-            outputs.last_hidden_state, head.weight, shift_labels,
-            chunk_tokens=self.chunk_tokens, final_logit_softcapping=self.softcap,
-        )
+        if entropy or per_token:
+            return (chunked_token_entropy if entropy else chunked_token_losses)(
+                outputs.last_hidden_state, head.weight, shift_labels, chunk_tokens=self.chunk_tokens,
+                final_logit_softcapping=self.softcap)
+        return chunked_cross_entropy_sum(outputs.last_hidden_state, head.weight, shift_labels, chunk_tokens=self.chunk_tokens,
+                                         final_logit_softcapping=self.softcap, compiled=self.compiled_loss)
 
 
 @dataclass
@@ -167,10 +169,12 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     if ctx.is_main:
         print(f"[setup] activation checkpointing {'on' if use_ac else 'off'} "
               f"({'auto' if cfg.activation_checkpointing is None else 'asked'})", flush=True)
-    if use_ac:
+    report.compile = cfg.compile
+    if use_ac and report.compile != "layers":  # layers checkpoints inside each compiled layer
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    report.compile = choose_compile(cfg.compile, use_ac)
-    compiled_modules = compile_modules(loaded.model, report.compile)
+    compiled_modules = compiling.compile_modules(loaded.model, report.compile, activation_checkpointing=use_ac)
+    model.compiled_loss = compiled_modules > 0
+    clamp_coefficients = compiling.hoist_coefficient_clamps(loaded.model) if report.compile == "layers" else (lambda: None)
     bf16 = ctx.device.type == "cuda"
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
     fsdp_units = dist_lib.shard_read_by_rank0(model, ctx, read_by_rank0=from_rank0, bf16=bf16, reshard_after_forward=reshard)
@@ -208,12 +212,13 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
         accounting = data_lib.EpochAccounting(len(dataset.samples))
         epoch_plan = plan_epoch(cfg, dataset, ctx, state.epoch)
         for step_index, step_plan in enumerate(epoch_plan):
+            clamp_coefficients()
             if state.step == 0:  # preflight on the first step's data, before its parameters change
                 checks["packing"] = preflight.packing_check(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
                 reference = preflight.first_step_reference(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
                 report.initial_entropy = reference["entropy"]
             step_start = time.monotonic()
-            with profiler.around(state.step + 1), compiled_stance(compiled_modules):
+            with profiler.around(state.step + 1), compiling.compiled_stance(compiled_modules):
                 loss, grad_norm, tokens, label_tokens = train_step(
                     model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=accounting)
             if reference is not None:
@@ -324,46 +329,6 @@ def set_initializer_range(lm: nn.Module, std: float) -> None:
     """The std transformers' _init_weights draws from, on the model's config and its text config."""
     for config in {id(c): c for c in (lm.config, lm.config.get_text_config(decoder=True))}.values():
         config.initializer_range = std
-
-
-def choose_compile(requested: str, activation_checkpointing: bool) -> str:
-    """The scope to compile. Off by default: on one H200 the compilation (~20 s pointwise, ~60 s
-    layers, recompiles included) ate the faster steps of the card's ~240-step gemma-3-4b-it run.
-    layers needs activation checkpointing off: the checkpoint's recompute did not replay the
-    compiled graph (CheckpointError on gemma-3n), so it falls back to pointwise, said in the log."""
-    if requested == "layers" and activation_checkpointing:
-        print("[setup] --compile layers runs without activation checkpointing only; compiling pointwise", flush=True)
-        return "pointwise"
-    return requested
-
-
-def compile_modules(lm: nn.Module, scope: str) -> int:
-    """torch.compile per module, before sharding; returns how many. pointwise: each MLP and RMSNorm
-    (the elementwise chains around the matmuls fuse); layers: each whole decoder layer's forward
-    (projections, RoPE, norms, residuals, MLP and the varlen kernel in one graph). Only `forward`
-    is compiled, so FSDP2's hooks on the module run eagerly around it. Dynamic shapes: packed rows
-    change length every step."""
-    if scope == "off":
-        return 0
-    if scope == "layers":
-        chosen = dist_lib.decoder_layers(lm)
-        for layer in chosen:
-            layer.forward = torch.compile(layer.forward, dynamic=True)
-    elif scope == "pointwise":
-        chosen = [m for m in lm.modules() if type(m).__name__.endswith(("MLP", "RMSNorm"))]
-        for module in chosen:
-            module.compile(dynamic=True)
-    else:
-        raise ValueError(f"compile scope {scope!r}: expected one of off, pointwise, layers")
-    # Only the training step runs compiled (compiled_stance): the preflight's padded batches, the
-    # evaluation without grad and the KV-cache decode would each compile another graph.
-    torch.compiler.set_stance("force_eager")
-    return len(chosen)
-
-
-def compiled_stance(compiled_modules: int):
-    """Around the training step: the compiled modules run compiled (everything else is eager)."""
-    return torch.compiler.set_stance("default") if compiled_modules else contextlib.nullcontext()
 
 
 def lr_lambda(cfg: RunConfig, total_steps: int):

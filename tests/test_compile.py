@@ -1,13 +1,14 @@
-"""--compile: which modules get compiled, when layers falls back, and that only the training step runs
-compiled (everything else eager). CPU, no compilation happens here: torch.compile is lazy and the
-stance outside the training step is force_eager."""
+"""--compile: which modules get compiled, that only the training step runs compiled (everything else
+eager), and that the compiled paths compute what the eager ones do: whole layers under activation
+checkpointing, the loss chunks, Gemma 3n's hoisted coefficient clamp. CPU; the three equality tests
+compile for real (a few seconds each on a tiny model)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness import cli, train
+from harness import cli, compiling, loss, registry, weights
 
 
 @pytest.fixture
@@ -18,34 +19,26 @@ def tiny_llama():
     torch.compiler.set_stance("default")  # compile_modules sets force_eager for the whole process
 
 
-@pytest.mark.parametrize("requested, checkpointing, chosen", [
-    ("off", False, "off"), ("off", True, "off"), ("pointwise", True, "pointwise"),
-    ("layers", False, "layers"), ("layers", True, "pointwise"),  # the recompute would not replay the graph
-])
-def test_choose_compile(requested, checkpointing, chosen):
-    assert train.choose_compile(requested, checkpointing) == chosen
-
-
 def test_layers_compiles_each_decoder_layer_forward(tiny_llama):
     layers = list(tiny_llama.model.layers)
-    assert train.compile_modules(tiny_llama, "layers") == 3
+    assert compiling.compile_modules(tiny_llama, "layers") == 3
     assert all(hasattr(layer.forward, "_torchdynamo_orig_callable") for layer in layers)
     assert "forward" not in vars(tiny_llama.model.norm)  # only the decoder layers
 
 
 def test_pointwise_compiles_each_mlp_and_rmsnorm(tiny_llama):
     # per layer: the MLP and two norms; plus the final norm
-    assert train.compile_modules(tiny_llama, "pointwise") == 3 * 3 + 1
-    assert train.compile_modules(tiny_llama, "off") == 0
+    assert compiling.compile_modules(tiny_llama, "pointwise") == 3 * 3 + 1
+    assert compiling.compile_modules(tiny_llama, "off") == 0
     with pytest.raises(ValueError, match="compile scope 'everything'"):
-        train.compile_modules(tiny_llama, "everything")
+        compiling.compile_modules(tiny_llama, "everything")
 
 
 def test_outside_the_training_step_the_compiled_layers_run_eagerly(tiny_llama):
     ids = torch.randint(0, 64, (1, 8))
     with torch.no_grad():
         expected = tiny_llama(ids).logits
-        train.compile_modules(tiny_llama, "layers")
+        compiling.compile_modules(tiny_llama, "layers")
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         assert torch.equal(tiny_llama(ids).logits, expected)
@@ -55,12 +48,12 @@ def test_outside_the_training_step_the_compiled_layers_run_eagerly(tiny_llama):
 def test_the_training_step_alone_runs_under_the_compiling_stance(tiny_llama):
     from torch._dynamo import eval_frame
 
-    train.compile_modules(tiny_llama, "pointwise")
+    compiling.compile_modules(tiny_llama, "pointwise")
     assert eval_frame._stance.stance == "force_eager"
-    with train.compiled_stance(10):
+    with compiling.compiled_stance(10):
         assert eval_frame._stance.stance == "default"
     assert eval_frame._stance.stance == "force_eager"
-    with train.compiled_stance(0):  # nothing compiled: the stance is left alone
+    with compiling.compiled_stance(0):  # nothing compiled: the stance is left alone
         assert eval_frame._stance.stance == "force_eager"
 
 
@@ -81,3 +74,85 @@ def test_a_run_recorded_with_the_old_flag_resumes_with_its_scope(stored, given):
     args = cli.build_parser().parse_args(["--models", "x"])
     args.compile = stored
     assert cli_overrides(args).get("compile") == given
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad()
+    out = model(ids, labels=ids, use_cache=False)  # as the trainer calls it
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_layers_under_checkpointing_compute_what_eager_checkpointing_does(tiny_llama):
+    """layers + activation checkpointing: the checkpoint runs inside each compiled layer (transformers'
+    own checkpointing off); loss and every gradient equal the eager checkpointed model's."""
+    import copy
+
+    ids = torch.randint(0, 64, (2, 12))
+    eager = copy.deepcopy(tiny_llama).train()
+    eager.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    compiled = copy.deepcopy(tiny_llama).train()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert compiling.compile_modules(compiled, "layers", activation_checkpointing=True) == 3
+    expected_loss, expected_grads = _loss_and_grads(eager, ids)
+    with compiling.compiled_stance(3):
+        got_loss, got_grads = _loss_and_grads(compiled, ids)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert torch.allclose(got_loss, expected_loss, atol=1e-5)
+    assert expected_grads.keys() == got_grads.keys()
+    for name, grad in expected_grads.items():
+        assert torch.allclose(got_grads[name], grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_compiled_loss_chunks_match_the_eager_ones(cap):
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    labels[0, :3] = loss.IGNORE_INDEX
+    results = []
+    for compiled in (False, True):
+        hidden.grad = weight.grad = None
+        total = loss.chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=4, final_logit_softcapping=cap,
+                                               compiled=compiled)
+        total.backward()
+        results.append((total.detach(), hidden.grad.clone(), weight.grad.clone()))
+    reference = torch.nn.functional.cross_entropy(
+        loss.softcap(hidden.detach().reshape(-1, 16) @ weight.detach().t(), cap), labels.reshape(-1), reduction="sum")
+    assert torch.allclose(results[0][0], reference, atol=1e-4)
+    for eager_value, compiled_value in zip(*results):
+        assert torch.allclose(compiled_value, eager_value, atol=1e-5)
+
+
+def test_gemma3n_coefficient_clamp_hoisted_out_of_the_layer_keeps_the_loss():
+    """The hoisted clamp leaves transformers' forward values unchanged (the same loss on the same
+    batch), with coefficients beyond the clip in both matrices."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = weights.tiny_config(registry.lookup("gemma-3n-E4B-it")).text_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).train()
+    clip = config.altup_coef_clip
+    altups = [m for m in model.modules() if hasattr(m, "prediction_coefs")]
+    assert altups and clip
+    with torch.no_grad():
+        for altup in altups:
+            altup.prediction_coefs.weight.normal_(0, 2 * clip)
+            altup.correction_coefs.weight.normal_(0, 2 * clip)
+    ids = torch.randint(0, config.vocab_size, (1, 10))
+    hoisted = copy.deepcopy(model)
+    expected = model(ids, labels=ids).loss  # transformers clamps the prediction coefficients in place here
+    clamp = compiling.hoist_coefficient_clamps(hoisted)
+    clamp()
+    assert all(m.config.altup_coef_clip is None for m in hoisted.modules() if hasattr(m, "prediction_coefs"))
+    assert config.altup_coef_clip == clip  # the model's own config is left alone
+    for altup in hoisted.modules():
+        if hasattr(altup, "correction_coefs"):
+            assert altup.correction_coefs.weight.abs().max() <= clip
+    assert torch.allclose(hoisted(ids, labels=ids).loss, expected, atol=1e-6)
+    assert compiling.hoist_coefficient_clamps(AutoModelForCausalLM.from_config(
+        weights.tiny_config(registry.lookup("gemma-3-4b-it")).text_config))() is None  # no AltUp: nothing to do

@@ -1,0 +1,84 @@
+"""--compile: what gets torch.compile'd before sharding, and when it runs compiled.
+
+Scopes (job.COMPILE_SCOPES): off; pointwise, each MLP and RMSNorm (the elementwise chains around the
+matmuls fuse); layers, each whole decoder layer's forward (projections, RoPE, norms, residuals, MLP
+and the varlen kernel in one graph). Either compiled scope also compiles the loss chunks' softmax
+work (loss.chunked_cross_entropy_sum). Only a module's `forward` is compiled, so FSDP2's hooks on
+the module run eagerly around it. Only the training step runs compiled (compiled_stance): the
+preflight's padded batches, the evaluation without grad and the KV-cache decode would each compile
+another graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from harness import distributed as dist_lib
+
+
+def checkpointed(forward):
+    """forward under non-reentrant activation checkpointing while it builds a graph for backward.
+    Compiled around it, the checkpoint is part of the compiled graph (its recompute replays compiled
+    code); compiled inside transformers' checkpoint instead, the recompute did not replay the
+    compiled graph (CheckpointError on gemma-3n, transformers 5.17)."""
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation and decoding: nothing to recompute
+            return forward(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False) -> int:
+    """torch.compile per module of the scope, before sharding; returns how many. layers with
+    activation_checkpointing checkpoints inside each compiled layer (transformers' own checkpointing
+    must then be off). Dynamic shapes: packed rows change length every step."""
+    if scope == "off":
+        return 0
+    if scope == "layers":
+        chosen = dist_lib.decoder_layers(lm)
+        for layer in chosen:
+            forward = checkpointed(layer.forward) if activation_checkpointing else layer.forward
+            layer.forward = torch.compile(forward, dynamic=True)
+    elif scope == "pointwise":
+        chosen = [m for m in lm.modules() if type(m).__name__.endswith(("MLP", "RMSNorm"))]
+        for module in chosen:
+            module.compile(dynamic=True)
+    else:
+        raise ValueError(f"compile scope {scope!r}: expected one of off, pointwise, layers")
+    torch.compiler.set_stance("force_eager")  # compiled_stance lifts it around the training step
+    return len(chosen)
+
+
+def compiled_stance(compiled_modules: int):
+    """Around the training step: the compiled modules run compiled (everything else is eager)."""
+    return torch.compiler.set_stance("default") if compiled_modules else contextlib.nullcontext()
+
+
+def hoist_coefficient_clamps(lm: nn.Module) -> Callable[[], None]:
+    """Gemma 3n's AltUp clamps its prediction coefficients in place (`weight.data.clamp_`) in every
+    training forward. Inside a compiled layer that write lands on a weight saved for backward (and
+    again in the checkpoint's recompute): autograd then refuses the backward. So each AltUp module
+    gets a config without the clip and the returned function clamps the coefficients' storage,
+    called before every training step (the weights change only at the optimizer step). Prediction
+    coefficients: the same values as transformers'. Correction coefficients (transformers clamps
+    them functionally, not in storage): the same forward values; the gradient differs only for a
+    coefficient beyond the clip (+-120 on gemma-3n), which transformers masks and this does not."""
+    modules = [m for m in lm.modules()
+               if hasattr(m, "prediction_coefs") and getattr(getattr(m, "config", None), "altup_coef_clip", None) is not None]
+    if not modules:
+        return lambda: None
+    clip = modules[0].config.altup_coef_clip
+    for module in modules:
+        module.config = copy.copy(module.config)
+        vars(module.config)["altup_coef_clip"] = None  # transformers 5.24's configs refuse None by assignment
+
+    @torch.no_grad()
+    def clamp() -> None:  # looked up each time: sharding replaces the parameters
+        for module in modules:
+            module.prediction_coefs.weight.clamp_(-clip, clip)
+            module.correction_coefs.weight.clamp_(-clip, clip)
+    return clamp
