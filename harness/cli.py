@@ -98,9 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--reshard-after-forward", choices=("auto", "on", "off"), default="auto",
                        help="FSDP2: free gathered weights after each layer's forward (auto: with several ranks)")
     train.add_argument("--init-std", type=float, default=None, help="synthetic weights: std of the random init")
+    train.add_argument("--gpu-memory-gib", type=float, default=None,
+                       help="cap what each rank may allocate on its GPU (e.g. 80 to run as an 80 GB card would on a "
+                            "larger one); the memory plan (activation checkpointing) uses the cap (native, trl)")
     train.add_argument("--compile", nargs="?", const="pointwise", choices=COMPILE_SCOPES, default=None,
                        help="torch.compile each MLP and norm (pointwise, the bare flag) or each whole decoder layer "
-                            "(layers, without activation checkpointing); faster steps for 20-60 s of compilation (default off)")
+                            "(layers); faster steps for 20-60 s of compilation (default off)")
     train.add_argument("--save-checkpoint", action="store_true",
                        help="native: save the trained model under <model>/checkpoint and evaluate it as an external stack's")
     train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")

@@ -209,3 +209,16 @@ def broadcast_generation_configs(model: nn.Module, ctx: DistContext) -> None:
     dist.broadcast_object_list(configs, src=0)
     for module, config in zip(holders, configs):
         module.generation_config = config
+
+
+def cap_gpu_memory(device: torch.device, cap_gib: float | None) -> int | None:
+    """The bytes this rank may allocate on its GPU (None on CPU): the GPU's, or cap_gib where given,
+    enforced by the caching allocator (an allocation past it raises out-of-memory as a smaller card would)."""
+    if device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap_gib is None:
+        return total
+    cap = min(int(cap_gib * 1024**3), total)
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    return cap

@@ -131,6 +131,7 @@ class RunConfig(JsonRecord):
     attention: str = "auto"  # auto | sdpa | varlen (harness.attention)
     compile: str = "off"  # off | pointwise (each MLP and norm) | layers (each whole decoder layer): torch.compile
     init_std: float | None = None  # synthetic weights: the random init's std (None: the config's initializer_range)
+    gpu_memory_gib: float | None = None  # cap each rank's CUDA memory (an 80 GB card on a larger one); None: the GPU's
     log_every: int = 25
     save_checkpoint: bool = False  # native: save the trained model (hub layout) under output_dir/checkpoint
     backend: str = "native"  # the stack that trains: native | trl | instructlab (harness.backends)

@@ -203,6 +203,21 @@ def wants_activation_checkpointing(asked: bool | None, n_params: int, text_confi
     return needed > MEMORY_HEADROOM * gpu_memory_bytes
 
 
+def memory_warning(text_config, n_params: int, world_size: int, tokens: int, checkpointing: bool,
+                   gpu_memory_bytes: int | None) -> str | None:
+    """A line for the log where even the chosen plan's estimate exceeds the GPU (the estimate runs
+    ~8% above the measured peaks, so this warns, it does not refuse): sharding over more ranks or a
+    smaller token budget is what would fit."""
+    if gpu_memory_bytes is None:
+        return None
+    needed = estimated_training_bytes(text_config, n_params, world_size, tokens, checkpointing)
+    if needed <= gpu_memory_bytes:
+        return None
+    return (f"estimated {needed / 2**30:.1f} GiB per GPU (activation checkpointing {'on' if checkpointing else 'off'}, "
+            f"{world_size} rank(s), {tokens} tokens) > {gpu_memory_bytes / 2**30:.1f} GiB: expect out-of-memory; "
+            "more GPUs shard the weights and optimizer states")
+
+
 def estimated_training_bytes(text_config, n_params: int, world_size: int, tokens: int, checkpointing: bool) -> int:
     hidden, layers = text_config.hidden_size, text_config.num_hidden_layers
     intermediate = text_config.intermediate_size

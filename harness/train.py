@@ -162,13 +162,16 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
         attention_lib.apply_attention(loaded.model, attention)
     model = TrainableLM(loaded.model, varlen=attention == "varlen")
     n_params = loaded.record.params.get("model_total", 0)
-    gpu_memory = torch.cuda.get_device_properties(ctx.device).total_memory if ctx.device.type == "cuda" else None
+    gpu_memory = dist_lib.cap_gpu_memory(ctx.device, cfg.gpu_memory_gib)
     use_ac = plan_lib.wants_activation_checkpointing(cfg.activation_checkpointing, n_params, text_config, ctx.world_size,
                                                      cfg.max_tokens_per_gpu, gpu_memory)
     report.activation_checkpointing = use_ac
     if ctx.is_main:
         print(f"[setup] activation checkpointing {'on' if use_ac else 'off'} "
               f"({'auto' if cfg.activation_checkpointing is None else 'asked'})", flush=True)
+        warning = plan_lib.memory_warning(text_config, n_params, ctx.world_size, cfg.max_tokens_per_gpu, use_ac, gpu_memory)
+        if warning:
+            print(f"[setup] {warning}", flush=True)
     report.compile = cfg.compile
     if use_ac and report.compile != "layers":  # layers checkpoints inside each compiled layer
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -28,6 +28,51 @@ def test_checkpointing_where_memory_needs_it(name, world, tokens, needs_checkpoi
     assert (estimate(name, world, tokens) > plan.MEMORY_HEADROOM * H200_BYTES) == needs_checkpointing
 
 
+def test_an_80_gib_card_checkpoints_the_4b_and_warns_that_3n_needs_two():
+    """--gpu-memory-gib 80: gemma-3-4b-it switches checkpointing on and fits (61.7 GiB measured on an
+    H200 with it); gemma-3n-E4B-it does not fit one 80 GiB GPU even with it (its fp32 states alone
+    are ~102 GiB), which the log says, and fits two."""
+    cap = 80 * 2**30
+
+    def plan_for(name, world):
+        lm = loading.load_model(registry.lookup(name), "synthetic", on_meta=True).model
+        n_params, text = sum(p.numel() for p in lm.parameters()), lm.config.get_text_config(decoder=True)
+        use_ac = plan.wants_activation_checkpointing(None, n_params, text, world, 8192, cap)
+        return use_ac, plan.memory_warning(text, n_params, world, 8192, use_ac, cap)
+
+    assert plan_for("gemma-3-4b-it", 1) == (True, None)
+    use_ac, warning = plan_for("gemma-3n-E4B-it", 1)
+    assert use_ac and "> 80.0 GiB: expect out-of-memory" in warning
+    assert plan_for("gemma-3n-E4B-it", 2) == (True, None)
+
+
+def test_the_memory_cap_reaches_the_job_and_is_enforced_on_a_gpu():
+    from harness import cli, distributed
+    from harness.settings import cli_overrides
+
+    args = cli.build_parser().parse_args(["--models", "x", "--gpu-memory-gib", "80"])
+    assert cli_overrides(args)["gpu_memory_gib"] == 80.0
+    import torch
+
+    assert distributed.cap_gpu_memory(torch.device("cpu"), 80.0) is None
+
+
+@pytest.mark.gpu
+def test_the_cap_limits_allocations_on_a_gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from harness import distributed
+
+    device = torch.device("cuda", 0)
+    assert distributed.cap_gpu_memory(device, 1.0) == 2**30
+    with pytest.raises(torch.OutOfMemoryError):
+        torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
+    distributed.cap_gpu_memory(device, None)  # the GPU's own size again for the rest of the session
+    torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
 def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
     assert estimate("gemma-3-4b-it", 1, 8192) > estimate("gemma-3-4b-it", 1, 4096) > estimate("gemma-3-4b-it", 2, 4096)
 

@@ -27,6 +27,7 @@ UNMAPPED = [
     "metrics.jsonl shifts it back one step",
     "sharding: FSDP1 through accelerate (HYBRID_SHARD), not FSDP2; flash attention off (disable_flash_attn)",
     "gradient clipping, betas: instructlab's defaults; weight decay mapped",
+    "--gpu-memory-gib: not applied (instructlab's own processes allocate)",
     "tokens: its counts, so tokens/s and MFU, include the padding of each micro-batch (flash attention off)",
 ]
 

@@ -113,6 +113,7 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from harness.dataset_file import load_chat_dataset
+    from harness.distributed import cap_gpu_memory
     from harness.stack_checkpoint import input_checkpoint_path
 
     started = time.monotonic()
@@ -128,6 +129,7 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     report.device = device.type
     report.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    cap_gpu_memory(device, cfg.gpu_memory_gib)
     with recording_the_model_trl_builds(cfg, report, AutoConfig.from_pretrained(folder)):
         trainer = trl.SFTTrainer(model=str(folder), args=trl.SFTConfig(**options),
                                  train_dataset=dataset_of(conversations), processing_class=tokenizer, callbacks=[callback])
