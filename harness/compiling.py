@@ -32,21 +32,22 @@ def checkpointed(forward):
     return run
 
 
-def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False) -> int:
+def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False, backend: str = "inductor") -> int:
     """torch.compile per module of the scope, before sharding; returns how many. layers with
     activation_checkpointing checkpoints inside each compiled layer (transformers' own checkpointing
-    must then be off). Dynamic shapes: packed rows change length every step."""
+    must then be off). Dynamic shapes: packed rows change length every step. backend: torch.compile's
+    (tests trace with aot_eager: the same graphs and autograd, no code generation)."""
     if scope == "off":
         return 0
     if scope == "layers":
         chosen = dist_lib.decoder_layers(lm)
         for layer in chosen:
             forward = checkpointed(layer.forward) if activation_checkpointing else layer.forward
-            layer.forward = torch.compile(forward, dynamic=True)
+            layer.forward = torch.compile(forward, dynamic=True, backend=backend)
     elif scope == "pointwise":
         chosen = [m for m in lm.modules() if type(m).__name__.endswith(("MLP", "RMSNorm"))]
         for module in chosen:
-            module.compile(dynamic=True)
+            module.compile(dynamic=True, backend=backend)
     else:
         raise ValueError(f"compile scope {scope!r}: expected one of off, pointwise, layers")
     torch.compiler.set_stance("force_eager")  # compiled_stance lifts it around the training step

@@ -1,7 +1,7 @@
 """--compile: which modules get compiled, that only the training step runs compiled (everything else
 eager), and that the compiled paths compute what the eager ones do: whole layers under activation
-checkpointing, the loss chunks, Gemma 3n's hoisted coefficient clamp. CPU; the three equality tests
-compile for real (a few seconds each on a tiny model)."""
+checkpointing, the loss chunks, Gemma 3n's hoisted coefficient clamp. CPU; the layers and loss
+equality tests compile for real (the layers one without inductor's code generation)."""
 from __future__ import annotations
 
 import pytest
@@ -94,7 +94,9 @@ def test_layers_under_checkpointing_compute_what_eager_checkpointing_does(tiny_l
     compiled = copy.deepcopy(tiny_llama).train()
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    assert compiling.compile_modules(compiled, "layers", activation_checkpointing=True) == 3
+    # aot_eager: dynamo's graphs, the checkpoint inside them and AOT autograd's backward, without
+    # inductor's C++ code generation (35 s on a CI core; the GPU runs use inductor)
+    assert compiling.compile_modules(compiled, "layers", activation_checkpointing=True, backend="aot_eager") == 3
     expected_loss, expected_grads = _loss_and_grads(eager, ids)
     with compiling.compiled_stance(3):
         got_loss, got_grads = _loss_and_grads(compiled, ids)
