@@ -24,7 +24,8 @@ card() {  # name, args...: the card's command, one GPU, synthetic weights
   local name=$1; shift
   local started=$(date +%s)
   [[ ",$parts," == *",$name,"* ]] || return 0
-  timeout 290 python3 run_validation.py --weights synthetic --nproc-per-node 1 --wandb-mode disabled --output-dir results \
+  # recompiles logged: session 11's layers run paid ~30 s again at step 11 (the epoch's short last step)
+  TORCH_LOGS=${TORCH_LOGS:-recompiles} timeout 290 python3 run_validation.py --weights synthetic --nproc-per-node 1 --wandb-mode disabled --output-dir results \
     --run-id "$name" "$@" > "$out/$name.log" 2>&1
   echo "$name rc=$? $(( $(date +%s) - started ))s" | tee -a "$out/index.txt"
   for r in results/"$name"/*/result.json; do cp "$r" "$out/$name.result.json"; done
