@@ -41,27 +41,29 @@ def _flatten_labelled(hidden_states: torch.Tensor, shift_labels: torch.Tensor):
     return hidden, labels, (labels != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def _chunk_loss_sum(raw_logits: torch.Tensor, labels: torch.Tensor, cap: float | None) -> torch.Tensor:
-    """Sum of the chunk's token losses from its raw (model-dtype) logits."""
-    return _token_cross_entropy(softcap(raw_logits.float(), cap), labels).sum()
+def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Sum of one chunk's token losses."""
+    return _token_cross_entropy(_chunk_logits(hidden, weight, cap), labels).sum()
 
 
-def _chunk_logit_grad(raw_logits: torch.Tensor, labels: torch.Tensor, cap: float | None, grad_total: torch.Tensor) -> torch.Tensor:
-    """d(loss sum)/d(raw logits) of one chunk, in the logits' dtype."""
-    logits = softcap(raw_logits.float(), cap)
+def _chunk_logit_grad(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None,
+                      grad_total: torch.Tensor) -> torch.Tensor:
+    """d(loss sum)/d(hidden @ W^T) of one chunk, in the weight's dtype. Eagerly, at most the fp32
+    logits and one fp32 buffer live at once (the bf16 product is freed by the upcast)."""
+    logits = _chunk_logits(hidden, weight, cap)
     # d(logsumexp - picked)/d(capped logits) = softmax - onehot
     grad = torch.softmax(logits, dim=-1)
     grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
     if cap is not None:  # d(cap * tanh(z / cap))/dz = 1 - tanh^2 = 1 - (capped / cap)^2
         grad *= 1 - (logits / cap) ** 2
-    return (grad * grad_total).to(raw_logits.dtype)
+    return (grad * grad_total).to(weight.dtype)
 
 
 @functools.cache
 def _compiled_chunk_functions():
-    """The two elementwise/reduction halves compiled (the matmuls stay cuBLAS calls): each fuses the
-    upcast, softcap, softmax and one-hot into one pass over the [chunk, vocab] logits instead of
-    writing fp32 copies of them. dynamic: the last chunk of a step is shorter."""
+    """Both halves compiled: around the LM-head matmul (a cuBLAS call inside the graph) the upcast,
+    softcap, softmax and one-hot fuse into passes over the [chunk, vocab] logits instead of writing
+    fp32 copies of them. dynamic: the last chunk of a step is shorter."""
     return torch.compile(_chunk_loss_sum, dynamic=True), torch.compile(_chunk_logit_grad, dynamic=True)
 
 
@@ -77,7 +79,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss_sum, _ = _chunk_functions(compiled)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            total += loss_sum(hidden[start : start + chunk_tokens] @ weight.t(), labels[start : start + chunk_tokens], cap)
+            total += loss_sum(hidden[start : start + chunk_tokens], weight, labels[start : start + chunk_tokens], cap)
         ctx.save_for_backward(hidden, weight, labels)
         ctx.chunk_tokens, ctx.cap, ctx.compiled = chunk_tokens, cap, compiled
         return total
@@ -91,7 +93,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             chunk = hidden[start : start + ctx.chunk_tokens]
-            grad_logits = logit_grad(chunk @ weight.t(), labels[start : start + ctx.chunk_tokens], ctx.cap, grad_total)
+            grad_logits = logit_grad(chunk, weight, labels[start : start + ctx.chunk_tokens], ctx.cap, grad_total)
             grad_hidden[start : start + ctx.chunk_tokens] = grad_logits @ weight
             grad_weight += (grad_logits.t() @ chunk).float()
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
