@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ def main() -> int:
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--only", choices=("ours", "peer", "both"), default="both")
     parser.add_argument("--max-samples", type=int, default=None)
-    parser.add_argument("--ours-args", default="", help="extra harness options, e.g. '--compile layers' (recorded)")
+    parser.add_argument("--ours-args", default="", help="extra harness options, e.g. --ours-args='--compile layers' (recorded)")
     parser.add_argument("--name", required=True)
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
     args = parser.parse_args()
@@ -60,7 +61,7 @@ def run_ours(args, common: list[str]) -> dict:
     run_id = f"bench-{args.name}"
     command = [sys.executable, str(ROOT / "run_validation.py"), "--models", args.model, "--weights", args.weights,
                "--nproc-per-node", str(args.num_gpus), "--max-tokens-per-gpu", str(args.tokens_per_gpu), "--run-id", run_id,
-               "--wandb-mode", "disabled", *common, *args.ours_args.split()]
+               "--wandb-mode", "disabled", *common, *shlex.split(args.ours_args)]
     subprocess.run(command, cwd=ROOT, check=False)
     result_file = next((ROOT / "results" / run_id).glob("*/result.json"))
     result = json.loads(result_file.read_text())
@@ -77,7 +78,7 @@ def aggregate_rate(metrics_file: Path, num_gpus: int, mfu: float | None, mean_ra
     """tokens/s per GPU as trl_peer.py counts it (every token after the first step over the time
     from the first step's end to the last's), so the ratio compares like with like; MFU scaled to it."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if "tokens" in r and "elapsed_s" in r]
+    rows = [r for r in rows if r.get("tokens") is not None and r.get("elapsed_s") is not None]
     if len(rows) < 2:
         return {}
     rate = sum(r["tokens"] for r in rows[1:]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / num_gpus

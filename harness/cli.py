@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="FSDP2: free gathered weights after each layer's forward (auto: with several ranks)")
     train.add_argument("--init-std", type=float, default=None, help="synthetic weights: std of the random init")
     train.add_argument("--gpu-memory-gib", type=float, default=None,
-                       help="cap what each rank may allocate on its GPU (e.g. 80 to run as an 80 GB card would on a "
-                            "larger one); the memory plan (activation checkpointing) uses the cap (native, trl)")
+                       help="cap what PyTorch's allocator may take on each rank's GPU (e.g. 80 to run as an 80 GB card "
+                            "would on a larger one); the memory plan (activation checkpointing) uses the cap (native, trl). "
+                            "The CUDA context and NCCL buffers are outside it and an '80 GB' card has ~79.3 GiB: "
+                            "leave 1-3 GiB of margin")
     train.add_argument("--compile", nargs="?", const="pointwise", choices=COMPILE_SCOPES, default=None,
                        help="torch.compile each MLP and norm (pointwise, the bare flag) or each whole decoder layer "
                             "(layers); faster steps for 20-60 s of compilation (default off)")

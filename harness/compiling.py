@@ -32,7 +32,7 @@ def checkpointed(forward):
     return run
 
 
-def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False, backend: str = "inductor") -> int:
+def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False, backend="inductor") -> int:
     """torch.compile per module of the scope, before sharding; returns how many. layers with
     activation_checkpointing checkpoints inside each compiled layer (transformers' own checkpointing
     must then be off). Dynamic shapes: packed rows change length every step. backend: torch.compile's

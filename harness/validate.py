@@ -19,7 +19,7 @@ INTEGER_MINIMUMS = {
     "nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "max_samples": 1, "max_seq_len": 8,
     "max_tokens_per_gpu": 8, "epochs": 1, "max_steps": 1, "warmup_steps": 0, "seed": 0,
 }
-POSITIVE_FLOATS = ("lr", "init_std", "timeout_per_model")
+POSITIVE_FLOATS = ("lr", "init_std", "timeout_per_model", "gpu_memory_gib")
 MAX_LR = 1.0  # an Adam learning rate above 1 is a typo (1e-4 written as 1-4), not a recipe
 
 

@@ -51,6 +51,7 @@ def out(tmp_path):
     ("--nproc-per-node", "0", "--nproc-per-node must be at least 1"),
     ("--timeout-per-model", "0", "--timeout-per-model must be a positive number"),
     ("--init-std", "-0.02", "--init-std must be a positive number"),
+    ("--gpu-memory-gib", "0", "--gpu-memory-gib must be a positive number"),
     ("--node-rank", "1", "--node-rank 1 must be below --nnodes 1"),
     ("--rdzv-endpoint", "node0", "--rdzv-endpoint 'node0' must be host:port"),
 ])

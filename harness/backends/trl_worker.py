@@ -126,7 +126,10 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     callback = HarnessCallback(cfg, report.world_size, started)
     report.data = DataStats(n_samples=len(conversations))
-    device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
+    # this rank's GPU (accelerate has not picked it yet here): the cap must land on it, not on GPU 0
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cfg.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     report.device = device.type
     report.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     cap_gpu_memory(device, cfg.gpu_memory_gib)
