@@ -79,8 +79,8 @@ def aggregate_rate(metrics_file: Path, num_gpus: int, mfu: float | None, mean_ra
     from the first step's end to the last's), so the ratio compares like with like; MFU scaled to it."""
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     rows = [r for r in rows if r.get("tokens") is not None and r.get("elapsed_s") is not None]
-    if len(rows) < 2:
-        return {}
+    if len(rows) < 2:  # no rate counted that way: none, rather than the harness's other figure under its name
+        return {"tokens_per_s_per_gpu": None, "mfu": None}
     rate = sum(r["tokens"] for r in rows[1:]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]) / num_gpus
     return {"tokens_per_s_per_gpu": rate, "mfu": mfu * rate / mean_rate if mfu and mean_rate else None}
 

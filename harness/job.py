@@ -382,7 +382,6 @@ class WorkerReport(JsonRecord):
     attention: str | None = None
     reshard_after_forward: bool | None = None
     compiled_modules: int = 0
-    compile: str = "off"  # the scope the job compiled
     towers: TowerCounts | None = None
     sharding: Sharding | None = None
     frozen_params: ParamChange | None = None

@@ -172,12 +172,11 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
         warning = plan_lib.memory_warning(text_config, n_params, ctx.world_size, cfg.max_tokens_per_gpu, use_ac, gpu_memory)
         if warning:
             print(f"[setup] {warning}", flush=True)
-    report.compile = cfg.compile
-    if use_ac and report.compile != "layers":  # layers checkpoints inside each compiled layer
+    if use_ac and cfg.compile != "layers":  # layers checkpoints inside each compiled layer
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    compiled_modules = compiling.compile_modules(loaded.model, report.compile, activation_checkpointing=use_ac)
+    compiled_modules = compiling.compile_modules(loaded.model, cfg.compile, activation_checkpointing=use_ac)
     model.compiled_loss = compiled_modules > 0
-    clamp_coefficients = compiling.hoist_coefficient_clamps(loaded.model) if report.compile == "layers" else (lambda: None)
+    clamp_coefficients = compiling.hoist_coefficient_clamps(loaded.model) if cfg.compile == "layers" else (lambda: None)
     bf16 = ctx.device.type == "cuda"
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
     fsdp_units = dist_lib.shard_read_by_rank0(model, ctx, read_by_rank0=from_rank0, bf16=bf16, reshard_after_forward=reshard)

@@ -46,7 +46,7 @@ def test_an_80_gib_card_checkpoints_the_4b_and_warns_that_3n_needs_two():
     assert plan_for("gemma-3n-E4B-it", 2) == (True, None)
 
 
-def test_the_memory_cap_reaches_the_job_and_is_enforced_on_a_gpu():
+def test_the_memory_cap_reaches_the_run_settings_and_is_nothing_on_cpu():
     from harness import cli, distributed
     from harness.settings import cli_overrides
 
