@@ -158,6 +158,16 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     return input_ids.to(device), attention_mask.to(device)
 
 
+def unreadable_token_ids(config) -> list[int]:
+    """Ids the model can emit but not read back: Gemma 3n's per-layer embeddings have 262,144 rows for
+    an output vocabulary of 262,400 (the towers' soft tokens). transformers 5.17 indexes them
+    unmasked, so an untrained model that emits one stops the job with a CUDA device-side assert;
+    decoding never picks them (no training reply holds one)."""
+    text = config.get_text_config(decoder=True)
+    readable = getattr(text, "vocab_size_per_layer_input", None)
+    return list(range(readable, text.vocab_size)) if readable and readable < text.vocab_size else []
+
+
 @torch.no_grad()
 def greedy_replies(model, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int, pad_id: int,
                    device, synced: bool, with_logits: bool = False):
@@ -173,6 +183,7 @@ def greedy_replies(model, prompts: list[list[int]], stop_ids: list[int], max_new
     input_ids, attention_mask = left_padded(prompts, pad_id, device)
     config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
                               eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
+                              suppress_tokens=unreadable_token_ids(model.lm.config) or None,
                               output_logits=with_logits, return_dict_in_generate=True)
     with cache_friendly_attention(model.lm):
         out = generate_as_forward(model, input_ids=input_ids, attention_mask=attention_mask, generation_config=config,

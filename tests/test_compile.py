@@ -169,3 +169,34 @@ def test_gemma3n_coefficient_clamp_hoisted_out_of_the_layer_keeps_the_loss():
     assert torch.allclose(hoisted(ids, labels=ids).loss, expected, atol=1e-6)
     assert compiling.hoist_coefficient_clamps(AutoModelForCausalLM.from_config(
         weights.tiny_config(registry.lookup("gemma-3-4b-it")).text_config))() is None  # no AltUp: nothing to do
+
+
+@pytest.mark.parametrize("scope", ["off", "layers"])
+def test_compiled_steps_feed_rows_of_one_length_with_the_same_loss(tiny_llama, scope):
+    """Under --compile every packed row is filled to the token budget (inductor guards on the length
+    it compiled for: a shorter row compiled every layer again); the step's loss stays the batch's."""
+    import copy
+    import types
+
+    from harness import data as data_lib
+    from harness.data import TokenizedSample
+    from harness.distributed import DistContext
+    from harness.train import TrainableLM, train_step
+
+    torch.manual_seed(0)
+    samples = [TokenizedSample(torch.randint(3, 64, (n,)).tolist(), [-100] * (n - 3) + [5, 6, -100]) for n in (9, 14, 6)]
+    dataset = types.SimpleNamespace(samples=samples)
+    (step_plan,) = data_lib.plan_steps(samples, 1, 40)
+    cfg = types.SimpleNamespace(packing=True, grad_clip=1.0, compile=scope, max_tokens_per_gpu=40)
+    cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = TrainableLM(copy.deepcopy(tiny_llama).train())
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss, *_ = train_step(model, torch.optim.SGD(trainable, lr=0.0), trainable, step_plan, dataset, cfg, cpu,
+                          types.SimpleNamespace(pad_token_id=0))
+    assert lengths == [40 if scope == "layers" else 29]
+    reference = TrainableLM(copy.deepcopy(tiny_llama))
+    batch = data_lib.collate_micro_batch(samples, True, 0)
+    expected = reference(**data_lib.device_inputs(batch, "cpu")).detach() / 6
+    assert loss == pytest.approx(float(expected), rel=1e-5)

@@ -102,7 +102,7 @@ def train_tiny(conversations):
     model = TrainableLM(lm)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=3e-3, betas=(0.9, 0.95))
-    cfg = types.SimpleNamespace(packing=True, grad_clip=1.0)
+    cfg = types.SimpleNamespace(packing=True, grad_clip=1.0, compile="off")
     (step_plan,) = data_lib.plan_steps(dataset.samples, 1, 4096)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to a second thread
@@ -208,6 +208,28 @@ def test_a_model_set_to_the_varlen_kernel_decodes_with_sdpa_and_keeps_its_settin
     attention.apply_attention(model.lm, "varlen")
     assert generation.greedy_replies(model, [prompt], [], 6, 0, "cpu", synced=False) == expected
     assert model.lm.config._attn_implementation == attention.VARLEN
+
+
+def test_ids_a_model_cannot_read_back_are_never_decoded():
+    """Gemma 3n emits 262,400 ids but its per-layer embeddings read 262,144: on transformers 5.17 an
+    untrained model that picked one crashed the job (CUDA device-side assert, seen on an H200)."""
+    from transformers import Gemma3nTextConfig, Gemma3nForCausalLM
+
+    config = Gemma3nTextConfig(vocab_size=64, vocab_size_per_layer_input=48, hidden_size=32, hidden_size_per_layer_input=8,
+                               intermediate_size=[64, 64], num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               head_dim=16, laurel_rank=4, num_kv_shared_layers=0, sliding_window=8,
+                               layer_types=["sliding_attention", "full_attention"], activation_sparsity_pattern=[0.0, 0.0])
+    torch.manual_seed(0)
+    lm = Gemma3nForCausalLM(config).eval()
+    assert generation.unreadable_token_ids(lm.config) == list(range(48, 64))
+    bump = torch.zeros(64)
+    bump[60] = 100.0  # id 60 wins every step unless it is suppressed
+    lm.lm_head.register_forward_hook(lambda module, inputs, output: output + bump)
+    model = TrainableLM(lm).eval()
+    replies = generation.greedy_replies(model, [[1, 5, 7]], [], 4, 0, "cpu", synced=False)
+    assert len(replies[0]) == 4 and all(token < 48 for token in replies[0]), replies
+    loaded = TrainableLM(loading.load_model(registry.lookup("gemma-3-4b-it"), "tiny").model)
+    assert generation.unreadable_token_ids(loaded.lm.config) == []  # every output id is readable
 
 
 # ---------------------------------------------------------------- 4. under FSDP2, 2 ranks

@@ -70,7 +70,17 @@ def test_registry_train_section_overrides_mode_defaults_and_the_cli_overrides_bo
     assert run_config("gemma-3-4b-it").max_steps == 400
     assert run_config("gemma-3n-E4B-it", weights="tiny").max_steps == 4000
     assert run_config("gemma-3n-E4B-it", "--max-steps", "7").max_steps == 7
-    assert run_config("gemma-3n-E4B-it").lr == 3e-4
+    assert run_config("gemma-3n-E4B-it").lr == 1.5e-4
+    assert run_config("gemma-3n-E4B-it", "--lr", "2e-4").lr == 2e-4
+
+
+@pytest.mark.parametrize("ranks, nodes, lr", [("1", "1", 1.5e-4), ("2", "1", 1.5e-4 * 2 ** 0.5), ("4", "1", 3e-4),
+                                              ("8", "1", 3e-4), ("1", "2", 1.5e-4 * 2 ** 0.5)])
+def test_the_synthetic_peak_lr_grows_with_the_global_batch_up_to_3e4(ranks, nodes, lr):
+    extra = ("--nnodes", nodes, "--rdzv-endpoint", "node0:29500") if nodes != "1" else ()
+    config = run_config("gemma-3-4b-it", "--nproc-per-node", ranks, *extra)
+    assert config.lr == pytest.approx(lr)
+    assert run_config("gemma-3-4b-it", "--nproc-per-node", ranks, *extra, weights="tiny").lr == 3e-3  # tiny: its own
 
 
 @pytest.mark.parametrize("train, says", [
