@@ -354,6 +354,7 @@ class Timings(JsonRecord):
     evaluate: float | None = None
     generate: float | None = None  # the generation check (harness.generation)
     total: float | None = None
+    started_at: float | None = None  # rank 0's time.monotonic() when the job's work began
 
 
 @dataclass
@@ -517,6 +518,10 @@ class ResultTimes(JsonRecord):
     first_step: float | None = None
     generate: float | None = None  # the generation check (harness.generation)
     wall: float | None = None
+    # Around the job's own work (node 0): from the launch to its start (torchrun, imports, process
+    # group, caches), and from its end to the exit of every process (reports, teardown).
+    startup: float | None = None
+    teardown: float | None = None
 
 
 @dataclass

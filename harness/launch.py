@@ -38,6 +38,7 @@ class JobOutcome:
     log_path: Path
     log_tail: list[str] = field(default_factory=list)
     launcher: str = "torchrun"  # what started the ranks, for the exit reason
+    started_at: float | None = None  # time.monotonic() at the launch (one clock for every process of a machine)
 
     @property
     def clean_exit(self) -> bool:
@@ -74,7 +75,7 @@ def run_jobs(commands: list[list[str]], log_path: Path, timeout_s: float, on_lin
         outcome = run_job(command, log_path, remaining, on_line, append=position > 0)
         if not outcome.clean_exit:
             break
-    outcome.duration_s = time.monotonic() - started
+    outcome.started_at, outcome.duration_s = started, time.monotonic() - started
     return outcome
 
 

@@ -148,6 +148,15 @@ def out_of_memory_without_checkpointing(cfg: RunConfig, report: WorkerReport) ->
     return report.out_of_memory
 
 
+def time_around_job(outcome: JobOutcome, times) -> dict[str, float]:
+    """startup and teardown (ResultTimes) where rank 0 said when its work began: time.monotonic() is
+    one clock for every process of a machine, and global rank 0 runs on node 0, beside this process."""
+    if times.started_at is None or times.total is None or outcome.started_at is None:
+        return {}
+    startup = times.started_at - outcome.started_at
+    return {"startup": startup, "teardown": outcome.duration_s - startup - times.total}
+
+
 def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, topology: Topology) -> ModelResult:
     metrics = read_metrics(cfg.metrics_path)
     record = report.load_record
@@ -178,7 +187,7 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
         world_size=report.world_size or topology.nproc_per_node * topology.nnodes,
         gpu=report.gpu,
         time_s=ResultTimes(load=times.load, train=times.train, total=times.total, first_step=times.first_step,
-                           generate=times.generate),
+                           generate=times.generate, **time_around_job(outcome, times)),
         tokens_per_s=steady_mean(metrics, "tokens_per_s"),
         tokens_per_s_per_gpu=steady_mean(metrics, "tokens_per_s_per_gpu"),
         mfu=steady_mean(metrics, "mfu") if not backends.is_external(cfg.backend) else stack_mfu(report, metrics),

@@ -276,7 +276,8 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     report.data_accounting, report.flops_per_token = DataAccounting.of(epoch_records), flops_per_token
     report.time_s = Timings(load=load_done - started, shard=shard_done - load_done,
                             first_step=(state.first_step_at or finished) - started, train=finished - train_started,
-                            evaluate=evaluated - finished, generate=generated - evaluated, total=generated - started)
+                            evaluate=evaluated - finished, generate=generated - evaluated, total=generated - started,
+                            started_at=started)
     return report
 
 

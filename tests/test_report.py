@@ -215,3 +215,13 @@ def test_summary_markdown_and_result_json_show_the_generation_check(tmp_path):
     result.to_json(tmp_path / "result.json")
     assert ModelResult.from_json(tmp_path / "result.json").generation == result.generation
     assert json.loads((tmp_path / "result.json").read_text())["generation"]["worst"][0]["sample"] == 77
+
+
+def test_the_time_around_a_job_comes_from_its_launch_and_rank0s_start():
+    from harness.job import Timings
+    from harness.launch import JobOutcome
+    from harness.sweep import time_around_job
+
+    outcome = JobOutcome(returncode=0, timed_out=False, interrupted=False, duration_s=30.0, log_path=Path("x"), started_at=100.0)
+    assert time_around_job(outcome, Timings(total=20.0, started_at=106.0)) == {"startup": 6.0, "teardown": 4.0}
+    assert time_around_job(outcome, Timings(total=20.0)) == {}  # a stack's worker that did not say

@@ -97,7 +97,8 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
                 raise
             raise RuntimeError(f"instructlab's training failed: {cause}") from exc
     report.status, report.stop_reason = "finished", "step_budget"
-    report.time_s = Timings(load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started)
+    report.time_s = Timings(load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started,
+                            started_at=started)
 
 
 # torchrun prefixes each line of a worker's output with [rankN]:, the exception's last line included.

@@ -153,7 +153,7 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     report.steps = trainer.state.global_step
     record.reported_final_loss = callback.final_loss
     report.time_s = Timings(load=load_done - started, first_step=callback.first_step_s, train=train_done - load_done,
-                            total=saved - started)
+                            total=saved - started, started_at=started)
 
 
 @contextmanager
