@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("--model", required=True)
     parser.add_argument("--weights", default="synthetic")
     parser.add_argument("--max-steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=3e-4, help="both sides' peak lr (the comparisons so far used 3e-4)")
     parser.add_argument("--schedule", default="cosine")
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--tokens-per-gpu", type=int, default=8192)

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "leave 1-3 GiB of margin")
     train.add_argument("--compile", nargs="?", const="pointwise", choices=COMPILE_SCOPES, default=None,
                        help="torch.compile each MLP and norm (pointwise, the bare flag) or each whole decoder layer "
-                            "(layers); faster steps for 20-60 s of compilation (default off)")
+                            "(layers); faster steps for ~20 s (pointwise) or ~40 s (layers; ~240 s on gemma-3n) of "
+                            "compilation, kept under the harness cache for the next run (default off)")
     train.add_argument("--save-checkpoint", action="store_true",
                        help="native: save the trained model under <model>/checkpoint and evaluate it as an external stack's")
     train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")

@@ -447,18 +447,21 @@ def _collate_packed(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
     }
 
 
-def filled_to_length(batch: dict[str, torch.Tensor], length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """A packed micro-batch grown to `length` tokens by one unlabelled filler sample (pad tokens,
-    positions from 0): under torch.compile every step then has one row length. Inductor guards on the
-    length it compiled for (`5120 <= T` on gemma-3-4b-it, torch 2.11), so an epoch's short last step
-    compiled every layer again (30 s on an H200). The filler attends only to itself and has no
-    labels: the loss and gradients are the batch's. Rows already that long are returned as they are."""
+def filled_to_length(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A packed micro-batch grown to `length` tokens by unlabelled copies of its own samples: under
+    torch.compile every step then has one row length. Inductor guards on the length it compiled for
+    (`5120 <= T` on gemma-3-4b-it, torch 2.11), so an epoch's short last step compiled every layer
+    again (30 s on an H200). The copies attend only to themselves and have no labels: the loss and
+    gradients are the batch's. Real tokens, not pads: an all-pad sample whose embedding row is zero
+    stays zero through Gemma 3n's layers and its AltUp magnitude sqrt(mean(0)) gives NaN gradients;
+    and no position goes beyond the batch's own. A row already that long, or one with an attention
+    mask (padded, not packed), is returned as it is."""
     missing = length - batch["input_ids"].shape[1]
-    if missing <= 0:
+    if missing <= 0 or "attention_mask" in batch:
         return batch
-    filler = {"input_ids": torch.full((1, missing), pad_token_id, dtype=torch.long),
-              "position_ids": torch.arange(missing, dtype=torch.long)[None],
-              "shift_labels": torch.full((1, missing), IGNORE_INDEX, dtype=torch.long)}
+    copies = -(-missing // batch["input_ids"].shape[1])  # the row starts at a sample: so do its copies
+    filler = {key: batch[key].repeat(1, copies)[:, :missing] for key in ("input_ids", "position_ids")}
+    filler["shift_labels"] = torch.full((1, missing), IGNORE_INDEX, dtype=torch.long)
     grown = {key: torch.cat([batch[key], value], dim=1) for key, value in filler.items()}
     return {**batch, **grown}
 

@@ -293,7 +293,7 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
         if accounting is not None:
             accounting.record(members, int(batch["num_label_tokens"]))
         if cfg.compile != "off" and cfg.packing:  # one row length for the compiled graphs
-            batch = data_lib.filled_to_length(batch, cfg.max_tokens_per_gpu, pad_id(tokenizer))
+            batch = data_lib.filled_to_length(batch, cfg.max_tokens_per_gpu)
         loss_sum = model(**data_lib.device_inputs(batch, ctx.device))
         normalisation.backward_loss(loss_sum).backward()
         local_loss_sum += loss_sum.detach().float()

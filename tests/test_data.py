@@ -281,14 +281,16 @@ def test_collate_packed_and_padded():
     assert padded["num_label_tokens"].item() == 3
 
 
-def test_a_packed_row_filled_to_a_length_adds_one_unlabelled_sample():
+def test_a_packed_row_filled_to_a_length_adds_unlabelled_copies_of_its_samples():
     packed = data.collate_micro_batch(fake_samples([3, 5]), packing=True, pad_token_id=9)
-    filled = data.filled_to_length(packed, 12, pad_token_id=9)
-    assert filled["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3]]
-    assert filled["input_ids"][0, 8:].tolist() == [9] * 4
-    assert filled["shift_labels"][0].tolist() == packed["shift_labels"][0].tolist() + [IGNORE_INDEX] * 4
+    filled = data.filled_to_length(packed, 20)
+    assert filled["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4] * 2 + [0, 1, 2, 0]]
+    assert filled["input_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4] * 2 + [0, 1, 2, 0]]
+    assert filled["shift_labels"][0].tolist() == packed["shift_labels"][0].tolist() + [IGNORE_INDEX] * 12
     assert filled["num_label_tokens"].item() == packed["num_label_tokens"].item()
-    assert data.filled_to_length(packed, 8, pad_token_id=9) is packed  # already that long
+    assert data.filled_to_length(packed, 8) is packed  # already that long
+    padded = data.collate_micro_batch(fake_samples([3, 5]), packing=False, pad_token_id=9)
+    assert data.filled_to_length(padded, 20) is padded  # not a packed row
 
 
 # ---------------------------------------------------------------- packing invariance on a tiny model
@@ -337,7 +339,7 @@ def test_packed_loss_and_grads_equal_samples_run_alone(chatml_dataset, kind, att
     packed = loss_and_grads(model, [packed_batch], total_labels)
     padded = loss_and_grads(model, [data.collate_micro_batch(samples, False, tokenizer.pad_token_id)], total_labels)
     # as under --compile: the row grown to a fixed length by an unlabelled filler sample
-    filled = loss_and_grads(model, [data.filled_to_length(packed_batch, packed_batch["input_ids"].shape[1] + 40, 0)], total_labels)
+    filled = loss_and_grads(model, [data.filled_to_length(packed_batch, packed_batch["input_ids"].shape[1] + 40)], total_labels)
     for other in (packed, padded, filled):
         torch.testing.assert_close(other[0], alone[0], atol=1e-5, rtol=1e-5)
         for name, grad in alone[1].items():
