@@ -37,8 +37,8 @@ def checkpointed(forward):
 def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False, backend="inductor") -> int:
     """torch.compile per module of the scope, before sharding; returns how many. layers with
     activation_checkpointing checkpoints inside each compiled layer (transformers' own checkpointing
-    must then be off). Dynamic shapes: the packed length is filled to the token budget in training
-(train_step), but the number and lengths of its samples change every step. backend: torch.compile's
+    must then be off). Dynamic shapes: training rows are filled to the token budget (train_step), but
+    the number and lengths of their samples change every step. backend: torch.compile's
     (tests trace with aot_eager: the same graphs and autograd, no code generation)."""
     if scope == "off":
         return 0

@@ -29,6 +29,7 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "real": {"lr": 2e-5, "max_tokens_per_gpu": 8192, "epochs": 30, "max_steps": 1000, "warmup_steps": 5},
 }
 
+
 def synthetic_lr(ranks: int) -> float:
     """Peak lr of random full-size weights: 1.5e-4 on one rank, scaled with the square root of the
     number of ranks (of the global batch at the default token budget per rank), at most 3e-4. One
