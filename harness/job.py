@@ -513,7 +513,9 @@ class ResultTimes(JsonRecord):
     """The job's own phases, and the sweep's wall time for the model (retries included)."""
 
     load: float | None = None
+    shard: float | None = None
     train: float | None = None
+    evaluate: float | None = None  # the full-set evaluation after training
     total: float | None = None
     first_step: float | None = None
     generate: float | None = None  # the generation check (harness.generation)

@@ -156,6 +156,7 @@ def test_tiny_model_reaches_its_loss_target(converged, name):
     assert time_s["total"] >= metrics[-1]["elapsed_s"] > 0
     assert result["time_s"]["first_step"] == time_s["first_step"]
     assert result["time_s"]["total"] == time_s["total"]
+    assert result["time_s"]["evaluate"] == time_s["evaluate"] > 0 and result["time_s"]["shard"] == time_s["shard"]
     # the time around the job's own work: launch to its start, its end to every process's exit
     around = result["time_s"]
     assert around["startup"] > 1.0 and around["teardown"] > 0  # torchrun and the imports alone take seconds
