@@ -33,9 +33,9 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
 def synthetic_lr(ranks: int) -> float:
     """Peak lr of random full-size weights: 1.5e-4 on one rank, scaled with the square root of the
     number of ranks (of the global batch at the default token budget per rank), at most 3e-4. One
-    H200, gemma-3-4b-it: 204 steps to the target at 1.5e-4 against 244-250 at 3e-4; 4 H200 at 3e-4
-    reached it in 141-184 steps of a 180-step 60-epoch budget, so 4 ranks and more keep 3e-4. A
-    registry `train:` lr or --lr replaces the rule."""
+    H200, gemma-3-4b-it: 204 steps to the target at 1.5e-4 against 244-250 at 3e-4; on 4 H200, 3e-4
+    reached it in 141 steps (8k tokens per rank) and in 184 (4k), so 4 ranks and more keep 3e-4
+    (bench/README.md). A registry `train:` lr or --lr replaces the rule."""
     return min(3e-4, 1.5e-4 * ranks ** 0.5)
 
 
