@@ -19,6 +19,7 @@ from harness.job import (
     ResultTimes,
     RunConfig,
     StepMetrics,
+    Timings,
     WorkerReport,
     read_metrics,
 )
@@ -148,7 +149,7 @@ def out_of_memory_without_checkpointing(cfg: RunConfig, report: WorkerReport) ->
     return report.out_of_memory
 
 
-def time_around_job(outcome: JobOutcome, times) -> dict[str, float]:
+def time_around_job(outcome: JobOutcome, times: Timings) -> dict[str, float]:
     """startup and teardown (ResultTimes) where rank 0 said when its work began: time.monotonic() is
     one clock for every process of a machine, and global rank 0 runs on node 0, beside this process."""
     if times.started_at is None or times.total is None or outcome.started_at is None:
