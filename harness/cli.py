@@ -14,14 +14,15 @@ from harness.environment import redact_secrets
 from harness.job import COMPILE_SCOPES, TRAINING_SETTINGS, BackendProbe, BackendRecord, ModelResult, summary_row
 from harness.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.registry import ModelSpec, UsageError
+from harness.run_lock import run_folder_locked
+from harness.stop_signals import Interrupted, as_interrupted, signals_deferred, stop_on_signals
 from harness.report import print_table, read_json, write_json_atomic, write_run_reports
 from harness.verdict import FAIL, INTERRUPTED, NOT_JUDGED, NOT_RUN, PASS
 
 if TYPE_CHECKING:  # plan imports transformers: only where a model is resolved
     from harness.plan import LoadPathDecision
 
-EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
-EXIT_INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
+EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # a stop signal: 128 + its number (stop_signals.Interrupted.exit_code)
 PLANNED = "PLANNED"  # a dry run's verdict: resolved, not trained
 
 
@@ -55,7 +56,8 @@ EXAMPLES = """examples:
   run_validation.py --models gemma-3-4b-it --backend trl                   gate TRL's SFTTrainer (pip install -e '.[trl]')
   run_validation.py --resume results/20261202-101500                       finish an interrupted run
 
-exit codes: 0 every model PASS, 1 a model FAIL, 2 bad usage (one line on stderr), 130 interrupted (Ctrl-C)"""
+exit codes: 0 every model PASS, 1 a model FAIL, 2 bad usage (one line on stderr), interrupted: 130 (Ctrl-C),
+143 (SIGTERM, e.g. Slurm's time limit or preemption), 129 (SIGHUP)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +136,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command_started = time.monotonic()
+    with stop_on_signals():  # Ctrl-C, SIGTERM and SIGHUP stop a run alike
+        return run_command(args)
+
+
+def run_command(args) -> int:
     try:
         if args.list_models:
             list_models()
@@ -148,9 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # outside a job (a job's own Ctrl-C is handled by the sweep)
-        print("interrupted (Ctrl-C)", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as stop:  # before the sweep (the sweep records its own stop)
+        stop = as_interrupted(stop)
+        print(f"interrupted ({stop.words}) before any model started", file=sys.stderr)
+        return stop.exit_code
 
 
 def check_inputs(args) -> list[PlannedModel]:
@@ -173,11 +181,8 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> None:
     """What needs each model's settings: the dataset against its max_seq_len, real weights reachable."""
     from harness.settings import run_config_for
 
-    limits = []
-    for item in planned:
-        cfg = run_config_for(item.spec, settings, Path("unused"))
-        limits.append((item.spec.name, cfg.max_samples, cfg.max_seq_len))
-    validate.check_dataset(settings.dataset, limits)
+    configs = [run_config_for(item.spec, settings, Path("unused")) for item in planned]
+    validate.check_dataset(settings.dataset, [(cfg.spec.name, cfg.max_samples, cfg.max_seq_len) for cfg in configs])
     from harness import backends
 
     for name in sorted({item.backend for item in planned}):
@@ -186,6 +191,12 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> None:
         for item in planned:
             package = item.spec.real_weights.partition(":")[2] if item.spec.real_weights else None
             validate.check_real_weights(item.spec.name, item.spec.hf_id, package)
+    from harness.dataset_file import read_chat_lines
+    from harness.job_caches import check_job_inputs  # the model's tokenizer: transformers, in the parent
+
+    lines = read_chat_lines(settings.dataset)
+    for cfg in configs:
+        check_job_inputs(cfg, lines)
 
 
 def list_models() -> None:
@@ -233,7 +244,11 @@ def new_run_dir(output_dir: Path, run_id: str | None) -> Path:
 
 
 def dry_run(planned: list[PlannedModel], args) -> int:
-    run_dir = new_run_dir(args.output_dir, args.run_id)
+    with run_folder_locked(new_run_dir(args.output_dir, args.run_id)) as run_dir:
+        return dry_run_into(run_dir, planned)
+
+
+def dry_run_into(run_dir: Path, planned: list[PlannedModel]) -> int:
     results = [planned_result(item) for item in planned]
     for result in results:
         result.to_json(run_dir / result.folder / "result.json")
@@ -319,12 +334,18 @@ def models_of_run(run_dir: Path) -> str:
 
 
 def train_models(planned: list[PlannedModel], settings, args) -> int:
-    from harness.environment import environment_lock
-    from harness.sweep import SweepContext, finished_results, fmt, run_sweep
 
     run_dir = args.resume or new_run_dir(args.output_dir, args.run_id)
-    if settings.node_rank > 0:
+    if settings.node_rank > 0:  # writes only its own logs into node 0's folder
         return follow_node_0(planned, settings, run_dir)
+    with run_folder_locked(run_dir):
+        return train_into(run_dir, planned, settings, args)
+
+
+def train_into(run_dir: Path, planned: list[PlannedModel], settings, args) -> int:
+    from harness.environment import environment_lock
+    from harness.sweep import SweepContext, finished_results, run_sweep
+
     finished = finished_results(run_dir) if args.resume else {}
     environment = environment_lock(sys.argv)
     write_json_atomic(run_dir / "environment.json", environment)
@@ -335,13 +356,26 @@ def train_models(planned: list[PlannedModel], settings, args) -> int:
                      for key in resumable_options(build_parser())},
     })
     sweep = SweepContext(settings, run_dir, args.command_started, baseline_results(args.compare), args.regressions_fail)
-    ran = run_sweep(planned, sweep, finished)
+    swept = run_sweep(planned, sweep, finished)
+    with signals_deferred():  # from here on a stop signal waits: the reports are what it would lose
+        return report_run(planned, swept, settings, run_dir, environment, args)
+
+
+def report_run(planned: list[PlannedModel], swept, settings, run_dir: Path, environment: dict, args) -> int:
+    """summary.json, summary.md, junit.xml, the plot, wandb and the table, for every model asked for."""
+    from harness.sweep import fmt
+
+    ran = swept.results
+    if swept.in_flight is not None:  # stopped outside its job (evaluating its checkpoint, say)
+        ran = ran + [interrupted_result(swept.in_flight, settings.weights, run_dir, swept.stop.words)]
     node_lost = bool(ran) and ran[-1].exit.node_lost
-    interrupted = any(r.verdict == INTERRUPTED for r in ran) or (len(ran) < len(planned) and not node_lost)  # Ctrl-C
-    why = "interrupted" if interrupted else "stopped after a node was lost"
+    why = f"interrupted ({swept.stop.words})" if swept.stop else "stopped after a node was lost"
     not_started = [not_run_result(item, settings.weights, run_dir, why) for item in planned[len(ran):]]
     results = ran + not_started  # every model asked for, in order
-    exit_code = EXIT_INTERRUPTED if interrupted else EXIT_FAIL if any(r.verdict != PASS for r in results) else EXIT_PASS
+    if swept.stop:
+        exit_code = swept.stop.exit_code
+    else:
+        exit_code = EXIT_FAIL if node_lost or any(r.verdict != PASS for r in results) else EXIT_PASS
     summary = {
         "run_id": run_dir.name,
         "mode": "train",
@@ -375,6 +409,15 @@ def not_run_result(item: PlannedModel, weights: str, run_dir: Path, why: str = "
     return result
 
 
+def interrupted_result(item: PlannedModel, weights: str, run_dir: Path, signal_words: str) -> ModelResult:
+    """The record of a model a stop signal caught outside its training job: listed, not judged."""
+    result = planned_result(item, INTERRUPTED, [f"interrupted ({signal_words}) before its verdict; every process "
+                                                "of the job was ended; finish the run with --resume"])
+    result.weights, result.exit.interrupted, result.exit.stopped_by = weights, True, signal_words
+    result.to_json(run_dir / result.folder / "result.json")
+    return result
+
+
 def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
     """A node other than 0 runs its ranks of every job and judges nothing (node 0 has the metrics):
     its exit code is its jobs' (0 when each ended cleanly), and it says where the verdicts are."""
@@ -384,8 +427,9 @@ def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
     clean = sum(1 for _, outcome in outcomes if outcome.clean_exit)
     print(f"node {settings.node_rank}: {clean} of {len(planned)} job(s) ended cleanly here; the verdicts are on node 0 "
           f"({settings.rdzv_endpoint.rpartition(':')[0]}), in its results folder {run_dir.name}")
-    if any(outcome.interrupted for _, outcome in outcomes):
-        return EXIT_INTERRUPTED
+    stopped = next((outcome.stopped_by for _, outcome in outcomes if outcome.interrupted), None)
+    if stopped:
+        return Interrupted.named(stopped).exit_code
     return EXIT_PASS if clean == len(planned) else EXIT_FAIL
 
 

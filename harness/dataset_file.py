@@ -6,6 +6,7 @@ way, never as a UnicodeDecodeError. The job reads the file through the same func
 """
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -24,6 +25,11 @@ class DatasetError(ValueError):
 
 def load_chat_dataset(path: str | Path) -> list[list[dict]]:
     """Read a JSONL file of {"messages": [{role, content}, ...]}; every line is checked first."""
+    return [messages for _, messages in read_chat_lines(path)]
+
+
+def read_chat_lines(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """(line number, messages) of every sample, in file order; every line is checked first."""
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: no such file")
@@ -32,6 +38,8 @@ def load_chat_dataset(path: str | Path) -> list[list[dict]]:
     conversations, errors, binary = [], [], False
     with path.open("rb") as handle:  # bytes: a binary file is a line error, not a traceback
         for line_number, raw in enumerate(handle, start=1):
+            if line_number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows start UTF-8 files with one
             messages, why = _parse_raw_line(raw)
             if why:
                 errors.append(f"{path}:{line_number}: {why}")
@@ -39,7 +47,7 @@ def load_chat_dataset(path: str | Path) -> list[list[dict]]:
                 if binary and len(errors) >= MAX_REPORTED_ERRORS:
                     break  # a binary file: the first lines say enough
             elif messages is not None:
-                conversations.append(messages)
+                conversations.append((line_number, messages))
     if errors:
         raise DatasetError(_error_summary(errors, stopped_early=binary and len(errors) >= MAX_REPORTED_ERRORS))
     if not conversations:

@@ -506,6 +506,7 @@ class ExitRecord(JsonRecord):
     timed_out: bool = False
     interrupted: bool = False
     node_lost: bool = False  # multi-node: another node's ranks vanished mid-job
+    stopped_by: str | None = None  # interrupted: by which stop signal (Ctrl-C, SIGTERM, SIGHUP)
 
 
 @dataclass

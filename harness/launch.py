@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.paths import REPO_ROOT
+from harness.stop_signals import as_interrupted, signals_deferred
 
 LOG_TAIL_LINES = 40
 
@@ -39,6 +40,7 @@ class JobOutcome:
     log_tail: list[str] = field(default_factory=list)
     launcher: str = "torchrun"  # what started the ranks, for the exit reason
     started_at: float | None = None  # time.monotonic() at the launch (one clock for every process of a machine)
+    stopped_by: str | None = None  # interrupted: the stop signal's name (Ctrl-C, SIGTERM, SIGHUP)
 
     @property
     def clean_exit(self) -> bool:
@@ -80,7 +82,7 @@ def run_jobs(commands: list[list[str]], log_path: Path, timeout_s: float, on_lin
 
 
 def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, env=None, append: bool = False) -> JobOutcome:
-    """Run command in a new session; on timeout or Ctrl-C end the whole process group."""
+    """Run command in a new session; on timeout or a stop signal end the whole process group."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     started = time.monotonic()
@@ -93,18 +95,19 @@ def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, 
         )
         reader = threading.Thread(target=_pump, args=(process.stdout, log, tail, on_line), daemon=True)
         reader.start()
-        timed_out = interrupted = False
+        timed_out, stopped_by = False, None
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
             end_process_group(process)
-        except KeyboardInterrupt:
-            interrupted = True
-            end_process_group(process)
+        except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (stop_signals)
+            stopped_by = as_interrupted(stop).words
+            with signals_deferred():  # a second signal must not cut the clean-up short
+                end_process_group(process)
         reader.join(timeout=10)
-    return JobOutcome(process.returncode, timed_out, interrupted, time.monotonic() - started, log_path, list(tail),
-                      launcher_name(command))
+    return JobOutcome(process.returncode, timed_out, stopped_by is not None, time.monotonic() - started, log_path,
+                      list(tail), launcher_name(command), stopped_by=stopped_by)
 
 
 LAUNCHERS = {"torch.distributed.run": "torchrun", "accelerate.commands.launch": "accelerate launch",

@@ -26,6 +26,7 @@ from harness.job import (
 from harness import backends
 from harness.launch import JobOutcome, Topology, run_job, run_jobs
 from harness.settings import RunSettings, run_config_for
+from harness.stop_signals import Interrupted, as_interrupted
 from harness.verdict import FAIL, INTERRUPTED, PASS, VerdictInput, final_loss, judge, regressions
 
 STALE_FILES = ("worker.json", "metrics.jsonl", "result.json", "checkpoint_eval.json")  # a rerun must not read a previous attempt's
@@ -71,11 +72,11 @@ def run_model(planned, index: int, sweep: SweepContext, on_line=None) -> ModelRe
 
 
 def mark_interrupted(result: ModelResult) -> None:
-    """Ctrl-C is not a verdict on the model: INTERRUPTED, with where it stopped, and no side reasons
+    """A stop signal is not a verdict on the model: INTERRUPTED, with where it stopped, and no side reasons
     (an unfinished job has no evaluation, no load record and so on)."""
     result.verdict = INTERRUPTED
-    result.reasons = [f"interrupted (Ctrl-C) after {result.steps} training step(s); every process of the job "
-                      "was ended; finish the run with --resume"]
+    result.reasons = [f"interrupted ({result.exit.stopped_by or 'Ctrl-C'}) after {result.steps} training step(s); "
+                      "every process of the job was ended; finish the run with --resume"]
 
 
 def apply_baseline(result: ModelResult, baseline: ModelResult | None, fail: bool) -> None:
@@ -117,6 +118,8 @@ def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSe
     if backends.is_external(cfg.backend):
         command.append("--compare-towers")  # with the input checkpoint the stack read
     outcome = run_job(command, Path(cfg.output_dir) / "checkpoint_eval.log", settings.timeout_per_model)
+    if outcome.interrupted:  # the model was stopped, not judged (run_sweep records it INTERRUPTED)
+        raise Interrupted.named(outcome.stopped_by)
     path = checkpoint_eval.result_path(cfg)
     check = CheckpointCheck.from_json(path) if path.exists() else CheckpointCheck(
         folder=str(cfg.checkpoint_dir), error=f"the evaluation process exited with code {outcome.returncode} "
@@ -199,7 +202,7 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
         sharding=report.sharding,
         preflight=report.preflight,
         exit=ExitRecord(outcome.returncode, outcome.timed_out, outcome.interrupted,
-                        node_lost=node_lost_line(outcome, report, topology) is not None),
+                        node_lost=node_lost_line(outcome, report, topology) is not None, stopped_by=outcome.stopped_by),
         log_file=outcome.log_path.name,
         log_tail=[] if verdict.verdict == PASS else outcome.log_tail[-20:],
         model_dir=Path(cfg.output_dir).name,
@@ -293,7 +296,7 @@ def exit_detail(outcome: JobOutcome, report: WorkerReport, topology: Topology) -
     if outcome.timed_out:
         return f"timed out after {outcome.duration_s:.0f}s; every process of the job was ended"
     if outcome.interrupted:
-        return "interrupted (Ctrl-C); every process of the job was ended"
+        return f"interrupted ({outcome.stopped_by}); every process of the job was ended"
     rank0 = f"; rank 0: {report.error}" if report.status == "error" else ""
     if outcome.returncode != 0:
         return f"{outcome.launcher} exited with code {outcome.returncode} (a rank crashed or was killed){rank0}"
@@ -375,33 +378,45 @@ class SweepStatus:
         return table
 
 
-def run_sweep(planned_models: list, sweep: SweepContext, finished: dict[str, ModelResult] | None = None) -> list[ModelResult]:
+@dataclass
+class SweepRun:
+    """What the sweep did: a result per model it finished or was running, in order; what stopped it."""
+
+    results: list[ModelResult]
+    stop: Interrupted | None = None  # a stop signal (Ctrl-C, SIGTERM, SIGHUP) ended the sweep
+    in_flight: object | None = None  # the planned model a stop signal caught outside its job (no result)
+
+
+def run_sweep(planned_models: list, sweep: SweepContext, finished: dict[str, ModelResult] | None = None) -> SweepRun:
     """Models one after another; one model's failure never stops the next. Models already finished
-    in the run folder (--resume) are reused. Ctrl-C ends the current job and stops the sweep."""
+    in the run folder (--resume) are reused. A stop signal ends the current job and stops the sweep."""
     finished = finished or {}
     status = SweepStatus([p.spec.name for p in planned_models])
-    results = []
+    run, planned = SweepRun([]), None
     try:
         for index, planned in enumerate(planned_models):
             name = planned.spec.name
             if name in finished:
-                results.append(reuse_finished(finished[name], sweep))
+                run.results.append(reuse_finished(finished[name], sweep))
                 status.set(name, f"{finished[name].verdict} (from the resumed run)")
                 continue
             status.set(name, f"loading ({planned.decision.load_path}, {sweep.settings.weights} weights)")
             result = run_model(planned, index, sweep, on_line=progress_updater(status, name))
-            results.append(result)
+            run.results.append(result)
             status.set(name, verdict_line(result))
             if result.exit.interrupted:
+                run.stop = Interrupted.named(result.exit.stopped_by)
                 break
             if result.exit.node_lost:
                 echo(NODE_LOST_STOP)
                 break
-    except KeyboardInterrupt:  # between jobs (a job's own Ctrl-C ends in run_job): stop here
-        pass
+    except KeyboardInterrupt as stop:  # outside a job (a job's own stop ends in run_job)
+        run.stop = as_interrupted(stop)
+        done = {r.model for r in run.results}
+        run.in_flight = planned if planned is not None and planned.spec.name not in done else None
     finally:
         status.close()
-    return results
+    return run
 
 
 # Why the sweep does not go on after a lost node: the next model's rendezvous would wait for it.

@@ -87,7 +87,8 @@ def tiny_tokenizer_facts(family: str | None) -> dict[str, Any]:
 def tiny_config_dict(spec: ModelSpec) -> dict:
     """The shipped architecture config with the spec's `tiny:` overrides and the tiny vocab applied."""
     if not spec.architecture_file:
-        raise UsageError(f"{spec.name!r} has no shipped architecture config, so it has no tiny variant")
+        raise UsageError(f"--weights tiny: {spec.name!r} has no tiny variant (only registry models with a shipped "
+                         "architecture config have one: --list-models); run it with --weights real")
     if not spec.tiny:
         raise UsageError(
             f"{spec.name!r} has no `tiny:` section in configs/models/{spec.name}.yaml; add overrides "

@@ -37,9 +37,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 400) -> subpro
 
 
 def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout: float = 300,
-                       poll_s: float = 0.2) -> subprocess.CompletedProcess:
-    """Start the CLI in its own process group, press Ctrl-C (SIGINT to the group, as a terminal
-    does) once ready() is true, and wait for the CLI to wind down."""
+                       poll_s: float = 0.2, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Start the CLI in its own process group, send `sig` once ready() is true, and wait for the CLI
+    to wind down. SIGINT goes to the group, as a terminal's Ctrl-C does; any other signal to the
+    CLI's process alone, as Slurm's `--signal` or a closed terminal sends it to the harness."""
     # SIGINT's default action in the CLI whatever the test runner inherited: a shell without job control
     # starts `cmd &` with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
     process = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -55,7 +56,10 @@ def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout:
             if time.monotonic() > deadline:
                 raise AssertionError("the interrupt point was never reached")
             time.sleep(poll_s)
-        os.killpg(process.pid, signal.SIGINT)
+        if sig == signal.SIGINT:
+            os.killpg(process.pid, sig)
+        else:
+            os.kill(process.pid, sig)
         out, err = process.communicate(timeout=120)
     except BaseException:
         if process.poll() is None:

@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a subprocess, exit codes, files written."""
 import json
+import signal
 import subprocess
 import sys
 
@@ -84,24 +85,25 @@ def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp
     """The sweep is stubbed at its seam (run_sweep): the first model's job was interrupted, so the
     second never started. Every model asked for is listed; exit 130."""
     from harness import cli, sweep
+    from harness.stop_signals import Interrupted
     from harness.verdict import INTERRUPTED
 
     def interrupted_sweep(planned, context, finished):
         result = cli.planned_result(planned[0])
         result.weights, result.steps, result.exit.interrupted = "tiny", 3, True
         sweep.mark_interrupted(result)
-        return [result]
+        return sweep.SweepRun([result], Interrupted(signal.SIGINT))
 
     monkeypatch.setattr(sweep, "run_sweep", interrupted_sweep)
     code = cli.main(["--models", "Llama-3.2-1B-Instruct,gemma-3-4b-it", "--weights", "tiny", "--device", "cpu",
                      "--wandb-mode", "disabled", "--output-dir", str(tmp_path), "--run-id", "r"])
-    assert code == cli.EXIT_INTERRUPTED == 130
+    assert code == 130
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert [(m["model"], m["verdict"]) for m in summary["models"]] == [
         ("Llama-3.2-1B-Instruct", INTERRUPTED), ("gemma-3-4b-it", "NOT RUN")]
     assert summary["not_run"] == ["Llama-3.2-1B-Instruct", "gemma-3-4b-it"] and summary["exit_code"] == 130
     not_run = json.loads((tmp_path / "r" / "gemma-3-4b-it" / "result.json").read_text())
-    assert not_run["verdict"] == "NOT RUN" and not_run["reasons"] == ["not run: the sweep was interrupted before this model started"]
+    assert not_run["verdict"] == "NOT RUN" and not_run["reasons"] == ["not run: the sweep was interrupted (Ctrl-C) before this model started"]
     junit = (tmp_path / "r" / "junit.xml").read_text()
     assert junit.count("<skipped") == 2 and "<failure" not in junit
     assert "gemma-3-4b-it: NOT RUN" in capsys.readouterr().out

@@ -159,3 +159,86 @@ def test_a_user_sees_one_line_and_no_traceback():
     proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_validation.py"), "--models", LLAMA, "--max-steps", "0"],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-steps must be at least 1, got 0"
+
+
+# ---------------------------------------------------------------- the model's own files, before any job
+
+
+def write_jsonl(path, records, prefix: bytes = b""):
+    path.write_bytes(prefix + "".join(json.dumps(r) + "\n" for r in records).encode())
+    return path
+
+
+ASSISTANT_FIRST = {"messages": [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "ok"},
+                                {"role": "assistant", "content": "Fine."}]}
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_usage_error_with_its_line(capsys, tmp_path, out):
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_LINE, GOOD_LINE, ASSISTANT_FIRST, ASSISTANT_FIRST])
+    line = usage_error(capsys, ["--models", "gemma-3-4b-it", *TINY, "--dataset", str(data), "--output-dir", str(out)])
+    assert f"{data}:3: gemma-3-4b-it's chat template refuses this conversation" in line
+    assert "roles must alternate" in line and "(1 more line(s) likewise)" in line
+
+
+def test_a_token_budget_below_the_longest_sample_is_a_usage_error(capsys, tmp_path, out):
+    long_reply = {"messages": [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two " * 40}]}
+    data = write_jsonl(tmp_path / "data.jsonl", [GOOD_LINE, long_reply, GOOD_LINE])
+    line = usage_error(capsys, ["--models", LLAMA, *TINY, "--dataset", str(data), "--max-tokens-per-gpu", "64",
+                                "--output-dir", str(out)])
+    assert "--max-tokens-per-gpu 64 is below the longest sample Llama-3.2-1B-Instruct trains on" in line
+    assert f"{data}:2, " in line and "give at least" in line
+
+
+def test_a_local_folder_has_no_tiny_variant(capsys, tmp_path, out):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text((REPO_ROOT / "configs" / "architectures" / f"{LLAMA}.json").read_text())
+    line = usage_error(capsys, ["--models", str(folder), *TINY, "--output-dir", str(out)])
+    assert "--weights tiny: 'my-model' has no tiny variant" in line and "--weights real" in line
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    from harness.dataset_file import load_chat_dataset, read_chat_lines
+
+    plain = write_jsonl(tmp_path / "plain.jsonl", [GOOD_LINE, ASSISTANT_FIRST])
+    with_bom = write_jsonl(tmp_path / "bom.jsonl", [GOOD_LINE, ASSISTANT_FIRST], prefix=b"\xef\xbb\xbf")
+    assert load_chat_dataset(with_bom) == load_chat_dataset(plain) == [GOOD_LINE["messages"], ASSISTANT_FIRST["messages"]]
+    assert [line for line, _ in read_chat_lines(with_bom)] == [1, 2]
+
+
+def test_a_run_folder_in_use_refuses_a_second_run(capsys, tmp_path):
+    from harness.run_lock import run_folder_locked
+
+    with run_folder_locked(tmp_path / "r"):
+        line = usage_error(capsys, ["--models", LLAMA, "--dry-run", "--output-dir", str(tmp_path), "--run-id", "r"])
+    assert f"{tmp_path / 'r'} is being written by another run (pid " in line and "another --run-id" in line
+    assert not (tmp_path / "r" / "summary.json").exists()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.run_lock import run_folder_locked\n"
+                               f"with run_folder_locked({str(tmp_path / 'r')!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert cli.main(["--models", LLAMA, "--dry-run", "--output-dir", str(tmp_path), "--run-id", "r"]) == cli.EXIT_USAGE
+    holder.kill()
+    holder.wait()
+    assert cli.main(["--models", LLAMA, "--dry-run", "--output-dir", str(tmp_path), "--run-id", "r"]) == cli.EXIT_PASS
+    assert (tmp_path / "r" / "summary.json").exists()
+
+
+def test_result_files_take_the_mode_the_umask_gives(tmp_path):
+    import os
+    import stat
+
+    from harness.report import write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+        os.umask(0o077)
+        write_json_atomic(tmp_path / "b.json", {"x": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600

@@ -3,9 +3,11 @@
 Three sweeps cover everything (each CLI run costs start-up, so they are shared by module fixtures):
 
 - `interrupted` + `resumed`: Ministral-3-3B-Instruct-2512 then Llama-3.2-1B-Instruct, wandb offline, a fake HF
-  token and wandb key in the environment. Ctrl-C (SIGINT to the CLI's process group) lands while
-  Llama trains; `--resume RUN_DIR` (no --models) then trains Llama only. The resumed folder is the
-  "full sweep" whose files, reports, environment, secrets and wandb runs are checked.
+  token and wandb key in the environment, the dataset file starting with a UTF-8 byte-order mark. SIGTERM
+  (to the CLI's process alone, as Slurm sends it at a time limit) lands while Llama trains; `--resume
+  RUN_DIR` (no --models) then trains Llama only. The resumed folder is the "full sweep" whose files,
+  reports, environment, secrets and wandb runs are checked. Ctrl-C and SIGHUP in the first model of a
+  2-model sweep: that model INTERRUPTED, the other NOT RUN.
 - `faulty`: four faulty models, each hit by its own injected fault (SFT_HARNESS_INJECT_FAULT with
   /MODEL), then a healthy one: every fault is a FAIL with its reason, nothing is left running, and the
   sweep goes on to a PASS. The healthy model first runs out of memory (an injected OutOfMemoryError,
@@ -17,12 +19,16 @@ Plus unit tests of verdict.regressions, sweep.apply_baseline and the fault spec 
 """
 from __future__ import annotations
 
+import codecs
 import json
 import shutil
+import signal
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from harness.paths import DEFAULT_DATASET
 
 from gate_helpers import (FAKE_HF_TOKEN, FAKE_WANDB_KEY, TINY_ARGS, cli_env, failure_context, files_under,
                           interrupt_cli_when, leftover_processes, read_json, run_cli)
@@ -38,15 +44,17 @@ SECRET_ENV = {"HF_TOKEN": FAKE_HF_TOKEN, "WANDB_API_KEY": FAKE_WANDB_KEY}
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A 2-model sweep interrupted by Ctrl-C while the second model trains."""
+    """A 2-model sweep stopped by SIGTERM while the second model trains, on a dataset file with a BOM."""
     output = tmp_path_factory.mktemp("gate")
     run_dir = output / "r"
+    dataset = output / "with-bom.jsonl"
+    dataset.write_bytes(codecs.BOM_UTF8 + DEFAULT_DATASET.read_bytes())
     log = run_dir / SECOND / "train.log"
     proc = interrupt_cli_when(
         ["--models", f"{FIRST},{SECOND}", *TINY_ARGS, "--output-dir", str(output), "--run-id", "r",
-         "--wandb-mode", "offline", "--wandb-project", "gate-test"],
+         "--dataset", str(dataset), "--wandb-mode", "offline", "--wandb-project", "gate-test"],
         ready=lambda: log.exists() and "[progress] step 1 " in log.read_text(errors="replace"),
-        env=cli_env(**SECRET_ENV),
+        env=cli_env(**SECRET_ENV), sig=signal.SIGTERM,
     )
     first_dir = run_dir / FIRST
     mtimes = {name: (first_dir / name).stat().st_mtime_ns for name in MODEL_FILES}
@@ -62,23 +70,44 @@ def resumed(interrupted):
     return {"proc": proc, "run_dir": run_dir, "leftovers": leftover_processes(run_dir)}
 
 
-def test_ctrl_c_ends_the_job_and_records_the_interruption(interrupted):
+def test_sigterm_ends_the_job_and_records_the_interruption(interrupted):
     proc, run_dir, summary = interrupted["proc"], interrupted["run_dir"], interrupted["summary"]
-    assert proc.returncode == 130, failure_context(proc)
-    assert interrupted["leftovers"] == [], "Ctrl-C left job processes running"
-    assert summary is not None and summary["exit_code"] == 130
+    assert proc.returncode == 143, failure_context(proc)
+    assert interrupted["leftovers"] == [], "SIGTERM left job processes running"
+    assert summary is not None and summary["exit_code"] == 143
     verdicts = {m["model"]: m["verdict"] for m in summary["models"]}
     assert verdicts == {FIRST: "PASS", SECOND: "INTERRUPTED"}
     second = read_json(run_dir / SECOND / "result.json")
     assert second["exit"]["interrupted"] is True and second["verdict"] == "INTERRUPTED"
-    assert len(second["reasons"]) == 1 and second["reasons"][0].startswith("interrupted (Ctrl-C) after")
+    assert second["exit"]["stopped_by"] == "SIGTERM"
+    assert len(second["reasons"]) == 1 and second["reasons"][0].startswith("interrupted (SIGTERM) after")
     assert (run_dir / SECOND / "train.log").stat().st_size > 0
     cases = {c.get("name"): c for c in ET.parse(run_dir / "junit.xml").getroot().iter("testcase")}
     assert cases[SECOND].find("skipped") is not None and cases[SECOND].find("failure") is None
     assert "**INTERRUPTED**" in (run_dir / "summary.md").read_text()
 
 
-def test_ctrl_c_on_the_last_model_tells_how_to_resume(interrupted):
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGHUP, 129, "SIGHUP")])
+def test_a_stop_in_the_first_model_leaves_it_interrupted_and_the_next_not_run(tmp_path, sig, code, words):
+    run_dir = tmp_path / "r"
+    log = run_dir / FIRST / "train.log"
+    proc = interrupt_cli_when(
+        ["--models", f"{FIRST},{SECOND}", *TINY_ARGS, "--output-dir", str(tmp_path), "--run-id", "r",
+         "--wandb-mode", "disabled"],
+        ready=lambda: log.exists() and "[progress] step 1 " in log.read_text(errors="replace"), sig=sig)
+    assert proc.returncode == code, failure_context(proc)
+    assert leftover_processes(run_dir) == []
+    summary = read_json(run_dir / "summary.json")
+    assert summary["exit_code"] == code and summary["not_run"] == [FIRST, SECOND]
+    assert [(m["model"], m["verdict"]) for m in summary["models"]] == [(FIRST, "INTERRUPTED"), (SECOND, "NOT RUN")]
+    assert read_json(run_dir / FIRST / "result.json")["reasons"][0].startswith(f"interrupted ({words}) after")
+    assert read_json(run_dir / SECOND / "result.json")["reasons"] == [
+        f"not run: the sweep was interrupted ({words}) before this model started"]
+    cases = {c.get("name"): c for c in ET.parse(run_dir / "junit.xml").getroot().iter("testcase")}
+    assert all(cases[m].find("skipped") is not None for m in (FIRST, SECOND))
+
+
+def test_sigterm_on_the_last_model_tells_how_to_resume(interrupted):
     assert "--resume" in interrupted["proc"].stdout
     assert SECOND in (interrupted["summary"] or {}).get("not_run", [])
 

@@ -9,7 +9,7 @@ from harness.paths import REPO_ROOT
 GATE_MODULES = ("harness.cli", "harness.sweep", "harness.launch", "harness.verdict", "harness.report",
                 "harness.tracking", "harness.job", "harness.settings", "harness.validate", "harness.registry",
                 "harness.dataset_file", "harness.backends", "harness.backends.native", "harness.backends.trl",
-                "harness.backends.instructlab", "harness.checkpoint_eval")
+                "harness.backends.instructlab", "harness.checkpoint_eval", "harness.stop_signals", "harness.run_lock")
 
 
 def test_the_gate_modules_import_neither_torch_nor_transformers():

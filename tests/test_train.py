@@ -113,7 +113,8 @@ def test_tiny_model_reaches_its_loss_target(converged, name):
     assert result["reasons"] == []
     assert result["load_path"] == MODELS[name] == worker["load_record"]["load_path"]
     assert result["world_size"] == worker["world_size"] == 2
-    assert result["exit"] == {"returncode": 0, "timed_out": False, "interrupted": False, "node_lost": False}
+    assert result["exit"] == {"returncode": 0, "timed_out": False, "interrupted": False, "node_lost": False,
+                              "stopped_by": None}
     assert worker["status"] == "finished" and worker["stop_reason"] == "target_reached"
     assert worker["data"]["n_samples"] == CONVERGE_SAMPLES
     assert result["final_loss"] < LOSS_TARGET
