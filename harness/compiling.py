@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import os
 from typing import Callable
 
@@ -34,6 +35,31 @@ def checkpointed(forward):
     return run
 
 
+# dynamo's switch that lets a checkpointed region hold Python side effects (run once in the forward,
+# not replayed by the recompute)
+CHECKPOINT_SIDE_EFFECTS = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+
+
+def tracing_checkpoint_side_effects(compiled):
+    """compiled, traced with Python side effects allowed inside its checkpoint. With the `kernels`
+    package installed (a dependency of transformers from 5.25) each attention module's forward sets
+    and resets a context variable of kernels (`_ACTIVE_KERNEL_FUNCS`, which picks the kernel
+    functions); dynamo refuses that mutation inside a checkpoint, the frame falls back to eager, and
+    the whole layer ran uncompiled, silently. The set and reset leave the variable as it was, and
+    the compiled graph has the functions it picked baked in, so the recompute needs neither. Other
+    side effects would also be skipped there: the harness's forwards record no outputs through
+    transformers' hooks. Tracing happens at a call, so the switch is set around each call, not for
+    the whole process."""
+    if not hasattr(torch._dynamo.config, CHECKPOINT_SIDE_EFFECTS):  # older torch: nothing to set
+        return compiled
+
+    @functools.wraps(compiled)
+    def run(*args, **kwargs):
+        with torch._dynamo.config.patch(**{CHECKPOINT_SIDE_EFFECTS: True}):
+            return compiled(*args, **kwargs)
+    return run
+
+
 def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = False, backend="inductor") -> int:
     """torch.compile per module of the scope, before sharding; returns how many. layers with
     activation_checkpointing checkpoints inside each compiled layer (transformers' own checkpointing
@@ -46,8 +72,11 @@ def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = 
     if scope == "layers":
         chosen = dist_lib.decoder_layers(lm)
         for layer in chosen:
-            forward = checkpointed(layer.forward) if activation_checkpointing else layer.forward
-            layer.forward = torch.compile(forward, dynamic=True, backend=backend)
+            if activation_checkpointing:
+                layer.forward = tracing_checkpoint_side_effects(
+                    torch.compile(checkpointed(layer.forward), dynamic=True, backend=backend))
+            else:
+                layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
     elif scope == "pointwise":
         chosen = [m for m in lm.modules() if type(m).__name__.endswith(("MLP", "RMSNorm"))]
         for module in chosen:
