@@ -8,8 +8,10 @@ line, before any job starts). The rules, each with the kind of reason it gives:
 
 - no_forward:      the class has no forward of its own (Qwen2.5-Omni: it only generates through its
                    thinker and talker sub-models).
-- non_text_inputs: its forward needs inputs a text batch does not have: a parameter without default
-                   (BLIP: pixel_values; PI0: state), or one the forward raises without
+- non_text_inputs: its forward, or the forward of the backbone the trainer calls for hidden states,
+                   needs inputs a text batch does not have: a parameter without default (BLIP:
+                   pixel_values; PI0: state; PI0.5's backbone PI05Model: action_embeds, the noisy
+                   robot actions its action expert denoises), or one the forward raises without
                    (NEEDS_NON_TEXT_INPUTS, observed: tests/test_model_types.py checks each entry).
 - audio_codebooks: its input ids are audio codec codebooks (the config counts codebooks: Moshi,
                    Kyutai speech-to-text).
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import sys
 from dataclasses import dataclass
 
 import transformers
@@ -121,14 +124,41 @@ def _codebooks(model_type, config, decision, trained, own) -> Unsupported | None
 def _non_text_inputs(model_type, config, decision, trained, own) -> Unsupported | None:
     if trained is None:
         return None
-    required = [name for name, p in inspect.signature(trained.forward).parameters.items()
-                if p.default is inspect.Parameter.empty and name not in TEXT_INPUTS
-                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    required = _required_inputs(trained)
     if required:
         return Unsupported("non_text_inputs", f"{trained.__name__}.forward requires {', '.join(required)}")
+    backbone = _backbone_class(trained)  # what train.TrainableLM calls, with the text inputs alone
+    required = _required_inputs(backbone) if backbone is not None else []
+    if required:
+        return Unsupported("non_text_inputs", f"{backbone.__name__}.forward, the backbone of {trained.__name__} that "
+                                              f"the trainer calls for hidden states, requires {', '.join(required)}")
     if model_type in NEEDS_NON_TEXT_INPUTS and decision.load_path != "extract_causal_lm":
         return Unsupported("non_text_inputs", f"{trained.__name__}.forward needs {NEEDS_NON_TEXT_INPUTS[model_type]}")
     return None
+
+
+def _required_inputs(cls: type) -> list[str]:
+    """The forward's parameters without default that a text batch does not carry."""
+    try:
+        parameters = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name, p in parameters.items()
+            if p.default is inspect.Parameter.empty and name not in TEXT_INPUTS
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _backbone_class(trained: type) -> type | None:
+    """The class the trained class builds at `.model` (or at its base_model_prefix), read from its
+    __init__ (`self.model = PI05Model(config)`); None where it is built otherwise (AutoModel.from_config)."""
+    try:
+        source = inspect.getsource(trained.__init__)
+    except (OSError, TypeError):
+        return None
+    names = "|".join(re.escape(n) for n in {"model", getattr(trained, "base_model_prefix", "") or "model"})
+    match = re.search(rf"^\s*self\.(?:{names})\s*=\s*(\w+)\(", source, re.MULTILINE)
+    found = getattr(sys.modules.get(trained.__module__), match.group(1), None) if match else None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
 
 
 def _no_text_backbone(model_type, config, decision, trained, own) -> Unsupported | None:

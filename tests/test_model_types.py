@@ -221,3 +221,14 @@ def test_cli_refuses_an_unsupported_type_up_front(model_type, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and err[0].startswith(f"error: model_type {model_type!r} cannot be trained"), err
+
+
+def test_a_backbone_that_needs_non_text_inputs_is_refused():
+    """The trainer calls the backbone (.model) for hidden states, not the class's own forward: PI0.5's
+    forward takes every input as optional, its backbone PI05Model requires the action embeddings
+    (a vision-language-action policy: its loss is on denoised robot actions, not on text)."""
+    if "pi05" not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no pi05 (added in 5.25)")
+    with pytest.raises(UnsupportedModelError, match=r"\(non_text_inputs\): PI05Model\.forward, the backbone of "
+                                                    r"PI05ForConditionalGeneration .* requires action_embeds"):
+        resolve_load_path(tiny_config("pi05"))
