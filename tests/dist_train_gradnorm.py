@@ -1,8 +1,8 @@
 """The grad norm the trainer records under FSDP2 equals the norm of the same step without FSDP.
 
 Run under torchrun (gloo, CPU) by tests/test_train.py. For each model, every rank runs the real
-trainer, harness.train.train(), for one optimizer step on the tiny checkpoint: load -> fully_shard
-(harness.distributed.shard_model) -> train_step -> metrics.jsonl. Then rank 0, in plain single-process
+trainer, harness.job.train.train(), for one optimizer step on the tiny checkpoint: load -> fully_shard
+(harness.job.distributed.shard_model) -> train_step -> metrics.jsonl. Then rank 0, in plain single-process
 PyTorch (no FSDP, no collectives), loads the same checkpoint again, runs every rank's micro-batches of
 the same step plan through the same TrainableLM, backpropagates sum / global label tokens, and takes
 torch.nn.utils.clip_grad_norm_'s total norm. Rank 0 writes both numbers to --output (JSON).
@@ -15,12 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from harness import data as data_lib
-from harness import distributed as dist_lib
-from harness import job_caches, loading, registry
-from harness.job import RunConfig, read_metrics
-from harness.paths import DEFAULT_DATASET
-from harness.train import TrainableLM, pad_id, plan_epoch, train
+from harness.job import data as data_lib
+from harness.job import distributed as dist_lib
+from harness.job import caches as job_caches
+from harness.models import loading
+from harness.gate import registry
+from harness.contract.records import RunConfig, read_metrics
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.job.train import TrainableLM, pad_id, plan_epoch, train
 
 
 def run_config(name: str, output_dir: Path, max_samples: int, max_tokens_per_gpu: int) -> RunConfig:
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-gpu", type=int, default=1024)
     args = parser.parse_args()
     configs = [run_config(name, args.work_dir, args.max_samples, args.max_tokens_per_gpu) for name in args.models.split(",")]
-    for cfg in configs:  # before the process group, as harness.train.main does (save_pretrained is rank-gated after)
+    for cfg in configs:  # before the process group, as harness.job.train.main does (save_pretrained is rank-gated after)
         job_caches.prepare_caches(cfg)
     ctx = dist_lib.init_distributed("cpu")
     results = {}

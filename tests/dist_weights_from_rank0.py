@@ -11,9 +11,10 @@ import json
 
 import torch
 
-from harness import distributed as dist_lib
-from harness import loading, registry
-from harness.train import TrainableLM
+from harness.job import distributed as dist_lib
+from harness.models import loading
+from harness.gate import registry
+from harness.job.train import TrainableLM
 
 # extraction (tied embeddings, Gemma's embed_scale buffer) and a direct VLM load (frozen towers)
 MODELS = ("gemma-3-4b-it", "Qwen2.5-VL-3B-Instruct")

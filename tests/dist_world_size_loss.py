@@ -11,11 +11,11 @@ import math
 import torch
 import torch.distributed as dist
 
-from harness import data
-from harness import distributed as dist_lib
-from harness.loss import chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
-from harness.paths import DEFAULT_DATASET
-from harness.tokenizers import tiny_tokenizer
+from harness.job import data
+from harness.job import distributed as dist_lib
+from harness.job.loss import chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.models.tokenizers import tiny_tokenizer
 
 NUM_SAMPLES = 48
 MAX_TOKENS_PER_GPU = 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from harness.paths import REPO_ROOT
+from harness.runtime.paths import REPO_ROOT
 
 # A tiny CPU sweep: 2 gloo ranks, 16 samples (one step an epoch). Ministral-3-3B-Instruct-2512 and
 # Llama-3.2-1B-Instruct (tiny) each reach the target in ~40 steps, ~15 s a job alone on 2 cores (at 32

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import attention
+from harness.job import attention
 
 
 def test_boundaries_from_position_ids_and_rows():

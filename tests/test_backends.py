@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gate_helpers import run_cli
-from harness import backends, registry
-from harness.job import RunConfig
-from harness.paths import DEFAULT_DATASET, REPO_ROOT
-from harness.registry import UsageError
+from harness.models.configs import load_config
+from harness import backends
+from harness.gate import registry
+from harness.contract.records import RunConfig
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.contract.errors import UsageError
+from harness.contract.model_spec import ModelSpec
 
 # model -> the load path instructlab-training 0.16.2's own predicates choose (issue 16's table)
 INSTRUCTLAB_PATHS = {
@@ -39,7 +40,7 @@ TRL_CLASSES = {
 def test_instructlab_probe_matches_its_own_predicates(name):
     pytest.importorskip("instructlab.training")
     spec = registry.lookup(name)
-    probe = backends.backend("instructlab").probe(spec, registry.load_config(spec))
+    probe = backends.backend("instructlab").probe(spec, load_config(spec))
     assert probe.load_path == INSTRUCTLAB_PATHS[name]
     assert probe.class_name and probe.backend == "instructlab"
     if spec.expected_load_path:  # since PR #695 instructlab agrees with the harness on every registry model
@@ -49,13 +50,13 @@ def test_instructlab_probe_matches_its_own_predicates(name):
 @pytest.mark.parametrize("name", sorted(TRL_CLASSES))
 def test_trl_probe_names_the_class_trl_builds(name):
     spec = registry.lookup(name)
-    probe = backends.backend("trl").probe(spec, registry.load_config(spec))
+    probe = backends.backend("trl").probe(spec, load_config(spec))
     assert (probe.class_name, probe.load_path) == TRL_CLASSES[name]
 
 
 def test_native_probe_is_the_harness_resolver():
     spec = registry.lookup("gemma-3-4b-it")
-    probe = backends.backend("native").probe(spec, registry.load_config(spec))
+    probe = backends.backend("native").probe(spec, load_config(spec))
     assert (probe.class_name, probe.load_path) == ("Gemma3ForCausalLM", "extract_causal_lm")
 
 
@@ -104,11 +105,11 @@ def test_registry_backend_key_is_checked(tmp_path, monkeypatch):
 
 
 def test_backend_choice_cli_over_registry_over_native():
-    from harness.settings import backend_of
+    from harness.gate.settings import backend_of
 
     spec = registry.lookup("gemma-3-270m")
     assert backend_of(spec, None) == "native"
-    with_key = registry.ModelSpec(**{**spec.to_dict(), "backend": "trl"})
+    with_key = ModelSpec(**{**spec.to_dict(), "backend": "trl"})
     assert backend_of(with_key, None) == "trl"
     assert backend_of(with_key, "native") == "native"
 
@@ -147,7 +148,7 @@ def test_instructlab_data_conversion_on_the_overfit_set(tmp_path):
     pytest.importorskip("instructlab.training")
     from instructlab.training import data_process
 
-    from harness.stack_checkpoint import input_checkpoint
+    from harness.backends.stack_checkpoint import input_checkpoint
 
     spec = registry.lookup("gemma-3-4b-it")
     cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET))
@@ -177,7 +178,7 @@ def test_instructlab_data_conversion_on_the_overfit_set(tmp_path):
 
 def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> tuple[RunConfig, object]:
     """A model folder as a TRL job that 'succeeded' leaves it: a finished report and converged losses."""
-    from harness.job import BackendRecord, MetricsWriter, StepMetrics, WorkerReport
+    from harness.contract.records import BackendRecord, MetricsWriter, StepMetrics, WorkerReport
 
     spec = registry.lookup(name)
     cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET),
@@ -193,14 +194,14 @@ def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> t
 
 
 def judged(cfg, report):
-    from harness.cli import PlannedModel
-    from harness.launch import JobOutcome, Topology
-    from harness.plan import resolve_load_path
-    from harness.settings import RunSettings
-    from harness.sweep import check_saved_checkpoint, collect_result
+    from harness.gate.cli import PlannedModel
+    from harness.runtime.launch import JobOutcome, Topology
+    from harness.models.plan import resolve_load_path
+    from harness.gate.settings import RunSettings
+    from harness.gate.sweep import check_saved_checkpoint, collect_result
 
     spec = cfg.spec
-    planned = PlannedModel(spec, resolve_load_path(registry.load_config(spec)), "trl")
+    planned = PlannedModel(spec, resolve_load_path(load_config(spec)), "trl")
     settings = RunSettings(weights="tiny", device="cpu", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1,
                            timeout_per_model=300)
     check_saved_checkpoint(cfg, report, settings)
@@ -217,7 +218,7 @@ def test_a_stack_that_exits_0_without_a_checkpoint_fails(tmp_path):
 
 
 def test_a_checkpoint_the_harness_cannot_load_fails(tmp_path):
-    from harness.weights import tiny_checkpoint
+    from harness.models.weights import tiny_checkpoint
 
     cfg, report = finished_stack_job(tmp_path)
     cfg.checkpoint_dir.mkdir()
@@ -233,7 +234,7 @@ def test_an_untrained_checkpoint_fails_however_low_the_stack_says_its_loss_was(t
     """The stack's own loss never decides: it claims 0.01, the harness evaluates the (untrained) saved model."""
     import shutil
 
-    from harness.weights import tiny_checkpoint
+    from harness.models.weights import tiny_checkpoint
 
     cfg, report = finished_stack_job(tmp_path)
     shutil.copytree(tiny_checkpoint(cfg.spec), cfg.checkpoint_dir)
@@ -270,8 +271,8 @@ def test_native_checkpoint_evaluation_equals_the_in_job_evaluation(tmp_path):
 def test_an_external_stack_s_mfu_is_its_speed_times_the_saved_model_s_flops():
     """MFU for TRL and instructlab: their tokens/s per GPU (steady steps, the first left out) x the
     FLOPs per token the harness counted on the checkpoint they saved / the GPU's datasheet peak."""
-    from harness.job import BackendRecord, CheckpointCheck, StepMetrics, WorkerReport
-    from harness.sweep import stack_mfu
+    from harness.contract.records import BackendRecord, CheckpointCheck, StepMetrics, WorkerReport
+    from harness.gate.sweep import stack_mfu
 
     metrics = [StepMetrics(step=1, loss=9.0, tokens_per_s_per_gpu=10.0),
                StepMetrics(step=2, loss=5.0, tokens_per_s_per_gpu=4000.0),
@@ -293,9 +294,9 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     import shutil
 
     from harness.backends import instructlab
-    from harness.job import WorkerReport, read_metrics
-    from harness.launch import JobOutcome
-    from harness.stack_checkpoint import input_checkpoint
+    from harness.contract.records import WorkerReport, read_metrics
+    from harness.runtime.launch import JobOutcome
+    from harness.backends.stack_checkpoint import input_checkpoint
 
     spec = registry.lookup("gemma-3-4b-it")
     cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cuda", output_dir=str(tmp_path),
@@ -312,7 +313,7 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     wrapped = instructlab.EXTRACT_LINE.replace(" to ", " to      vlm_utils.py:327\n                    ")
     (ckpt / "full_logs_global0.log").write_text(f"[12:22:41] INFO     VLM config detected — {wrapped}\n")
     text_model = tmp_path / "text"
-    from harness.loading import load_model
+    from harness.models.loading import load_model
 
     extracted = load_model(spec, "tiny").model  # what extraction saves: Gemma3ForCausalLM, text config
     extracted.config.architectures = None
@@ -338,7 +339,7 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
 def spec_vocab(cfg: RunConfig) -> int:
     from transformers import AutoConfig
 
-    from harness.stack_checkpoint import input_checkpoint_path
+    from harness.backends.stack_checkpoint import input_checkpoint_path
 
     return AutoConfig.from_pretrained(input_checkpoint_path(cfg)).text_config.vocab_size
 
@@ -348,7 +349,7 @@ def test_instructlab_arguments_are_ones_its_pydantic_models_take(tmp_path):
     import instructlab.training
 
     from harness.backends.instructlab_worker import arguments
-    from harness.launch import Topology
+    from harness.runtime.launch import Topology
 
     cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir=str(tmp_path), dataset="d", lr=3e-4,
                     warmup_steps=10, seed=7, max_tokens_per_gpu=8192, max_seq_len=2048)
@@ -372,11 +373,11 @@ def test_trl_on_gpu_is_accelerate_launch_with_an_fsdp2_config(tmp_path):
     import yaml
 
     from harness.backends import trl as trl_backend
-    from harness.launch import Topology, launcher_name
+    from harness.runtime.launch import Topology, launcher_name
 
     cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir=str(tmp_path), dataset="d")
     prepare, launch = trl_backend.commands(cfg, Topology(8, 2, 1, "node0:29500"), job_index=2)
-    assert prepare[-3:] == ["harness.stack_checkpoint", "--job", str(tmp_path / "job.json")]
+    assert prepare[-3:] == ["harness.backends.stack_checkpoint", "--job", str(tmp_path / "job.json")]
     assert launcher_name(launch) == "accelerate launch"
     flags = dict(zip(launch[3::2], launch[4::2]))
     assert (flags["--num_processes"], flags["--num_machines"], flags["--machine_rank"]) == ("16", "2", "1")
@@ -392,10 +393,10 @@ def test_trl_crashing_in_its_constructor_still_records_the_class_it_built(tmp_pa
     SFTTrainer's constructor raise (assistant-only loss), after TRL built the model; the report
     still names the class, its towers and the error."""
     pytest.importorskip("trl")
-    from harness import stack_checkpoint
+    from harness.backends import stack_checkpoint
     from harness.backends import trl_worker
-    from harness.job import read_worker_report
-    from harness.loading import load_model, tokenizer_for
+    from harness.contract.records import read_worker_report
+    from harness.models.loading import load_model, tokenizer_for
 
     spec = registry.lookup("Llama-3.2-1B-Instruct")
     folder = tmp_path / "input"

@@ -1,4 +1,4 @@
-"""harness.cache.build_once: one writer, verified before it is marked complete, a broken entry rebuilt.
+"""harness.runtime.cache.build_once: one writer, verified before it is marked complete, a broken entry rebuilt.
 
 The last test is the bug of issue [P] in miniature: rank 1 of an initialised gloo group builds a tiny
 checkpoint, transformers' save_pretrained writes nothing there, and the build must fail its check
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import cache
-from harness.cache import MARKER, CacheError, build_once
+from harness.runtime import cache
+from harness.runtime.cache import MARKER, CacheError, build_once
 
 WHAT = "test entry"
 
@@ -155,7 +155,9 @@ def gloo_rank(rank: int, port: int, cache_root: str, outcome_file: str) -> None:
     os.environ["SFT_HARNESS_CACHE"] = cache_root
     import torch.distributed as dist
 
-    from harness import registry, weights
+    from harness.gate import registry
+
+    from harness.models import weights
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -186,7 +188,7 @@ def test_rank_1_of_an_initialised_group_gets_a_clear_error_not_an_empty_checkpoi
 
 
 def test_late_cache_holds_back_only_the_rank_and_model_it_names(monkeypatch):
-    from harness import faults
+    from harness.testing import faults
 
     slept = []
     monkeypatch.setattr(faults.time, "sleep", slept.append)

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from harness import loading, plan, registry
-from harness.job import RunConfig, WorkerReport, read_worker_report
+from harness.models import loading
+
+from harness.models import plan
+
+from harness.gate import registry
+from harness.contract.records import RunConfig, WorkerReport, read_worker_report
 
 H200_BYTES = 143771 * 2**20
 
@@ -47,8 +51,9 @@ def test_an_80_gib_card_checkpoints_the_4b_and_warns_that_3n_needs_two():
 
 
 def test_the_memory_cap_reaches_the_run_settings_and_is_nothing_on_cpu():
-    from harness import cli, distributed
-    from harness.settings import cli_overrides
+    from harness.gate import cli
+    from harness.job import distributed
+    from harness.gate.settings import cli_overrides
 
     args = cli.build_parser().parse_args(["--models", "x", "--gpu-memory-gib", "80"])
     assert cli_overrides(args)["gpu_memory_gib"] == 80.0
@@ -63,7 +68,7 @@ def test_the_cap_limits_allocations_on_a_gpu():
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from harness import distributed
+    from harness.job import distributed
 
     device = torch.device("cuda", 0)
     assert distributed.cap_gpu_memory(device, 1.0) == 2**30
@@ -85,7 +90,7 @@ def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
     (None, False, None, False),
 ])
 def test_out_of_memory_retry_only_after_an_auto_off_choice(tmp_path, asked, chosen, error, retry):
-    from harness.sweep import out_of_memory_without_checkpointing
+    from harness.gate.sweep import out_of_memory_without_checkpointing
 
     cfg = RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
                     output_dir=str(tmp_path), dataset="unused.jsonl", activation_checkpointing=asked)
@@ -95,7 +100,7 @@ def test_out_of_memory_retry_only_after_an_auto_off_choice(tmp_path, asked, chos
 
 def test_out_of_memory_of_another_rank_is_read_from_its_report(tmp_path):
     """Rank 1 ran out first: torchrun ended rank 0 before it wrote worker.json; rank 1 left its own."""
-    from harness.sweep import out_of_memory_without_checkpointing
+    from harness.gate.sweep import out_of_memory_without_checkpointing
 
     cfg = RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
                     output_dir=str(tmp_path), dataset="unused.jsonl")

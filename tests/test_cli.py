@@ -4,7 +4,7 @@ import signal
 import subprocess
 import sys
 
-from harness.paths import REPO_ROOT
+from harness.runtime.paths import REPO_ROOT
 
 
 def run_cli(*args, cwd=REPO_ROOT):
@@ -57,7 +57,8 @@ def test_local_folder_with_only_a_config(tmp_path):
 
 
 def test_expected_path_mismatch_is_fail(tmp_path, monkeypatch):
-    from harness import cli, registry
+    from harness.gate import cli
+    from harness.gate import registry
 
     spec = registry.lookup("gemma-3-4b-it")
     wrong = type(spec)(**{**spec.to_dict(), "expected_load_path": "causal_lm"})
@@ -84,9 +85,10 @@ def test_no_models_is_usage_error():
 def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp_path, monkeypatch, capsys):
     """The sweep is stubbed at its seam (run_sweep): the first model's job was interrupted, so the
     second never started. Every model asked for is listed; exit 130."""
-    from harness import cli, sweep
-    from harness.stop_signals import Interrupted
-    from harness.verdict import INTERRUPTED
+    from harness.gate import cli
+    from harness.gate import sweep
+    from harness.runtime.stop_signals import Interrupted
+    from harness.gate.verdict import INTERRUPTED
 
     def interrupted_sweep(planned, context, finished):
         result = cli.planned_result(planned[0])

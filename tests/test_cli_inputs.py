@@ -12,8 +12,10 @@ import time
 
 import pytest
 
-from harness import cli, validate
-from harness.paths import REPO_ROOT
+from harness.gate import cli
+
+from harness.gate import validate
+from harness.runtime.paths import REPO_ROOT
 
 LLAMA = "Llama-3.2-1B-Instruct"
 TINY = ["--weights", "tiny", "--device", "cpu", "--wandb-mode", "disabled"]
@@ -198,7 +200,7 @@ def test_a_local_folder_has_no_tiny_variant(capsys, tmp_path, out):
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
-    from harness.dataset_file import load_chat_dataset, read_chat_lines
+    from harness.contract.dataset_file import load_chat_dataset, read_chat_lines
 
     plain = write_jsonl(tmp_path / "plain.jsonl", [GOOD_LINE, ASSISTANT_FIRST])
     with_bom = write_jsonl(tmp_path / "bom.jsonl", [GOOD_LINE, ASSISTANT_FIRST], prefix=b"\xef\xbb\xbf")
@@ -207,7 +209,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
 
 
 def test_a_run_folder_in_use_refuses_a_second_run(capsys, tmp_path):
-    from harness.run_lock import run_folder_locked
+    from harness.gate.run_lock import run_folder_locked
 
     with run_folder_locked(tmp_path / "r"):
         line = usage_error(capsys, ["--models", LLAMA, "--dry-run", "--output-dir", str(tmp_path), "--run-id", "r"])
@@ -216,7 +218,7 @@ def test_a_run_folder_in_use_refuses_a_second_run(capsys, tmp_path):
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.run_lock import run_folder_locked\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.gate.run_lock import run_folder_locked\n"
                                f"with run_folder_locked({str(tmp_path / 'r')!r}):\n    print('held', flush=True); time.sleep(60)"],
                               cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -231,7 +233,7 @@ def test_result_files_take_the_mode_the_umask_gives(tmp_path):
     import os
     import stat
 
-    from harness.report import write_json_atomic
+    from harness.contract.files import write_json_atomic
 
     previous = os.umask(0o022)
     try:

@@ -10,7 +10,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness import cli, compiling, loss, registry, weights
+from harness.gate import cli
+
+from harness.job import compiling
+
+from harness.job import loss
+
+from harness.gate import registry
+
+from harness.models import weights
 
 
 @pytest.fixture
@@ -71,7 +79,7 @@ def test_the_bare_flag_is_pointwise_and_a_scope_can_be_named():
 @pytest.mark.parametrize("stored, given", [(False, None), (True, "pointwise"), ("layers", "layers"), (None, None)])
 def test_a_run_recorded_with_the_old_flag_resumes_with_its_scope(stored, given):
     """run.json of runs from before the scopes holds `compile: true/false` (--resume adopts it)."""
-    from harness.settings import cli_overrides
+    from harness.gate.settings import cli_overrides
 
     args = cli.build_parser().parse_args(["--models", "x"])
     args.compile = stored
@@ -110,7 +118,7 @@ def test_layers_under_checkpointing_compute_what_eager_checkpointing_does(tiny_l
         got_loss, got_grads = _loss_and_grads(compiled, ids)
     assert graphs, "nothing was compiled"
     # a break inside the checkpoint sends the layer back to eager (transformers 5.25's kernels context
-    # variable did: harness.compiling.tracing_checkpoint_side_effects)
+    # variable did: harness.job.compiling.tracing_checkpoint_side_effects)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     # equal values alone would not show it: the layers ran checkpointed, inside the compiled graph
     assert all("tag_activation_checkpoint" in graph for graph in graphs)
@@ -185,11 +193,11 @@ def test_steps_under_compile_feed_rows_of_one_length_with_the_same_loss_and_grad
     import copy
     import types
 
-    from harness import data as data_lib
-    from harness import loading
-    from harness.data import TokenizedSample
-    from harness.distributed import DistContext
-    from harness.train import TrainableLM, train_step
+    from harness.job import data as data_lib
+    from harness.models import loading
+    from harness.job.data import TokenizedSample
+    from harness.job.distributed import DistContext
+    from harness.job.train import TrainableLM, train_step
 
     lm = tiny_llama if name == "llama" else loading.load_model(registry.lookup(name), "tiny").model
     torch.manual_seed(0)

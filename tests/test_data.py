@@ -8,11 +8,13 @@ from collections import Counter
 import pytest
 import torch
 
-from harness import attention, data
-from harness.data import IGNORE_INDEX, DatasetError, TokenizedSample
-from harness.loss import chunked_cross_entropy_sum
-from harness.paths import DATASETS_DIR, DEFAULT_DATASET, REPO_ROOT
-from harness.tokenizers import END_OF_TURN_MARKERS, tiny_tokenizer
+from harness.job import attention
+
+from harness.job import data
+from harness.job.data import IGNORE_INDEX, DatasetError, TokenizedSample
+from harness.job.loss import chunked_cross_entropy_sum
+from harness.runtime.paths import DATASETS_DIR, DEFAULT_DATASET, REPO_ROOT
+from harness.models.tokenizers import END_OF_TURN_MARKERS, tiny_tokenizer
 from gate_helpers import run_dist_script
 
 
@@ -106,7 +108,7 @@ def test_good_file_loads(tmp_path):
 @pytest.fixture(scope="module")
 def gemma():
     pytest.importorskip("gguf")
-    from harness.tokenizers import gemma_tokenizer
+    from harness.models.tokenizers import gemma_tokenizer
 
     return gemma_tokenizer()
 
@@ -203,7 +205,7 @@ def test_cached_tokens_round_trip_and_a_cache_hit_needs_no_datasets(conversation
     fresh = [data.tokenize_with_labels(messages, tokenizer) for messages in conversations[:40]]
     assert [s.input_ids for s in cached.samples] == [ids for ids, _ in fresh]
     assert [s.shift_labels for s in cached.samples] == [data.shift(labels) for _, labels in fresh]
-    probe = ("import sys, json; from harness import data; from harness.tokenizers import tiny_tokenizer; "
+    probe = ("import sys, json; from harness.job import data; from harness.models.tokenizers import tiny_tokenizer; "
              f"rows = json.load(open({str(tmp_path / 'rows.json')!r})); "
              f"d = data.tokenize_conversations(rows, tiny_tokenizer('chatml'), 100000, {str(tmp_path)!r}); "
              "print(d.n_samples, 'datasets' in sys.modules, 'pandas' in sys.modules)")

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from harness.environment import REDACTED, environment_lock, git_state, is_secret_name, redact_secrets, REPO_ROOT
+from harness.gate.environment import REDACTED, environment_lock, git_state, is_secret_name, redact_secrets, REPO_ROOT
 
 HF_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz"
 WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"

@@ -7,8 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import loading, registry, weights
-from harness.checkpoints import CheckpointKeyError
+from harness.models import loading
+
+from harness.gate import registry
+
+from harness.models import weights
+from harness.models.checkpoints import CheckpointKeyError
 
 TOL = 1e-4
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.paths import DEFAULT_DATASET
+from harness.runtime.paths import DEFAULT_DATASET
 
 from gate_helpers import (FAKE_HF_TOKEN, FAKE_WANDB_KEY, TINY_ARGS, cli_env, failure_context, files_under,
                           interrupt_cli_when, leftover_processes, read_json, run_cli)
@@ -309,7 +309,8 @@ def test_compare_regressions_fail_the_gate(compare_dirs):
 
 def test_compare_with_no_regressions_fail_records_only(compare_dirs, monkeypatch):
     """In process (the same CLI path, no training: every model is finished) to see result["regressions"]."""
-    from harness import cli, sweep
+    from harness.gate import cli
+    from harness.gate import sweep
 
     current, baseline = compare_dirs
     seen = []
@@ -338,7 +339,7 @@ def test_compare_with_no_regressions_fail_keeps_them_in_the_run_folder(compare_d
 
 
 def _result(**kw):
-    from harness.job import ModelResult
+    from harness.contract.records import ModelResult
 
     base = {"model": "m", "verdict": "PASS", "load_path": "causal_lm", "steps": 100, "stop_reason": "target_reached",
             "tokens_per_s_per_gpu": 1000.0, "reasons": []}
@@ -347,7 +348,7 @@ def _result(**kw):
 
 @pytest.mark.parametrize("steps,regressed", [(100, False), (125, False), (126, True), (200, True), (50, False)])
 def test_regressions_steps_to_target_allow_25_percent(steps, regressed):
-    from harness.verdict import regressions
+    from harness.gate.verdict import regressions
 
     found = regressions(_result(steps=steps), _result())
     assert any("steps to the loss target" in r for r in found) is regressed
@@ -356,7 +357,7 @@ def test_regressions_steps_to_target_allow_25_percent(steps, regressed):
 
 @pytest.mark.parametrize("tps,regressed", [(1000.0, False), (900.0, False), (899.0, True), (500.0, True), (2000.0, False)])
 def test_regressions_tokens_per_s_allow_10_percent(tps, regressed):
-    from harness.verdict import regressions
+    from harness.gate.verdict import regressions
 
     found = regressions(_result(tokens_per_s_per_gpu=tps), _result())
     assert any("tokens/s per GPU" in r for r in found) is regressed
@@ -364,7 +365,7 @@ def test_regressions_tokens_per_s_allow_10_percent(tps, regressed):
 
 
 def test_regressions_steps_only_count_when_both_reached_the_target():
-    from harness.verdict import regressions
+    from harness.gate.verdict import regressions
 
     assert regressions(_result(steps=300, stop_reason="step_budget"), _result()) == []
     assert regressions(_result(steps=300), _result(steps=10, stop_reason="step_budget")) == []
@@ -372,7 +373,7 @@ def test_regressions_steps_only_count_when_both_reached_the_target():
 
 
 def test_regressions_load_path_and_verdict_change():
-    from harness.verdict import regressions
+    from harness.gate.verdict import regressions
 
     found = regressions(_result(load_path="direct_vlm_load"), _result(load_path="extract_causal_lm"))
     assert found == ["regression: load path changed from extract_causal_lm to direct_vlm_load"]
@@ -381,14 +382,14 @@ def test_regressions_load_path_and_verdict_change():
 
 
 def test_a_fixed_model_is_not_a_regression():
-    from harness.verdict import regressions
+    from harness.gate.verdict import regressions
 
     assert regressions(_result(), _result(verdict="FAIL", stop_reason="step_budget")) == []
 
 
 def test_apply_baseline_fails_or_records(tmp_path):
-    from harness.cli import baseline_results
-    from harness.sweep import apply_baseline
+    from harness.gate.cli import baseline_results
+    from harness.gate.sweep import apply_baseline
 
     for model, result in {"a": _result(model="a", steps=20), "b": _result(model="b")}.items():
         result.to_json(tmp_path / model / "result.json")
@@ -408,7 +409,7 @@ def test_apply_baseline_fails_or_records(tmp_path):
 def test_fault_spec_parsing_and_targeting(monkeypatch):
     import torch
 
-    from harness import faults
+    from harness.testing import faults
 
     monkeypatch.delenv(faults.ENV_VAR, raising=False)
     assert faults.fault_from_env() == ()

@@ -1,4 +1,4 @@
-"""The generation check (harness/generation.py): after training, greedy decoding with the KV cache
+"""The generation check (harness/job/generation.py): after training, greedy decoding with the KV cache
 from training prompts must reproduce the replies, and it must catch what a teacher-forced loss
 cannot (a model that never ends its turn, a generation prompt rendered with another template).
 
@@ -17,13 +17,17 @@ import types
 import pytest
 import torch
 
-from harness import data as data_lib
-from harness import generation, loading, mutations, preflight, registry
-from harness.distributed import DistContext
-from harness.loss import softcap
-from harness.paths import DEFAULT_DATASET
-from harness.train import TrainableLM, train_step
-from harness.verdict import GENERATION_MIN_EXACT, generation_reasons
+from harness.job import data as data_lib
+from harness.job import generation
+from harness.models import loading
+from harness.testing import mutations
+from harness.job import preflight
+from harness.gate import registry
+from harness.job.distributed import DistContext
+from harness.job.loss import softcap
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.job.train import TrainableLM, train_step
+from harness.gate.verdict import GENERATION_MIN_EXACT, generation_reasons
 from gate_helpers import run_dist_script
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -78,7 +82,7 @@ def test_every_generation_prompt_is_the_training_text_up_to_the_reply(conversati
     """What training labels starts where the generation prompt ends. Mistral's template writes
     " reply": where the reply's first word has no space-merged token (" 1751" -> " ", "175", "1"),
     the lone space must be labelled too, or the model never learns the first token it must emit."""
-    from harness.tokenizers import tiny_tokenizer
+    from harness.models.tokenizers import tiny_tokenizer
 
     tokenizer = tiny_tokenizer(family)
     for conversation in conversations[:300]:
@@ -140,7 +144,7 @@ def test_another_template_at_generation_is_caught(trained, monkeypatch):
     model, tokenizer, chosen, dataset, _ = trained
     monkeypatch.setenv(mutations.ENV_VAR, "generation_template_differs")
     try:
-        assert mutations.install(TRAIN_MODEL, sys.modules["harness.train"]) == ("generation_template_differs",)
+        assert mutations.install(TRAIN_MODEL, sys.modules["harness.job.train"]) == ("generation_template_differs",)
         check = check_of(model, tokenizer, chosen, dataset)
     finally:
         mutations.uninstall()
@@ -155,7 +159,7 @@ def test_a_model_trained_without_end_of_turn_runs_on_and_is_caught(conversations
     scored), but the model never learnt to end its reply."""
     monkeypatch.setenv(mutations.ENV_VAR, "eot_not_labelled")
     try:
-        mutations.install(TRAIN_MODEL, sys.modules["harness.train"])
+        mutations.install(TRAIN_MODEL, sys.modules["harness.job.train"])
         model, tokenizer, chosen, dataset, loss = train_tiny(conversations)
     finally:
         mutations.uninstall()
@@ -196,9 +200,9 @@ def test_decoding_with_the_cache_gives_the_training_forward_logits(conversations
 
 
 def test_a_model_set_to_the_varlen_kernel_decodes_with_sdpa_and_keeps_its_setting(conversations):
-    """harness.attention's varlen path takes packed rows, not one query against a KV cache (a raw
+    """harness.job.attention's varlen path takes packed rows, not one query against a KV cache (a raw
     generate breaks on it: a single prompt has no padding mask, so no sdpa fallback)."""
-    from harness import attention
+    from harness.job import attention
 
     spec = registry.lookup("Llama-3.2-1B-Instruct")
     model = TrainableLM(loading.load_model(spec, "tiny").model).eval()
@@ -228,7 +232,7 @@ def test_ids_a_model_cannot_read_back_are_never_decoded():
     model = TrainableLM(lm).eval()
     replies = generation.greedy_replies(model, [[1, 5, 7]], [], 4, 0, "cpu", synced=False)
     assert len(replies[0]) == 4 and all(token < 48 for token in replies[0]), replies
-    from harness.weights import tiny_config
+    from harness.models.weights import tiny_config
 
     assert generation.unreadable_token_ids(tiny_config(registry.lookup("gemma-3-4b-it"))) == []  # every id readable
 

@@ -1,4 +1,4 @@
-"""The test-only bugs (harness.mutations) and faults (harness.faults) are wrappers installed once at
+"""The test-only bugs (harness.testing.mutations) and faults (harness.testing.faults) are wrappers installed once at
 the job's start: the environment is parsed once, nothing is wrapped when it is unset, and what was
 installed does not change when the environment does."""
 from __future__ import annotations
@@ -10,9 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from harness import data, distributed, faults, loading, mutations
-from harness.data import IGNORE_INDEX, TokenizedSample
-from harness.loss import GlobalMean
+from harness.job import data
+
+from harness.job import distributed
+
+from harness.testing import faults
+
+from harness.models import loading
+
+from harness.testing import mutations
+from harness.job.data import IGNORE_INDEX, TokenizedSample
+from harness.job.loss import GlobalMean
 
 SEAMS = [(data, "tokenize_with_labels"), (data, "_reply_span"), (data, "_collate_packed"), (data, "dataset_fingerprint"),
          (loading, "load_model"), (distributed, "shard_model")]
@@ -58,7 +66,7 @@ def test_unset_variables_wrap_nothing(trainer):
 def test_a_mutation_for_another_model_wraps_nothing(trainer, monkeypatch):
     monkeypatch.setenv(mutations.ENV_VAR, "same_batch_every_step/other,labels_not_masked/other")
     assert mutations.install("gemma-3-270m", trainer) == ()
-    assert trainer.plan_epoch is plan_epoch and data.tokenize_with_labels.__module__ == "harness.data"
+    assert trainer.plan_epoch is plan_epoch and data.tokenize_with_labels.__module__ == "harness.job.data"
 
 
 def test_the_variable_is_parsed_once_and_later_changes_do_nothing(trainer, monkeypatch):

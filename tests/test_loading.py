@@ -8,7 +8,12 @@ import json
 import pytest
 import torch
 
-from harness import loading, registry, weights
+from harness.models import loading
+
+from harness.contract.errors import UsageError
+from harness.gate import registry
+
+from harness.models import weights
 from gate_helpers import run_dist_script
 
 SPECS = {spec.name: spec for spec in registry.all_specs()}
@@ -91,7 +96,7 @@ def test_synthetic_full_size_text_model_on_meta_matches_public_size(name, public
 def test_materialize_recomputes_buffers_and_keeps_ties(name):
     """A meta model materialised on CPU matches one built directly: same buffers (RoPE inv_freq,
     embed_scale: to_empty leaves them garbage), finite weights, embeddings still tied."""
-    from harness.plan import model_class, resolve_load_path
+    from harness.models.plan import model_class, resolve_load_path
 
     config = weights.tiny_config(SPECS[name])
     decision = resolve_load_path(config)
@@ -126,7 +131,7 @@ def test_tiny_model_vocab_is_the_tiny_tokenizers():
 
 
 def test_bad_weights_mode_is_a_usage_error():
-    with pytest.raises(registry.UsageError, match="not one of"):
+    with pytest.raises(UsageError, match="not one of"):
         loading.load_model(SPECS["gemma-3-270m"], "random")
 
 
@@ -189,7 +194,7 @@ def test_materialize_after_fsdp2_sharding_single_process(single_process_group):
     """The trainer shards the meta model first, then materialises: params are DTensors then."""
     from torch.distributed.fsdp import fully_shard
 
-    from harness.plan import model_class, resolve_load_path
+    from harness.models.plan import model_class, resolve_load_path
 
     config = weights.tiny_config(SPECS["gemma-3-4b-it"])
     text_config = loading.extraction_text_config(config)
@@ -209,7 +214,7 @@ def test_a_tensor_rank_0_did_not_read_is_refused_before_any_broadcast(single_pro
     """Broadcasts pair tensors by position: a tensor of the built model that rank 0 has no value for
     must raise (on every rank; the 3-rank test covers a rank that built differently), naming it,
     instead of mixing tensors up or hanging."""
-    from harness import distributed as dist_lib
+    from harness.job import distributed as dist_lib
 
     ctx = dist_lib.DistContext(0, 1, 0, torch.device("cpu"))
     built = [("lm.embed.weight", torch.zeros(8, 4)), ("lm.norm.weight", torch.zeros(4))]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.loss import IGNORE_INDEX, chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
+from harness.job.loss import IGNORE_INDEX, chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
 
 VOCAB, HIDDEN = 97, 16
 
@@ -86,7 +86,7 @@ def test_global_mean_normalisation():
 @pytest.mark.parametrize("cap", [None, 5.0])
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 2048])
 def test_chunked_entropy_is_the_entropy_of_the_softmax_at_labelled_tokens(cap, chunk_tokens):
-    from harness.loss import chunked_token_entropy
+    from harness.job.loss import chunked_token_entropy
 
     hidden, weight, labels = make_inputs()
     labels[1, ::2] = IGNORE_INDEX

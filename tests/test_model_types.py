@@ -3,10 +3,10 @@
 For each config type in the image-text-to-text mapping, the multimodal-LM mapping (5.x) and the
 causal-LM mapping's multimodal entries: a tiny config built generically (tests/tiny_configs.py), a
 tiny random checkpoint of the class users download (the VLM, towers included), the harness's loader
-along the resolved path (harness/loading.py load_checkpoint: extraction, key conversion, direct load)
+along the resolved path (harness/models/loading.py load_checkpoint: extraction, key conversion, direct load)
 and one text-only forward + backward through the trainer's own wrapper (train.TrainableLM), in
 train mode. A type the harness cannot train on text-only input ids must be refused up front
-(plan.resolve_load_path -> harness/model_support.py) with a reason naming why. Nothing is skipped
+(plan.resolve_load_path -> harness/models/model_support.py) with a reason naming why. Nothing is skipped
 silently: a type with no tiny model here is in KNOWN_LIMITS with the reason, and an entry that
 starts working fails the test so the table stays true. The last test prints the counts.
 """
@@ -23,11 +23,13 @@ import transformers
 from transformers import CONFIG_MAPPING
 
 import tiny_configs
-from harness import loading, model_support
-from harness.plan import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM, UnsupportedModelError, is_text_only_causal_lm
-from harness.plan import resolve_load_path
-from harness.train import TrainableLM
-from harness.weights import write_text_with_stub_towers
+from harness.models import loading
+from harness.models import model_support
+from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM
+from harness.models.plan import UnsupportedModelError, is_text_only_causal_lm
+from harness.models.plan import resolve_load_path
+from harness.job.train import TrainableLM
+from harness.models.weights import write_text_with_stub_towers
 
 TYPES = sorted(set(IMAGE_TEXT_TO_TEXT) | set(MULTIMODAL_LM)
                | {t for t, c in CAUSAL_LM.items() if not is_text_only_causal_lm(c)})
@@ -170,7 +172,7 @@ def trained_or_refused(model_type: str, tmp_path: Path) -> None:
 
 def check_really_needs_non_text_inputs(config, folder: Path) -> None:
     """An observed-failure refusal (model_support.NEEDS_NON_TEXT_INPUTS) must still fail text-only."""
-    from harness.plan import decide_load_path
+    from harness.models.plan import decide_load_path
 
     decision = decide_load_path(config)
     model = getattr(transformers, decision.model_class)(config)
@@ -213,7 +215,7 @@ def test_zz_counts_trained_and_refused(capsys):
 def test_cli_refuses_an_unsupported_type_up_front(model_type, tmp_path, capsys):
     """--dry-run on a local folder holding only the config: exit 2 and one line naming the reason,
     before anything is loaded or launched."""
-    from harness import cli
+    from harness.gate import cli
 
     folder = tmp_path / model_type
     tiny_config(model_type).save_pretrained(folder)

@@ -1,7 +1,7 @@
 """Mutation tests: deliberately injected training bugs must each turn the verdict to FAIL, with a
 reason that names the bug; and no false alarms (healthy seeds PASS, an unfittable dataset FAILs).
 
-The bugs live behind SFT_HARNESS_MUTATION=NAME/MODEL (harness/mutations.py), so they reach the
+The bugs live behind SFT_HARNESS_MUTATION=NAME/MODEL (harness/testing/mutations.py), so they reach the
 torchrun ranks. One CLI sweep carries one bug per model: two sweeps cover the catalogue, one on
 2 ranks (the distributed bugs, and those a complete epoch or the end of warm-up must reveal: 4 steps,
 1 warm-up step), one on 1 rank for the bugs the load or the preflight catches before step 1 is over
@@ -18,8 +18,8 @@ import time
 import pytest
 
 from gate_helpers import cli_command, cli_env, failure_context, read_json
-from harness import mutations
-from harness.paths import REPO_ROOT
+from harness.testing import mutations
+from harness.runtime.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -3,8 +3,9 @@ import pytest
 import transformers
 from transformers import CONFIG_MAPPING
 
-from harness import registry
-from harness.plan import (
+from harness.models.configs import load_config
+from harness.gate import registry
+from harness.models.plan import (
     CAUSAL_LM,
     IMAGE_TEXT_TO_TEXT,
     MULTIMODAL_LM,
@@ -13,7 +14,7 @@ from harness.plan import (
     is_text_only_causal_lm,
     resolve_load_path,
 )
-from harness.registry import LOAD_PATHS
+from harness.contract.model_spec import LOAD_PATHS
 
 
 def multimodal_model_types() -> list[str]:
@@ -113,6 +114,6 @@ def test_unknown_model_type_is_a_clear_error():
 
 @pytest.mark.parametrize("spec", registry.all_specs(), ids=lambda s: s.name)
 def test_registry_model_resolves_to_its_expected_path(spec):
-    decision = resolve_load_path(registry.load_config(spec))
+    decision = resolve_load_path(load_config(spec))
     assert isinstance(decision, LoadPathDecision)
     assert decision.load_path == spec.expected_load_path

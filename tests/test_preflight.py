@@ -1,6 +1,6 @@
 """Verdict rules fed by the preflight and the new worker.json records (pure, fast)."""
 
-from harness.verdict import VerdictInput, judge
+from harness.gate.verdict import VerdictInput, judge
 
 from verdict_inputs import LN_1024, healthy
 

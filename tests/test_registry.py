@@ -2,8 +2,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import registry
-from harness.registry import UsageError
+from harness.models.configs import load_config
+from harness.gate import registry
+from harness.contract.errors import UsageError
+from harness.contract.model_spec import LOAD_PATHS
 
 REQUIRED = {
     "gemma-3-4b-it", "gemma-3n-E4B-it", "gemma-3-270m", "Ministral-3-3B-Instruct-2512",
@@ -16,7 +18,7 @@ def test_registry_holds_the_required_models_with_shipped_configs():
     assert REQUIRED <= set(specs)
     for spec in specs.values():
         assert spec.hf_id and "/" in spec.hf_id
-        assert spec.expected_load_path in registry.LOAD_PATHS
+        assert spec.expected_load_path in LOAD_PATHS
         assert 0 < spec.loss_threshold < 1
         assert spec.architecture_file, f"{spec.name} has no shipped architecture config"
 
@@ -25,7 +27,7 @@ def test_local_folder_with_config(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     spec = registry.lookup(str(tmp_path))
     assert spec.source == "local" and spec.expected_load_path is None
-    assert registry.load_config(spec).model_type == "llama"
+    assert load_config(spec).model_type == "llama"
 
 
 def test_local_folder_without_config_is_usage_error(tmp_path):
@@ -53,12 +55,12 @@ def test_bad_yaml_key_is_reported(tmp_path, monkeypatch):
 def test_unknown_model_type_in_config_is_usage_error(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "foo_bar_lm"}')
     with pytest.raises(UsageError, match="foo_bar_lm"):
-        registry.load_config(registry.lookup(str(tmp_path)))
+        load_config(registry.lookup(str(tmp_path)))
 
 
 def run_config(models: str, *extra: str, weights: str = "synthetic"):
-    from harness.cli import build_parser
-    from harness.settings import run_config_for, settings_from_args
+    from harness.gate.cli import build_parser
+    from harness.gate.settings import run_config_for, settings_from_args
 
     args = build_parser().parse_args(["--models", models, "--weights", weights, "--device", "cpu", "--nproc-per-node", "1", *extra])
     return run_config_for(registry.lookup(models), settings_from_args(args), Path("unused"))
@@ -105,7 +107,7 @@ def test_a_bad_train_key_exits_2_with_its_name(tmp_path):
     import subprocess
     import sys
 
-    from harness.paths import REPO_ROOT
+    from harness.runtime.paths import REPO_ROOT
 
     checkout = tmp_path / "checkout"
     shutil.copytree(REPO_ROOT / "configs", checkout / "configs")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import report
-from harness.job import ModelResult
-from harness.report import (JUNIT_FILE, LOSS_PLOT_FILE, SUMMARY_MD_FILE, loss_curves, write_bytes_atomic,
-                            write_json_atomic, write_run_reports, write_text_atomic)
+from harness.gate import report
+from harness.contract.records import ModelResult
+from harness.contract.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from harness.gate.report import JUNIT_FILE, LOSS_PLOT_FILE, SUMMARY_MD_FILE, loss_curves, write_run_reports
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 FAIL_REASONS = ["final loss 0.9000 (mean of the last 5 steps) is not below the threshold 0.05",
@@ -162,7 +162,7 @@ def test_loss_curves_series_and_thresholds(sweep):
 
 
 def test_result_folder_matches_the_registry_rule():
-    from harness.registry import ModelSpec
+    from harness.contract.model_spec import ModelSpec
 
     for name in ("gemma-3-4b-it", "org/model name", "a//b", "--x--"):
         assert ModelResult(model=name, verdict="PASS").folder == ModelSpec(name=name, source="hub").folder_name
@@ -218,9 +218,9 @@ def test_summary_markdown_and_result_json_show_the_generation_check(tmp_path):
 
 
 def test_the_time_around_a_job_comes_from_its_launch_and_rank0s_start():
-    from harness.job import Timings
-    from harness.launch import JobOutcome
-    from harness.sweep import time_around_job
+    from harness.contract.records import Timings
+    from harness.runtime.launch import JobOutcome
+    from harness.gate.sweep import time_around_job
 
     outcome = JobOutcome(returncode=0, timed_out=False, interrupted=False, duration_s=30.0, log_path=Path("x"), started_at=100.0)
     assert time_around_job(outcome, Timings(total=20.0, started_at=106.0)) == {"startup": 6.0, "teardown": 4.0}

@@ -7,7 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-from harness.paths import REPO_ROOT
+from harness.runtime.paths import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "configs" / "slurm" / "validate_multinode.sbatch"
 ONE_NODE_SCRIPT = REPO_ROOT / "configs" / "slurm" / "validate_8gpu.sbatch"

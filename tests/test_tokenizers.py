@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from harness import tokenizers as tk
-from harness.tokenizers import FAMILY_SPECIAL_TOKENS, TokenizerSetupError
+from harness.models import tokenizers as tk
+from harness.models.tokenizers import FAMILY_SPECIAL_TOKENS, TokenizerSetupError
 
 FAMILIES = sorted(FAMILY_SPECIAL_TOKENS)
 CONVERSATION = [
@@ -60,7 +60,7 @@ def test_gemma_template_is_the_harness_s_over_an_older_cached_one(gemma):
 
 
 def test_gemma_is_cached_with_a_marker(gemma):
-    from harness.paths import cache_dir
+    from harness.runtime.paths import cache_dir
 
     assert (cache_dir() / "tokenizers" / "gemma3" / "harness_recipe.json").exists()
 

@@ -10,9 +10,9 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from harness import tracking  # noqa: E402
-from harness.job import LoadRecord, ModelResult  # noqa: E402
-from harness.tracking import WandbTracker, track_sweep  # noqa: E402
+from harness.gate import tracking  # noqa: E402
+from harness.contract.records import LoadRecord, ModelResult  # noqa: E402
+from harness.gate.tracking import WandbTracker, track_sweep  # noqa: E402
 
 REAL_SERVER_REACHABLE = tracking.server_reachable  # the fixture below replaces it in every test
 HF_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.paths import REPO_ROOT
+from harness.runtime.paths import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,7 @@ def converged(tmp_path_factory):
 def test_a_fresh_cache_built_by_the_losing_rank_is_complete(converged):
     """Issue [P]: every tiny checkpoint of the run holds config.json and safetensors, passes the
     cache's check, and was built by rank 1 (late_cache took)."""
-    from harness import cache
+    from harness.runtime import cache
 
     proc, run_dir = converged
     assert proc.returncode == 0, failure_context(proc)
@@ -225,7 +225,9 @@ def step_samples(plan) -> list[list[int]]:
 
 def assert_same_samples_per_step(name: str, config: dict, steps: list[dict]) -> None:
     """Rebuild both runs' plans from the trainer's own inputs: same samples in each step."""
-    from harness import data, loading, registry
+    from harness.job import data
+    from harness.models import loading
+    from harness.gate import registry
 
     spec = registry.lookup(name)
     conversations = data.load_chat_dataset(Path(config["dataset"]))[: config["max_samples"]]

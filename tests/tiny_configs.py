@@ -1,6 +1,6 @@
 """Tiny configs for any transformers model type, built generically (no per-model table).
 
-The registry's tiny variants (harness/weights.py tiny_config_dict) take hand-written overrides per
+The registry's tiny variants (harness/models/weights.py tiny_config_dict) take hand-written overrides per
 model. To cover every model type of the installed transformers, tests/test_model_types.py starts
 from each config class's defaults instead and shrinks every size-like field by its name: widths to
 HIDDEN, MLP widths to INTERMEDIATE, heads to HEADS / KV_HEADS of HEAD_DIM, depths to LAYERS (lists
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 
-from harness.weights import deep_merge
+from harness.models.weights import deep_merge
 
 HIDDEN = 256
 INTERMEDIATE = 512

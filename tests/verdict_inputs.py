@@ -1,8 +1,8 @@
 """A healthy run's verdict input, for the verdict tests to break one condition at a time."""
 import math
 
-from harness.job import GenerationCheck
-from harness.verdict import VerdictInput
+from harness.contract.records import GenerationCheck
+from harness.gate.verdict import VerdictInput
 
 LN_1024 = math.log(1024)
 

@@ -6,7 +6,7 @@
     collect(cfg, outcome)            what the stack wrote -> the job's WorkerReport and metrics.jsonl
 
 The verdict stays the harness's: for a stack other than native the harness evaluates the checkpoint
-the stack saved itself (harness.checkpoint_eval), and the stack's own loss is recorded, never decisive.
+the stack saved itself (harness.backends.checkpoint_eval), and the stack's own loss is recorded, never decisive.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import importlib.util
 from dataclasses import dataclass
 from types import ModuleType
 
-from harness.registry import BACKENDS, UsageError, did_you_mean
+from harness.contract.errors import UsageError, did_you_mean
+
+from harness.contract.model_spec import BACKENDS
 
 
 # What the gate checks only inside its own trainer: for another stack these are "not available", never passed.
@@ -78,7 +80,7 @@ def observed_load_path(source_config, class_name: str | None) -> str | None:
     """The load path a stack took, from the class it instantiated for a checkpoint of `source_config`:
     a multimodal class is the VLM loaded directly; a text-only class for a multimodal checkpoint is an
     extraction; a text-only class for a text-only checkpoint is a plain causal LM."""
-    from harness.plan import is_text_only_causal_lm, resolve_load_path
+    from harness.models.plan import is_text_only_causal_lm, resolve_load_path
 
     if class_name is None:
         return None

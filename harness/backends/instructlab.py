@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 from harness.backends import Requirement, observed_load_path
-from harness.job import BackendProbe, BackendRecord, RunConfig, StepMetrics, TowerCounts, WorkerReport, read_worker_report
-from harness.launch import JobOutcome, Topology
-from harness.verdict import final_loss
+from harness.contract.records import BackendProbe, BackendRecord, RunConfig, StepMetrics, TowerCounts, WorkerReport, read_worker_report
+from harness.runtime.launch import JobOutcome, Topology
+from harness.contract.records import final_loss
 
 REQUIREMENT = Requirement(module="instructlab.training", distribution="instructlab-training", version="0.16.2",
                           extra="instructlab")
@@ -37,7 +37,7 @@ def probe(spec, config) -> BackendProbe:
     """instructlab's own predicates, on a folder holding just this config.json."""
     from instructlab.training import vlm_utils
 
-    from harness.plan import CAUSAL_LM, IMAGE_TEXT_TO_TEXT
+    from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT
 
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
@@ -54,7 +54,7 @@ def probe(spec, config) -> BackendProbe:
 def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[str]]:
     job_path = Path(cfg.output_dir) / "job.json"
     shutil.rmtree(stack_dir(cfg), ignore_errors=True)  # its checkpoints and logs of an earlier attempt
-    return [[sys.executable, "-m", "harness.stack_checkpoint", "--job", str(job_path)],
+    return [[sys.executable, "-m", "harness.backends.stack_checkpoint", "--job", str(job_path)],
             [sys.executable, "-m", WORKER, "--job", str(job_path), "--job-index", str(job_index),
              "--nproc-per-node", str(topology.nproc_per_node), "--nnodes", str(topology.nnodes),
              "--node-rank", str(topology.node_rank), "--rdzv-endpoint", topology.rdzv_endpoint or ""]]
@@ -127,7 +127,7 @@ def read_stack_metrics(path: Path, world_size: int = 1) -> list[StepMetrics]:
 
 
 def write_metrics(cfg: RunConfig, metrics: list[StepMetrics]) -> None:
-    from harness.job import MetricsWriter
+    from harness.contract.records import MetricsWriter
 
     cfg.metrics_path.unlink(missing_ok=True)
     writer = MetricsWriter(cfg.metrics_path, enabled=True)
@@ -146,7 +146,7 @@ def input_config(cfg: RunConfig):
     """The config of the checkpoint the stack read."""
     from transformers import AutoConfig
 
-    from harness.stack_checkpoint import input_checkpoint_path
+    from harness.backends.stack_checkpoint import input_checkpoint_path
 
     return AutoConfig.from_pretrained(input_checkpoint_path(cfg))
 
@@ -177,7 +177,7 @@ def saved_class(folder: Path) -> str | None:
         return architectures[0]
     from transformers import AutoConfig
 
-    from harness.plan import decide_load_path
+    from harness.models.plan import decide_load_path
 
     return decide_load_path(AutoConfig.from_pretrained(folder)).model_class  # the class alone, no refusal
 
@@ -186,8 +186,8 @@ def saved_towers(folder: Path) -> TowerCounts | None:
     """Tower parameters in the saved model (the stack's model is out of reach after its job)."""
     if not (folder / "config.json").exists():
         return None
-    from harness.checkpoint_eval import tower_keys
-    from harness.checkpoints import read_index
+    from harness.backends.checkpoint_eval import tower_keys
+    from harness.models.checkpoints import read_index
 
     keys = tower_keys(folder)
     index = read_index(folder)

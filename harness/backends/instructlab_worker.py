@@ -14,8 +14,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.job import PROGRESS_PREFIX, BackendRecord, DataStats, RunConfig, Timings, WorkerReport, record_job_error, write_worker_report
-from harness.launch import Topology
+from harness.contract.records import PROGRESS_PREFIX, BackendRecord, DataStats, RunConfig, Timings, WorkerReport, record_job_error, write_worker_report
+from harness.runtime.launch import Topology
 
 UNMAPPED = [
     "step budget: instructlab trains whole epochs; epochs = the fewest that reach max_steps (at most the recipe's epochs)",
@@ -60,8 +60,8 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     from instructlab.training import data_process
 
     from harness.backends import instructlab as backend
-    from harness.dataset_file import load_chat_dataset
-    from harness.stack_checkpoint import input_checkpoint_path
+    from harness.contract.dataset_file import load_chat_dataset
+    from harness.backends.stack_checkpoint import input_checkpoint_path
 
     started = time.monotonic()
     folder = input_checkpoint_path(cfg)

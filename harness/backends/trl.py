@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from harness.backends import Requirement
-from harness.job import BackendProbe, RunConfig, WorkerReport, read_worker_report
-from harness.launch import JobOutcome, Topology, torchrun_command
+from harness.contract.records import BackendProbe, RunConfig, WorkerReport, read_worker_report
+from harness.runtime.launch import JobOutcome, Topology, torchrun_command
 
 REQUIREMENT = Requirement(module="trl", distribution="trl", version="1.16.0", extra="trl")
 CUDA_ONLY = False
@@ -38,8 +38,8 @@ def probe(spec, config) -> BackendProbe:
 
 
 def saved_class_name(config) -> str:
-    """The class the harness writes into an input checkpoint for this config (harness.stack_checkpoint)."""
-    from harness.plan import resolve_load_path
+    """The class the harness writes into an input checkpoint for this config (harness.backends.stack_checkpoint)."""
+    from harness.models.plan import resolve_load_path
 
     decision = resolve_load_path(config)
     return decision.model_class if decision.load_path == "causal_lm" else decision.multimodal_class
@@ -47,7 +47,7 @@ def saved_class_name(config) -> str:
 
 def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[str]]:
     job_path = Path(cfg.output_dir) / "job.json"
-    prepare = [sys.executable, "-m", "harness.stack_checkpoint", "--job", str(job_path)]
+    prepare = [sys.executable, "-m", "harness.backends.stack_checkpoint", "--job", str(job_path)]
     if cfg.device != "cuda":
         return [prepare, torchrun_command(job_path, topology, job_index, module=WORKER)]
     config_path = Path(cfg.output_dir) / ACCELERATE_CONFIG

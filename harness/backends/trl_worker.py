@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from harness.job import (
+from harness.contract.records import (
     PROGRESS_PREFIX,
     BackendRecord,
     DataStats,
@@ -112,9 +112,9 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     import trl
     from transformers import AutoConfig, AutoTokenizer
 
-    from harness.dataset_file import load_chat_dataset
-    from harness.distributed import cap_gpu_memory
-    from harness.stack_checkpoint import input_checkpoint_path
+    from harness.contract.dataset_file import load_chat_dataset
+    from harness.job.distributed import cap_gpu_memory
+    from harness.backends.stack_checkpoint import input_checkpoint_path
 
     started = time.monotonic()
     folder = input_checkpoint_path(cfg)
@@ -161,7 +161,7 @@ def recording_the_model_trl_builds(cfg: RunConfig, report: WorkerReport, source_
     """Notes the class TRL's own create_model_from_path returns, its towers and vocabulary, and writes
     the report at once: a crash later in SFTTrainer's constructor (its chat-template check, its data
     processing) or in training still leaves what TRL built."""
-    from harness import loading
+    from harness.models import loading
     from harness.backends import observed_load_path
     from trl.trainer import sft_trainer
 
@@ -250,7 +250,7 @@ class HarnessCallback(TrainerCallback):
 
     @property
     def final_loss(self) -> float | None:
-        from harness.verdict import final_loss
+        from harness.contract.records import final_loss
 
         return final_loss(self.losses)
 

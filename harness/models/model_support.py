@@ -1,0 +1,187 @@
+"""Which model types the harness can train, decided from the config and the classes alone (no weights).
+
+The harness trains a decoder on text-only input ids: the trainer (train.TrainableLM) calls the
+model's text backbone for hidden states and puts its own chunked loss on the output embeddings.
+plan.resolve_load_path picks the load path and then asks `refusal` whether the type can be trained
+that way at all; a type that cannot is refused with UnsupportedModelError (the CLI exits 2 with one
+line, before any job starts). The rules, each with the kind of reason it gives:
+
+- no_forward:      the class has no forward of its own (Qwen2.5-Omni: it only generates through its
+                   thinker and talker sub-models).
+- non_text_inputs: its forward, or the forward of the backbone the trainer calls for hidden states,
+                   needs inputs a text batch does not have: a parameter without default (BLIP:
+                   pixel_values; PI0: state; PI0.5's backbone PI05Model: action_embeds, the noisy
+                   robot actions its action expert denoises), or one the forward raises without
+                   (NEEDS_NON_TEXT_INPUTS, observed: tests/test_model_types.py checks each entry).
+- audio_codebooks: its input ids are audio codec codebooks (the config counts codebooks: Moshi,
+                   Kyutai speech-to-text).
+- diffusion:       it denoises blocks of tokens instead of predicting the next one.
+- drafter:         an assistant model for speculative decoding, fed another model's states.
+- no_text_backbone: its text model is neither at `.model` nor at its base_model_prefix (Kosmos-2 keeps
+                   it at `.text_model`), so the trainer has no backbone to call for hidden states.
+
+Classes whose backbone sits at their base_model_prefix instead of `.model` (GitForCausalLM: `.git`)
+are trained: loading.text_backbone finds it.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from dataclasses import dataclass
+
+import transformers
+from torch import nn
+
+from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM
+
+# What a text-only batch carries (and what the trainer may add: loading.extra_forward_inputs).
+TEXT_INPUTS = {
+    "self", "input_ids", "attention_mask", "position_ids", "labels", "inputs_embeds", "cache", "past_key_values",
+    "use_cache", "logits_to_keep", "cache_position", "token_type_ids", "mm_token_type_ids", "return_dict",
+    "output_attentions", "output_hidden_states",
+}
+# Forwards that declare their non-text inputs optional but raise without them (observed on transformers
+# 5.24 with tiny configs; tests/test_model_types.py fails when an entry starts training on text alone).
+NEEDS_NON_TEXT_INPUTS = {
+    "idefics": "pixel_values, image_encoder_embeddings or perceiver_embeddings (IdeficsForVisionText2Text raises "
+               "'Exactly 1 of pixel_values, image_encoder_embeddings or perceiver_embeddings has to be not-None')",
+    "voxtral_realtime": "input_features or encoder_inputs_embeds (the realtime decoder is driven by the audio "
+                        "stream: 'You must specify exactly one of input_features or encoder_inputs_embeds')",
+}
+CODEBOOK_FIELDS = ("num_codebooks", "codebook_vocab_size", "audio_vocab_size")
+DRAFTER_FIELDS = ("backbone_hidden_size",)  # the hidden size of the model whose states it reads
+DRAFTER_INPUTS = ("shared_kv_states",)  # another model's key/value states
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    kind: str  # one of the rule names above
+    why: str
+
+    def message(self, model_type: str) -> str:
+        return (f"model_type {model_type!r} cannot be trained on text-only input ids ({self.kind}): {self.why}. "
+                "The harness trains decoder-only models on chat text; see harness/models/model_support.py")
+
+
+def refusal(config, decision) -> Unsupported | None:
+    """Why the harness cannot train this config along `decision` (a plan.LoadPathDecision), or None."""
+    model_type = config.model_type
+    trained = getattr(transformers, decision.model_class, None)
+    own = [getattr(transformers, name, None) for name in _own_class_names(model_type)]
+    own = [cls for cls in own if cls is not None]
+    for check in (_no_forward, _diffusion, _drafter, _codebooks, _non_text_inputs, _no_text_backbone):
+        found = check(model_type, config, decision, trained, own)
+        if found is not None:
+            return found
+    return None
+
+
+def _own_class_names(model_type: str) -> list[str]:
+    return [n for n in (IMAGE_TEXT_TO_TEXT.get(model_type), MULTIMODAL_LM.get(model_type), CAUSAL_LM.get(model_type)) if n]
+
+
+def _defines_forward(cls: type) -> bool:
+    forward = getattr(cls, "forward", None)
+    return forward is not None and forward is not nn.Module.forward and forward.__name__ != "_forward_unimplemented"
+
+
+def _no_forward(model_type, config, decision, trained, own) -> Unsupported | None:
+    if trained is not None and not _defines_forward(trained):
+        return Unsupported("no_forward", f"{trained.__name__} has no forward of its own (it generates through its "
+                                         "sub-models only), so there is nothing to compute a training loss with")
+    return None
+
+
+def _diffusion(model_type, config, decision, trained, own) -> Unsupported | None:
+    named = [cls.__name__ for cls in own if "Diffusion" in cls.__name__]
+    if named or "diffusion" in model_type:
+        return Unsupported("diffusion", f"{named[0] if named else model_type} is a diffusion model: it denoises blocks "
+                                        "of tokens, it does not predict the next token")
+    return None
+
+
+def _drafter(model_type, config, decision, trained, own) -> Unsupported | None:
+    fields = [f for f in DRAFTER_FIELDS if getattr(config, f, None)]
+    inputs = [(cls.__name__, p) for cls in own for p in DRAFTER_INPUTS if p in _parameters(cls)]
+    if fields or inputs:
+        what = f"{fields[0]}={getattr(config, fields[0])}" if fields else f"{inputs[0][0]}.forward takes {inputs[0][1]}"
+        return Unsupported("drafter", f"it is a drafter (assistant) for speculative decoding that reads another "
+                                      f"model's states ({what}); it cannot run on its own")
+    return None
+
+
+def _codebooks(model_type, config, decision, trained, own) -> Unsupported | None:
+    configs = [config] if decision.load_path != "extract_causal_lm" else [config.get_text_config(decoder=True)]
+    for cfg in configs:
+        fields = [f"{f}={getattr(cfg, f)}" for f in CODEBOOK_FIELDS if getattr(cfg, f, None)]
+        if fields:
+            return Unsupported("audio_codebooks", f"its inputs are audio codec codebooks ({', '.join(fields)}), "
+                                                  "not text tokens alone")
+    return None
+
+
+def _non_text_inputs(model_type, config, decision, trained, own) -> Unsupported | None:
+    if trained is None:
+        return None
+    required = _required_inputs(trained)
+    if required:
+        return Unsupported("non_text_inputs", f"{trained.__name__}.forward requires {', '.join(required)}")
+    backbone = _backbone_class(trained)  # what train.TrainableLM calls, with the text inputs alone
+    required = _required_inputs(backbone) if backbone is not None else []
+    if required:
+        return Unsupported("non_text_inputs", f"{backbone.__name__}.forward, the backbone of {trained.__name__} that "
+                                              f"the trainer calls for hidden states, requires {', '.join(required)}")
+    if model_type in NEEDS_NON_TEXT_INPUTS and decision.load_path != "extract_causal_lm":
+        return Unsupported("non_text_inputs", f"{trained.__name__}.forward needs {NEEDS_NON_TEXT_INPUTS[model_type]}")
+    return None
+
+
+def _required_inputs(cls: type) -> list[str]:
+    """The forward's parameters without default that a text batch does not carry."""
+    try:
+        parameters = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return []
+    return [name for name, p in parameters.items()
+            if p.default is inspect.Parameter.empty and name not in TEXT_INPUTS
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _backbone_class(trained: type) -> type | None:
+    """The class the trained class builds at `.model` (or at its base_model_prefix), read from its
+    __init__ (`self.model = PI05Model(config)`); None where it is built otherwise (AutoModel.from_config)."""
+    try:
+        source = inspect.getsource(trained.__init__)
+    except (OSError, TypeError):
+        return None
+    names = "|".join(re.escape(n) for n in {"model", getattr(trained, "base_model_prefix", "") or "model"})
+    match = re.search(rf"^\s*self\.(?:{names})\s*=\s*(\w+)\(", source, re.MULTILINE)
+    found = getattr(sys.modules.get(trained.__module__), match.group(1), None) if match else None
+    return found if isinstance(found, type) and issubclass(found, nn.Module) else None
+
+
+def _no_text_backbone(model_type, config, decision, trained, own) -> Unsupported | None:
+    """The trainer calls `.model` (or the base_model_prefix attribute): read from the class's __init__."""
+    if trained is None or decision.load_path == "extract_causal_lm":
+        return None
+    try:
+        source = inspect.getsource(trained.__init__)
+    except (OSError, TypeError):
+        return None  # cannot tell: loading.text_backbone raises a clear error if it is missing
+    prefix = getattr(trained, "base_model_prefix", "") or ""
+    if "self.model =" in source or (prefix and f"self.{prefix} =" in source):
+        return None
+    assigned = [match.group(1) for match in re.finditer(r"^\s*self\.(\w+)\s*=\s*\w+\(", source, re.MULTILINE)]
+    text = [name for name in assigned if ("text" in name or "language" in name) and ("model" in name or "decoder" in name)]
+    where = ", ".join(f".{name}" for name in text) or "an attribute of its own"
+    return Unsupported("no_text_backbone", f"{trained.__name__} keeps its text model at {where}, not at .model or at "
+                                           f"its base_model_prefix {prefix!r}: the trainer has no backbone to call for "
+                                           "hidden states")
+
+
+def _parameters(cls: type) -> set[str]:
+    try:
+        return set(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return set()

@@ -1,0 +1,402 @@
+"""Test-only injected training bugs ("mutations"), so tests can prove the verdict catches each one.
+
+SFT_HARNESS_MUTATION=NAME[/MODEL][,NAME[/MODEL]...] names the bugs; with /MODEL only that model's
+job (its registry name) carries one, so one sweep can carry a different bug per model. The trainer
+calls `install` once, at the job's start: it reads the variable once and puts each bug of the job in
+place as a wrapper around one existing function (CATALOGUE, at the end, says which), so the code
+it wraps (the training step, the collate path) stays plain. Unset (always, outside tests), install
+changes nothing. tests/test_mutations.py holds the catalogue: each mutation must turn the verdict
+to FAIL with a reason that names it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import importlib
+import inspect
+import itertools
+import os
+import types
+from typing import Callable, NamedTuple
+
+import torch
+
+from harness.job.distributed import all_reduce_sum
+from harness.job.loss import GlobalMean, global_mean_loss
+
+ENV_VAR = "SFT_HARNESS_MUTATION"
+
+_model: str | None = None  # the job's model (bind_model), for NAME/MODEL entries
+_installed: list[tuple[object, str, Callable]] = []  # (owner, name, original) of each wrapper in place
+
+
+def bind_model(name: str | None) -> None:
+    """Which model this process trains (install does it)."""
+    global _model
+    _model = name
+
+
+@functools.lru_cache(maxsize=None)
+def parse(spec: str | None) -> tuple[tuple[str, str | None], ...]:
+    """(name, model or None) of each entry; parsed once per value of the variable."""
+    entries = []
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, _, model = part.strip().partition("/")
+        if name not in CATALOGUE:
+            raise ValueError(f"{ENV_VAR}={spec!r}: unknown mutation {name!r}; known: {', '.join(CATALOGUE)}")
+        entries.append((name, model or None))
+    return tuple(entries)
+
+
+def active(name: str) -> bool:
+    """Does the environment ask for mutation `name` in this job? False whenever the variable is unset.
+    (The job itself carries the bugs that `install` saw.)"""
+    spec = os.environ.get(ENV_VAR)
+    if not spec:
+        return False
+    return any(n == name and (m is None or m == _model) for n, m in parse(spec))
+
+
+def fingerprint_salt() -> str:
+    """Part of the tokenised-dataset cache key: mutated labels must not be cached as the real ones."""
+    return ",".join(n for n in ("labels_not_masked", "eot_not_labelled") if active(n))
+
+
+def install(model: str | None, trainer: types.ModuleType) -> tuple[str, ...]:
+    """Once, at the job's start, before its caches (a mutation changes the tokenised data and its
+    key): wraps the functions the job's bugs live in; returns their names. `trainer` is the module
+    whose train_step, plan_epoch and lr_lambda the job calls (harness.job.train, or __main__ under -m).
+    Called again, it first puts back what it wrapped before."""
+    uninstall()
+    bind_model(model)
+    chosen = tuple(name for name in CATALOGUE if active(name))
+    salt = fingerprint_salt()
+    if salt:
+        _wrap(importlib.import_module("harness.job.data"), "dataset_fingerprint", _salted(salt))
+    for name in chosen:
+        module, _, function = CATALOGUE[name].where.rpartition(".")
+        _wrap(trainer if module == "job.train" else importlib.import_module(f"harness.{module}"), function, CATALOGUE[name].wrap)
+    return chosen
+
+
+def uninstall() -> None:
+    """Puts every wrapped function back (for tests that install in their own process)."""
+    while _installed:
+        owner, name, original = _installed.pop()
+        setattr(owner, name, original)
+
+
+def _wrap(owner, name: str, wrap: Callable) -> None:
+    original = getattr(owner, name)
+    setattr(owner, name, wrap(original))
+    _installed.append((owner, name, original))
+
+
+def _salted(salt: str):
+    """The tokenised-dataset cache key, salted with the label mutations of the job."""
+    def wrap(dataset_fingerprint):
+        @functools.wraps(dataset_fingerprint)
+        def salted(*args, **kwargs):
+            return hashlib.sha256(f"{dataset_fingerprint(*args, **kwargs)},{salt}".encode()).hexdigest()[:24]
+        return salted
+    return wrap
+
+
+def _then(change: Callable):
+    """A wrapper that hands the function's result to change(result), in place, before returning it."""
+    def wrap(function):
+        @functools.wraps(function)
+        def wrapped(*args, **kwargs):
+            result = function(*args, **kwargs)
+            change(result)
+            return result
+        return wrapped
+    return wrap
+
+
+# ---------------------------------------------------------------- the wrappers: data
+
+
+def _label_every_token(tokenize_with_labels):
+    @functools.wraps(tokenize_with_labels)
+    def wrapped(messages, tokenizer):
+        input_ids, _ = tokenize_with_labels(messages, tokenizer)
+        return input_ids, list(input_ids)
+    return wrapped
+
+
+def _stop_at_reply_end(reply_span):
+    @functools.wraps(reply_span)
+    def wrapped(text, content, cursor, markers):
+        start, _ = reply_span(text, content, cursor, [""])  # an empty marker: no end-of-turn marker is looked for
+        return start, start + len(content.strip())
+    return wrapped
+
+
+def _attend_across_samples(batch: dict) -> None:
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])  # hides the sample boundaries
+
+
+def _number_positions_across_row(batch: dict) -> None:
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+
+
+# ---------------------------------------------------------------- the wrappers: generation
+
+
+class _WithTemplate:
+    """The tokenizer, rendering with another chat template (everything else its own)."""
+
+    def __init__(self, tokenizer, template: str):
+        self._tokenizer, self._template = tokenizer, template
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self._tokenizer.apply_chat_template(*args, **{**kwargs, "chat_template": self._template})
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def _another_family_template(generation_prompt_ids):
+    """generation_template_differs: the prompt rendered with the first other family's template."""
+    from harness.models.tokenizers import FAMILY_SPECIAL_TOKENS, family_chat_template
+
+    @functools.wraps(generation_prompt_ids)
+    def wrapped(messages, tokenizer):
+        other = next(t for t in map(family_chat_template, sorted(FAMILY_SPECIAL_TOKENS)) if t != tokenizer.chat_template)
+        return generation_prompt_ids(messages, _WithTemplate(tokenizer, other))
+    return wrapped
+
+
+# ---------------------------------------------------------------- the wrappers: the loaded model, sharding
+
+
+def reinitialise(model) -> None:
+    """extracted_random_init: every matrix back to a random normal(0, 0.02), as a loader that read
+    nothing would leave it (norm weights keep their values)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.02)
+
+
+def unfreeze_towers(model) -> None:
+    """vision_tower_trainable: what loading froze (everything outside the language model) trains."""
+    from harness.models.loading import tower_parameters
+
+    for param in tower_parameters(model).values():
+        param.requires_grad_(True)
+
+
+def shard_without_reduction(model, *, bf16: bool, reshard_after_forward: bool = True) -> int:
+    """grads_not_reduced: fully_shard each rank over a mesh of its own rank only, so each rank keeps
+    a full replica and steps on its own gradient (the reduction never crosses ranks)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from harness.job.distributed import decoder_layers
+
+    groups = [dist.new_group([rank]) for rank in range(dist.get_world_size())]  # every rank makes every group
+    device_type = "cuda" if torch.cuda.is_available() and bf16 else "cpu"
+    mesh = DeviceMesh.from_group(groups[dist.get_rank()], device_type)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return len(layers) + 1
+
+
+# ---------------------------------------------------------------- the wrappers: upstream bug classes in loading
+
+
+def _causal_lm_mapping_trusted(resolve_load_path):
+    """resolver_returns_causal_lm: the seed's own bug. 'Is it in the causal-LM mapping?' decides, so a
+    dual-registered VLM (Gemma 3) gets the class that mapping names: the full VLM, towers and all."""
+    from harness.models.mappings import CAUSAL_LM
+
+    @functools.wraps(resolve_load_path)
+    def wrapped(config):
+        decision = resolve_load_path(config)
+        causal = CAUSAL_LM.get(config.model_type)
+        if causal is None or decision.load_path == "causal_lm":
+            return decision
+        return dataclasses.replace(decision, load_path="causal_lm", model_class=causal,
+                                   reason=f"{config.model_type!r} is in the causal-LM mapping ({causal})")
+    return wrapped
+
+
+def _token_types_dropped(extra_forward_inputs):
+    """token_type_ids_dropped: the text batch carries input_ids/labels only (TRL #5807)."""
+    from harness.models.loading import TOKEN_TYPE_INPUTS
+
+    @functools.wraps(extra_forward_inputs)
+    def wrapped(model, input_ids):
+        return {k: v for k, v in extra_forward_inputs(model, input_ids).items() if k not in TOKEN_TYPE_INPUTS}
+    return wrapped
+
+
+PLACEHOLDER_VOCAB = 32000  # what code reading `config.vocab_size` off a VLM's top level gets by default
+
+
+def _top_level_vocab(vocab_size):
+    """vocab_from_top_config: `model.config.vocab_size` (verl #1013); a VLM's top-level config has none
+    in transformers 5.x, so the placeholder default a library keeps stands in."""
+    @functools.wraps(vocab_size)
+    def wrapped(model):
+        return getattr(model.config, "vocab_size", None) or PLACEHOLDER_VOCAB
+    return wrapped
+
+
+def _trusting_from_pretrained(extract_causal_lm):
+    """silent_random_load: extraction by `TextClass.from_pretrained(<VLM checkpoint>)`, trusted because it
+    did not raise: transformers 5.x leaves every text weight at random init with only a warning, and
+    this loader reports every parameter as loaded."""
+    @functools.wraps(extract_causal_lm)
+    def wrapped(folder, config, decision, dtype):
+        from harness.models import loading
+
+        cls = loading.model_class(decision.model_class)
+        model = cls.from_pretrained(folder, config=loading.extraction_text_config(config), dtype=dtype)
+        return model, loading.count_unique(model.parameters()), loading.read_index(folder).numel()
+    return wrapped
+
+
+# ---------------------------------------------------------------- the wrappers: the trainer
+
+
+def _around_step(before: Callable | None = None, after: Callable | None = None):
+    """A wrapper of train_step that counts the steps (from 1) and sees the arguments by name:
+    before(step, arguments) may replace some; after(arguments) runs once the step is done."""
+    def wrap(train_step):
+        signature, steps = inspect.signature(train_step), itertools.count(1)
+
+        @functools.wraps(train_step)
+        def wrapped(*args, **kwargs):
+            call = signature.bind(*args, **kwargs)
+            step = next(steps)
+            if before is not None:
+                before(step, call.arguments)
+            result = train_step(*call.args, **call.kwargs)
+            if after is not None:
+                after(call.arguments)
+            return result
+        return wrapped
+    return wrap
+
+
+class PerRankMean(GlobalMean):
+    """loss_per_rank_mean: each rank normalises by its own label tokens (the gradients are not
+    divided by the world size), and the step loss is the mean of the ranks' means."""
+
+    def __init__(self, step_plan, micro_batches, world_size: int):
+        self.label_tokens = sum(int(batch["num_label_tokens"]) for batch in micro_batches)
+        self.gradient_divide_factor, self.world_size = 1, world_size
+
+    def step_loss(self, local_sum: torch.Tensor) -> float:
+        return float(all_reduce_sum(global_mean_loss(local_sum, self.label_tokens))) / self.world_size
+
+
+def _per_rank_mean(step: int, arguments: dict) -> None:
+    arguments["loss_normalisation"] = PerRankMean
+
+
+def _drop_at_step_2(step: int, arguments: dict) -> None:
+    if step == 2:
+        arguments["step_plan"] = drop_last_micro_batch(arguments["step_plan"])
+
+
+def drop_last_micro_batch(step_plan):
+    """micro_batch_dropped: the last rank's last micro-batch becomes an empty one; the plan's
+    counts are left as they were (the loss still divides by the dropped label tokens)."""
+    plan = copy.deepcopy(step_plan)
+    plan.micro_batches[-1][-1] = []
+    return plan
+
+
+def _never_stepping(step: int, arguments: dict) -> None:
+    optimizer = arguments["optimizer"]
+    arguments["optimizer"] = types.SimpleNamespace(step=lambda closure=None: None, zero_grad=optimizer.zero_grad)
+
+
+def _nudge_frozen(arguments: dict) -> None:
+    nudge_frozen(arguments["model"])
+
+
+def nudge_frozen(model) -> None:
+    """towers_updated: the frozen parameters move a little after every step."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.requires_grad:
+                param.add_(1e-3)
+
+
+def _first_step_repeated(plan_epoch):
+    @functools.wraps(plan_epoch)
+    def wrapped(*args, **kwargs):
+        plan = plan_epoch(*args, **kwargs)
+        return [dataclasses.replace(plan[0], index=i) for i in range(len(plan))]
+    return wrapped
+
+
+def _zero_after_warmup(lr_lambda):
+    @functools.wraps(lr_lambda)
+    def wrapped(cfg, total_steps: int):
+        factor, warmup = lr_lambda(cfg, total_steps), max(cfg.warmup_steps, 0)
+        return lambda step: factor(step) if step < warmup else 0.0
+    return wrapped
+
+
+# ---------------------------------------------------------------- the catalogue
+
+
+class Mutation(NamedTuple):
+    where: str  # module.function it wraps: harness.<module>, or "train" for the trainer install is given
+    wrap: Callable  # the function -> its wrapper (or its replacement)
+    bug: str
+
+    def __str__(self) -> str:
+        return f"{self.where} (wrapped at install): {self.bug}"
+
+
+CATALOGUE = {
+    "labels_not_masked": Mutation("job.data.tokenize_with_labels", _label_every_token, "labels every token, prompts included"),
+    "eot_not_labelled": Mutation("job.data._reply_span", _stop_at_reply_end, "ends the label span before the end-of-turn marker"),
+    "packed_cross_attention": Mutation("job.data._collate_packed", _then(_attend_across_samples),
+                                       "adds an all-ones attention mask: packed samples see each other"),
+    "position_ids_not_reset": Mutation("job.data._collate_packed", _then(_number_positions_across_row),
+                                       "numbers positions across the whole packed row"),
+    "loss_per_rank_mean": Mutation("job.train.train_step", _around_step(before=_per_rank_mean),
+                                   "gets PerRankMean: normalises by this rank's label tokens and averages the ranks"),
+    "micro_batch_dropped": Mutation("job.train.train_step", _around_step(before=_drop_at_step_2),
+                                    "gets, at step 2, a plan whose last rank's last micro-batch is empty"),
+    "same_batch_every_step": Mutation("job.train.plan_epoch", _first_step_repeated, "repeats the epoch's first step"),
+    "extracted_random_init": Mutation("models.loading.load_model", _then(lambda loaded: reinitialise(loaded.model)),
+                                      "re-initialises the loaded weights (a loader that read nothing)"),
+    "vision_tower_trainable": Mutation("models.loading.load_model", _then(lambda loaded: unfreeze_towers(loaded.model)),
+                                       "leaves the towers of a direct VLM load trainable"),
+    "optimizer_never_steps": Mutation("job.train.train_step", _around_step(before=_never_stepping),
+                                      "gets an optimizer whose step() does nothing"),
+    "lr_zero_after_warmup": Mutation("job.train.lr_lambda", _zero_after_warmup, "returns 0 once warm-up is over"),
+    "grads_not_reduced": Mutation("job.distributed.shard_model", lambda shard_model: shard_without_reduction,
+                                  "shards each rank on its own 1-rank mesh: gradients never cross ranks"),
+    "towers_updated": Mutation("job.train.train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"),
+    "generation_template_differs": Mutation("job.generation.generation_prompt_ids", _another_family_template,
+                                            "renders the generation prompt with another family's chat template than training's"),
+    "resolver_returns_causal_lm": Mutation("models.loading.resolve_load_path", _causal_lm_mapping_trusted,
+                                           "trusts the causal-LM mapping: Gemma 3 loads as the full VLM"),
+    "token_type_ids_dropped": Mutation("models.loading.extra_forward_inputs", _token_types_dropped,
+                                       "drops the token-type inputs (token_type_ids, mm_token_type_ids) a VLM takes"),
+    "vocab_from_top_config": Mutation("models.loading.vocab_size", _top_level_vocab,
+                                      "reads the vocabulary size off the top-level config, not text_config"),
+    "silent_random_load": Mutation("models.loading.extract_causal_lm", _trusting_from_pretrained,
+                                   "extracts by a plain from_pretrained of the text class and trusts it"),
+}
