@@ -194,7 +194,7 @@ def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> t
 
 
 def judged(cfg, report):
-    from harness.gate.cli import PlannedModel
+    from harness.gate.planning import PlannedModel
     from harness.runtime.launch import JobOutcome, Topology
     from harness.models.plan import resolve_load_path
     from harness.gate.settings import RunSettings

@@ -110,3 +110,48 @@ def test_out_of_memory_of_another_rank_is_read_from_its_report(tmp_path):
     WorkerReport(status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.",
                  activation_checkpointing=True).to_json(cfg.rank_error_path(1))
     assert out_of_memory_without_checkpointing(cfg, read_worker_report(cfg)) is None
+
+
+H100_BYTES = 81559 * 2**20  # what an "80 GB" H100 reports
+
+
+def card_config(name: str):
+    from pathlib import Path
+
+    from harness.gate.settings import RunSettings, run_config_for
+    from harness.runtime.paths import DEFAULT_DATASET
+
+    settings = RunSettings(weights="synthetic", device="cuda", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1)
+    return run_config_for(registry.lookup(name), settings, Path("unused"))
+
+
+def test_a_model_no_plan_fits_on_these_gpus_is_refused_with_the_count_that_fits():
+    """gemma-3n-E4B-it on one 80 GB H100 ran out of memory in its first steps (a healthy model failed):
+    the plan refuses it up front and names the GPU count that fits; gemma-3-4b-it (63.7 GiB measured
+    with checkpointing under an 80 GiB cap) and gemma-3n on two such GPUs run."""
+    from harness.job.caches import capacity_refusal
+
+    refusal = capacity_refusal(card_config("gemma-3n-E4B-it"), 1, H100_BYTES)
+    assert refusal is not None and refusal.startswith("not run: it needs an estimated 122 GiB per GPU on 1 GPU(s)")
+    assert "activation checkpointing on" in refusal and "2 such GPUs would fit it" in refusal
+    assert capacity_refusal(card_config("gemma-3n-E4B-it"), 2, H100_BYTES) is None
+    assert capacity_refusal(card_config("gemma-3-4b-it"), 1, H100_BYTES) is None
+
+
+def test_a_refused_model_is_not_run_and_no_job_starts(tmp_path):
+    from harness.gate.planning import PlannedModel
+    from harness.gate.settings import RunSettings
+    from harness.gate.sweep import SweepContext, run_sweep
+    from harness.models.configs import load_config
+    from harness.models.plan import resolve_load_path
+    from harness.runtime.paths import DEFAULT_DATASET
+
+    spec = registry.lookup("gemma-3n-E4B-it")
+    why = "not run: it needs an estimated 122 GiB per GPU on 1 GPU(s) of 80 GiB"
+    planned = PlannedModel(spec, resolve_load_path(load_config(spec)), "native", refusal=why)
+    settings = RunSettings(weights="synthetic", device="cuda", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1)
+    swept = run_sweep([planned], SweepContext(settings, tmp_path, 0.0))
+    [result] = swept.results
+    assert result.verdict == "NOT RUN" and result.reasons == [why] and swept.stop is None
+    assert (tmp_path / spec.folder_name / "result.json").exists()
+    assert not (tmp_path / spec.folder_name / "train.log").exists() and not (tmp_path / spec.folder_name / "job.json").exists()

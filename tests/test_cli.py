@@ -85,13 +85,13 @@ def test_no_models_is_usage_error():
 def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp_path, monkeypatch, capsys):
     """The sweep is stubbed at its seam (run_sweep): the first model's job was interrupted, so the
     second never started. Every model asked for is listed; exit 130."""
-    from harness.gate import cli
+    from harness.gate import cli, planning
     from harness.gate import sweep
     from harness.runtime.stop_signals import Interrupted
     from harness.gate.verdict import INTERRUPTED
 
     def interrupted_sweep(planned, context, finished):
-        result = cli.planned_result(planned[0])
+        result = planning.planned_result(planned[0])
         result.weights, result.steps, result.exit.interrupted = "tiny", 3, True
         sweep.mark_interrupted(result)
         return sweep.SweepRun([result], Interrupted(signal.SIGINT))

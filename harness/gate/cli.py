@@ -2,55 +2,27 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from harness.models.configs import load_config
 from harness.gate import registry
 
 from harness.gate import validate
 from harness.gate.environment import redact_secrets
-from harness.contract.records import COMPILE_SCOPES, TRAINING_SETTINGS, BackendProbe, BackendRecord, ModelResult, summary_row
+from harness.contract.records import COMPILE_SCOPES, TRAINING_SETTINGS, ModelResult, summary_row
 from harness.runtime.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.contract.errors import UsageError
-from harness.contract.model_spec import ModelSpec
+from harness.gate.planning import PlannedModel, interrupted_result, not_run_result, plan_models, planned_result
 from harness.gate.run_lock import run_folder_locked
 from harness.runtime.stop_signals import Interrupted, as_interrupted, signals_deferred, stop_on_signals
 from harness.contract.files import read_json, write_json_atomic
 from harness.gate.report import print_table, write_run_reports
-from harness.gate.verdict import FAIL, INTERRUPTED, NOT_JUDGED, NOT_RUN, PASS
-
-if TYPE_CHECKING:  # plan imports transformers: only where a model is resolved
-    from harness.models.plan import LoadPathDecision
+from harness.gate.verdict import FAIL, NOT_JUDGED, PASS
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # a stop signal: 128 + its number (stop_signals.Interrupted.exit_code)
-PLANNED = "PLANNED"  # a dry run's verdict: resolved, not trained
-
-
-@dataclass(frozen=True)
-class PlannedModel:
-    spec: ModelSpec
-    decision: LoadPathDecision
-    backend: str = "native"
-    probe: BackendProbe | None = None  # the class and load path the backend's stack will take
-
-    @property
-    def load_path(self) -> str | None:
-        return self.probe.load_path if self.probe else self.decision.load_path
-
-    @property
-    def mismatch_reason(self) -> str | None:
-        expected = self.spec.expected_load_path
-        if expected and expected != self.load_path:
-            if self.backend != "native":
-                return (f"{self.backend} will build {self.probe.class_name} (load path {self.load_path}) for a "
-                        f"text-only run; the registry expects {expected} ({self.probe.rule})")
-            return f"load path is {self.load_path}, the registry expects {expected}"
-        return None
 
 
 EXAMPLES = """examples:
@@ -155,7 +127,7 @@ def run_command(args) -> int:
             return dry_run(planned, args)
         resolve_training_args(args)
         settings = settings_from_args(args)
-        check_training_inputs(planned, settings)
+        planned = check_training_inputs(planned, settings)
         return train_models(planned, settings, args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -182,8 +154,9 @@ def check_inputs(args) -> list[PlannedModel]:
     return planned
 
 
-def check_training_inputs(planned: list[PlannedModel], settings) -> None:
-    """What needs each model's settings: the dataset against its max_seq_len, real weights reachable."""
+def check_training_inputs(planned: list[PlannedModel], settings) -> list[PlannedModel]:
+    """What needs each model's settings: the dataset against its max_seq_len, real weights reachable,
+    its files (chat template, token budget, tiny variant); then which models cannot fit these GPUs."""
     from harness.gate.settings import run_config_for
 
     configs = [run_config_for(item.spec, settings, Path("unused")) for item in planned]
@@ -202,6 +175,21 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> None:
     lines = read_chat_lines(settings.dataset)
     for cfg in configs:
         check_job_inputs(cfg, lines)
+    return [dataclasses.replace(item, refusal=capacity_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)]
+
+
+def capacity_refusal(item: PlannedModel, cfg, settings) -> str | None:
+    """Why the model's job cannot fit these GPUs (the native trainer's memory plan), else None."""
+    if settings.device != "cuda" or settings.weights == "tiny" or item.backend != "native":
+        return None
+    import torch
+
+    from harness.job.caches import capacity_refusal as refusal  # torch: builds the model on the meta device
+
+    gpu_bytes = torch.cuda.get_device_properties(0).total_memory
+    if cfg.gpu_memory_gib is not None:
+        gpu_bytes = min(gpu_bytes, int(cfg.gpu_memory_gib * 2**30))
+    return refusal(cfg, settings.nproc_per_node * settings.nnodes, gpu_bytes)
 
 
 def list_models() -> None:
@@ -210,36 +198,6 @@ def list_models() -> None:
         for spec in registry.all_specs()
     ]
     print_table("Model registry", ["model", "hub id", "expected load path", "loss threshold", "shipped config"], rows)
-
-
-def plan_models(models_arg: str, backend_arg: str | None = None) -> list[PlannedModel]:
-    """Look up and resolve every model before any work starts: a bad name costs nothing."""
-    names = [name.strip() for name in models_arg.split(",") if name.strip()]
-    if not names:
-        raise UsageError("--models is empty")
-    from harness.models.plan import resolve_load_path
-    from harness.gate.settings import backend_of
-
-    specs = [registry.lookup(name) for name in names]
-    validate.check_unique_models(names, [spec.folder_name for spec in specs])
-    planned = []
-    for spec in specs:
-        config = load_config(spec)
-        name = backend_of(spec, backend_arg)
-        planned.append(PlannedModel(spec, resolve_load_path(config), name, probe_backend(name, spec, config)))
-    return planned
-
-
-def probe_backend(name: str, spec: ModelSpec, config) -> BackendProbe:
-    """The stack's own prediction from the config (its extra must be installed: it runs the stack's code)."""
-    from harness import backends
-
-    module = backends.backend(name)
-    requirement = getattr(module, "REQUIREMENT", None)
-    if requirement and backends.installed_version(requirement) is None:
-        raise UsageError(f"--backend {name} needs {requirement.distribution}, which is not installed: "
-                         f"{requirement.install_command}")
-    return module.probe(spec, config)
 
 
 def new_run_dir(output_dir: Path, run_id: str | None) -> Path:
@@ -274,22 +232,6 @@ def dry_run_into(run_dir: Path, planned: list[PlannedModel]) -> int:
             print(f"  FAIL: {reason}")
     print(f"results: {run_dir}")
     return exit_code
-
-
-def planned_result(item: PlannedModel, verdict: str = PLANNED, reasons: list[str] | None = None) -> ModelResult:
-    """What is known of a model before it trains: its resolved load path (a dry run's result)."""
-    mismatch = [item.mismatch_reason] if item.mismatch_reason else []
-    classes = item.decision.classes()
-    if item.probe:
-        classes["model"] = item.probe.class_name
-    return ModelResult(
-        model=item.spec.name, source=item.spec.source, hf_id=item.spec.hf_id,
-        load_path=item.load_path, load_path_reason=item.decision.reason,
-        expected_load_path=item.spec.expected_load_path, classes=classes,
-        verdict=FAIL if mismatch else verdict, reasons=mismatch or list(reasons or []),
-        model_dir=item.spec.folder_name, loss_threshold=item.spec.loss_threshold,
-        backend=BackendRecord(item.backend, probe=item.probe) if item.probe else None,
-    )
 
 
 def resolve_training_args(args) -> None:
@@ -399,28 +341,14 @@ def report_run(planned: list[PlannedModel], swept, settings, run_dir: Path, envi
     rows = [[r.model, r.load_path, r.weights, r.world_size or "-", fmt(r.initial_loss), fmt(r.final_loss), r.steps, r.verdict]
             for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
+    refusals = {item.spec.name: item.refusal for item in planned if item.refusal}
     for result in results:
-        if result.verdict in NOT_JUDGED:
+        if result.model in refusals:
+            print(f"{result.model}: {result.verdict} ({refusals[result.model]})")
+        elif result.verdict in NOT_JUDGED:
             print(f"{result.model}: {result.verdict} (the sweep {why}); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
     return exit_code
-
-
-def not_run_result(item: PlannedModel, weights: str, run_dir: Path, why: str = "interrupted") -> ModelResult:
-    """The record of a model the stopped sweep never started: listed, not judged."""
-    result = planned_result(item, NOT_RUN, [f"not run: the sweep was {why} before this model started"])
-    result.weights = weights
-    result.to_json(run_dir / result.folder / "result.json")
-    return result
-
-
-def interrupted_result(item: PlannedModel, weights: str, run_dir: Path, signal_words: str) -> ModelResult:
-    """The record of a model a stop signal caught outside its training job: listed, not judged."""
-    result = planned_result(item, INTERRUPTED, [f"interrupted ({signal_words}) before its verdict; every process "
-                                                "of the job was ended; finish the run with --resume"])
-    result.weights, result.exit.interrupted, result.exit.stopped_by = weights, True, signal_words
-    result.to_json(run_dir / result.folder / "result.json")
-    return result
 
 
 def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:

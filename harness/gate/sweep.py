@@ -25,6 +25,7 @@ from harness.contract.records import (
 )
 from harness import backends
 from harness.runtime.launch import JobOutcome, Topology, run_job, run_jobs
+from harness.gate.planning import PlannedModel, refused_result
 from harness.gate.settings import RunSettings, run_config_for
 from harness.runtime.stop_signals import Interrupted, as_interrupted
 from harness.contract.records import final_loss
@@ -44,7 +45,7 @@ class SweepContext:
     regressions_fail: bool = True
 
 
-def run_model(planned, index: int, sweep: SweepContext, on_line=None) -> ModelResult:
+def run_model(planned: PlannedModel, index: int, sweep: SweepContext, on_line=None) -> ModelResult:
     settings = sweep.settings
     model_dir = sweep.run_dir / planned.spec.folder_name
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +90,7 @@ def apply_baseline(result: ModelResult, baseline: ModelResult | None, fail: bool
         result.verdict = FAIL
 
 
-def run_job_once(planned, index: int, settings: RunSettings, cfg: RunConfig, model_dir: Path,
+def run_job_once(planned: PlannedModel, index: int, settings: RunSettings, cfg: RunConfig, model_dir: Path,
                  on_line) -> tuple[ModelResult, WorkerReport]:
     for stale in STALE_FILES:
         (model_dir / stale).unlink(missing_ok=True)
@@ -135,7 +136,7 @@ def topology_of(settings: RunSettings) -> Topology:
     return Topology(settings.nproc_per_node, settings.nnodes, settings.node_rank, settings.rdzv_endpoint)
 
 
-def follow_on_node(planned, index: int, settings: RunSettings, run_dir: Path, on_line=None) -> JobOutcome:
+def follow_on_node(planned: PlannedModel, index: int, settings: RunSettings, run_dir: Path, on_line=None) -> JobOutcome:
     """A node other than 0 runs its ranks of the model's job and judges nothing: global rank 0, on
     node 0, holds the metrics and the report. Its log is train.node<r>.log (a shared results folder
     must not mix the nodes' logs) and it removes nothing node 0 may have written."""
@@ -162,7 +163,7 @@ def time_around_job(outcome: JobOutcome, times: Timings) -> dict[str, float]:
     return {"startup": startup, "teardown": outcome.duration_s - startup - times.total}
 
 
-def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, topology: Topology) -> ModelResult:
+def collect_result(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, topology: Topology) -> ModelResult:
     metrics = read_metrics(cfg.metrics_path)
     record = report.load_record
     record_backend(planned, cfg, report)
@@ -212,11 +213,11 @@ def collect_result(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerR
     )
 
 
-def record_backend(planned, cfg: RunConfig, report: WorkerReport) -> None:
+def record_backend(planned: PlannedModel, cfg: RunConfig, report: WorkerReport) -> None:
     """The backend beside the verdict: its prediction (probe) and, for a stack other than native,
     which of the gate's checks could not be made."""
     report.backend = report.backend or BackendRecord(cfg.backend)
-    report.backend.probe = report.backend.probe or getattr(planned, "probe", None)
+    report.backend.probe = report.backend.probe or planned.probe
     if backends.is_external(cfg.backend):
         report.backend.not_available = list(backends.NOT_AVAILABLE_OUTSIDE)
 
@@ -242,7 +243,7 @@ def observed_classes(cfg: RunConfig, report: WorkerReport) -> dict[str, str | No
     return report.load_record.classes if report.load_record else None
 
 
-def verdict_input(planned, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, metrics: list[StepMetrics],
+def verdict_input(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, metrics: list[StepMetrics],
                   topology: Topology) -> VerdictInput:
     record, towers, evaluation = report.load_record, report.towers, report.evaluation
     load_path = observed_load_path(cfg, report)
@@ -388,7 +389,7 @@ class SweepRun:
     in_flight: object | None = None  # the planned model a stop signal caught outside its job (no result)
 
 
-def run_sweep(planned_models: list, sweep: SweepContext, finished: dict[str, ModelResult] | None = None) -> SweepRun:
+def run_sweep(planned_models: list[PlannedModel], sweep: SweepContext, finished: dict[str, ModelResult] | None = None) -> SweepRun:
     """Models one after another; one model's failure never stops the next. Models already finished
     in the run folder (--resume) are reused. A stop signal ends the current job and stops the sweep."""
     finished = finished or {}
@@ -400,6 +401,10 @@ def run_sweep(planned_models: list, sweep: SweepContext, finished: dict[str, Mod
             if name in finished:
                 run.results.append(reuse_finished(finished[name], sweep))
                 status.set(name, f"{finished[name].verdict} (from the resumed run)")
+                continue
+            if planned.refusal:
+                run.results.append(refused_result(planned, sweep.settings.weights, sweep.run_dir))
+                status.set(name, f"NOT RUN ({planned.refusal})")
                 continue
             status.set(name, f"loading ({planned.decision.load_path}, {sweep.settings.weights} weights)")
             result = run_model(planned, index, sweep, on_line=progress_updater(status, name))
@@ -425,12 +430,14 @@ NODE_LOST_STOP = ("the sweep stops: a node was lost, and the next model's rendez
                   "timeout; finish the run with --resume once every node is back")
 
 
-def follow_node_0(planned_models: list, settings: RunSettings, run_dir: Path) -> list[tuple[str, JobOutcome]]:
+def follow_node_0(planned_models: list[PlannedModel], settings: RunSettings, run_dir: Path) -> list[tuple[str, JobOutcome]]:
     """A node other than 0: each model's job in turn, judged by node 0; stops where node 0 would
     (Ctrl-C, or node 0 gone)."""
     outcomes = []
     try:
         for index, planned in enumerate(planned_models):
+            if planned.refusal:  # node 0 skips it too: the same plan on every node
+                continue
             outcome = follow_on_node(planned, index, settings, run_dir)
             outcomes.append((planned.spec.name, outcome))
             state = "ended cleanly" if outcome.clean_exit else f"did not end cleanly ({exit_words(outcome)})"

@@ -225,3 +225,11 @@ def estimated_training_bytes(text_config, n_params: int, world_size: int, tokens
     per_token_layer = ACTIVATION_BYTES_PER_HIDDEN * hidden * streams + ACTIVATION_BYTES_PER_INTERMEDIATE * intermediate
     activations = tokens * (2 * hidden if checkpointing else per_token_layer) * layers
     return int(states + gathered + loss_chunk + activations)
+
+
+def gpus_needed(text_config, n_params: int, tokens: int, gpu_memory_bytes: int, checkpointing: bool = True,
+                most: int = 4096) -> int | None:
+    """The fewest ranks (of GPUs with gpu_memory_bytes each) whose estimate fits; None past `most`."""
+    return next((ranks for ranks in range(1, most + 1)
+                 if estimated_training_bytes(text_config, n_params, ranks, tokens, checkpointing) <= gpu_memory_bytes), None)
+
