@@ -65,7 +65,7 @@ lock:
 test-latest:
 	test -x $(LATEST)/bin/python || { python3 -m venv $(LATEST) && echo '*' > $(LATEST)/.gitignore; }
 	$(LATEST)/bin/python -c "import torch" 2>/dev/null || $(LATEST)/bin/python -m pip install -q torch==$(TORCH)
-	$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -c "from importlib.metadata import version; print('torch==' + version('torch'))" > $(LATEST)/torch-pin.txt
 	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip check
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|huggingface.hub|datasets|wandb|trl|instructlab-training|kernels) '
