@@ -155,3 +155,29 @@ def test_a_refused_model_is_not_run_and_no_job_starts(tmp_path):
     assert result.verdict == "NOT RUN" and result.reasons == [why] and swept.stop is None
     assert (tmp_path / spec.folder_name / "result.json").exists()
     assert not (tmp_path / spec.folder_name / "train.log").exists() and not (tmp_path / spec.folder_name / "job.json").exists()
+
+
+def test_the_gate_asks_for_the_fit_of_native_full_size_jobs_on_the_gpus_it_sees(monkeypatch):
+    """cli.gpu_fit_refusal: the visible GPU's memory, capped by --gpu-memory-gib, over every rank of every
+    node; tiny weights and other stacks are not planned by the native trainer's estimate."""
+    import dataclasses
+    import types
+
+    import torch
+
+    from harness.gate import cli
+    from harness.gate.planning import PlannedModel
+    from harness.gate.settings import RunSettings
+    from harness.runtime.paths import DEFAULT_DATASET
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=H200_BYTES))
+    spec = registry.lookup("gemma-3n-E4B-it")
+    item = PlannedModel(spec, None, "native")
+    settings = RunSettings(weights="synthetic", device="cuda", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1)
+    cfg = card_config("gemma-3n-E4B-it")
+    assert cli.gpu_fit_refusal(item, cfg, settings) is None  # 122 GiB estimated, 140 GiB seen
+    capped = dataclasses.replace(cfg, gpu_memory_gib=80.0)
+    assert "2 such GPUs would fit it" in cli.gpu_fit_refusal(item, capped, settings)
+    assert cli.gpu_fit_refusal(item, capped, dataclasses.replace(settings, nnodes=2)) is None  # 2 ranks in all
+    assert cli.gpu_fit_refusal(item, capped, dataclasses.replace(settings, weights="tiny")) is None
+    assert cli.gpu_fit_refusal(dataclasses.replace(item, backend="trl"), capped, settings) is None

@@ -1,5 +1,6 @@
 """The CLI as a user runs it: a subprocess, exit codes, files written."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -109,3 +110,20 @@ def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp
     junit = (tmp_path / "r" / "junit.xml").read_text()
     assert junit.count("<skipped") == 2 and "<failure" not in junit
     assert "gemma-3-4b-it: NOT RUN" in capsys.readouterr().out
+
+
+def readme_options() -> list[str]:
+    """The flags README's CLI table names, in order (the first cell of each row)."""
+    text = (REPO_ROOT / "README.md").read_text()
+    table = text[text.index("## CLI reference"):].split("\n\n")[1]
+    rows = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("|")]
+    return [flag for cell in rows for flag in re.findall(r"`(--?[a-z-]+)`", cell)]
+
+
+def test_the_readme_table_lists_every_option_of_the_parser_and_nothing_else():
+    from harness.gate.cli import build_parser
+
+    parser_flags = [flag for action in build_parser()._actions for flag in action.option_strings]
+    listed = readme_options()
+    assert len(listed) > 30 and len(listed) == len(set(listed)), listed
+    assert sorted(listed) == sorted(parser_flags)

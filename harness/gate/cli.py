@@ -17,10 +17,10 @@ from harness.runtime.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.contract.errors import UsageError
 from harness.gate.planning import PlannedModel, interrupted_result, not_run_result, plan_models, planned_result
 from harness.gate.run_lock import run_folder_locked
-from harness.runtime.stop_signals import Interrupted, as_interrupted, signals_deferred, stop_on_signals
+from harness.runtime.stop_signals import as_interrupted, signals_deferred, stop_on_signals
 from harness.contract.files import read_json, write_json_atomic
 from harness.gate.report import print_table, write_run_reports
-from harness.gate.verdict import FAIL, NOT_JUDGED, PASS
+from harness.gate.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # a stop signal: 128 + its number (stop_signals.Interrupted.exit_code)
 
@@ -175,10 +175,10 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> list[Planned
     lines = read_chat_lines(settings.dataset)
     for cfg in configs:
         check_job_inputs(cfg, lines)
-    return [dataclasses.replace(item, refusal=capacity_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)]
+    return [dataclasses.replace(item, refusal=gpu_fit_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)]
 
 
-def capacity_refusal(item: PlannedModel, cfg, settings) -> str | None:
+def gpu_fit_refusal(item: PlannedModel, cfg, settings) -> str | None:
     """Why the model's job cannot fit these GPUs (the native trainer's memory plan), else None."""
     if settings.device != "cuda" or settings.weights == "tiny" or item.backend != "native":
         return None
@@ -304,14 +304,24 @@ def train_into(run_dir: Path, planned: list[PlannedModel], settings, args) -> in
     })
     sweep = SweepContext(settings, run_dir, args.command_started, baseline_results(args.compare), args.regressions_fail)
     swept = run_sweep(planned, sweep, finished)
-    with signals_deferred():  # from here on a stop signal waits: the reports are what it would lose
-        return report_run(planned, swept, settings, run_dir, environment, args)
+    with signals_deferred():  # a stop signal now waits: the reports are what it would lose
+        results, exit_code, why = write_run_files(planned, swept, settings, run_dir, environment)
+    if args.wandb != "disabled":
+        from harness.gate.tracking import track_sweep
+
+        try:
+            ran = [r for r in results if r.verdict != NOT_RUN]
+            track_sweep(run_dir, ran, args.wandb_project, args.wandb, environment=environment)
+        except KeyboardInterrupt as stop:  # the files are written; only the dashboard is left unfinished
+            print(f"wandb: {as_interrupted(stop).words}: the dashboard was not finished; the results are in {run_dir}",
+                  file=sys.stderr)
+    print_run_table(planned, results, run_dir, why)
+    return exit_code
 
 
-def report_run(planned: list[PlannedModel], swept, settings, run_dir: Path, environment: dict, args) -> int:
-    """summary.json, summary.md, junit.xml, the plot, wandb and the table, for every model asked for."""
-    from harness.gate.sweep import fmt
-
+def write_run_files(planned: list[PlannedModel], swept, settings, run_dir: Path, environment: dict):
+    """summary.json, summary.md, junit.xml and the plot, for every model asked for: (results, exit code,
+    why models were left unjudged)."""
     ran = swept.results
     if swept.in_flight is not None:  # stopped outside its job (evaluating its checkpoint, say)
         ran = ran + [interrupted_result(swept.in_flight, settings.weights, run_dir, swept.stop.words)]
@@ -334,10 +344,12 @@ def report_run(planned: list[PlannedModel], swept, settings, run_dir: Path, envi
     }
     write_json_atomic(run_dir / "summary.json", summary)
     write_run_reports(run_dir, results, summary)
-    if args.wandb != "disabled":
-        from harness.gate.tracking import track_sweep
+    return results, exit_code, why
 
-        track_sweep(run_dir, ran, args.wandb_project, args.wandb, environment=environment)
+
+def print_run_table(planned: list[PlannedModel], results: list[ModelResult], run_dir: Path, why: str) -> None:
+    from harness.gate.sweep import fmt
+
     rows = [[r.model, r.load_path, r.weights, r.world_size or "-", fmt(r.initial_loss), fmt(r.final_loss), r.steps, r.verdict]
             for r in results]
     print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
@@ -348,7 +360,6 @@ def report_run(planned: list[PlannedModel], swept, settings, run_dir: Path, envi
         elif result.verdict in NOT_JUDGED:
             print(f"{result.model}: {result.verdict} (the sweep {why}); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
-    return exit_code
 
 
 def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
@@ -356,14 +367,14 @@ def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
     its exit code is its jobs' (0 when each ended cleanly), and it says where the verdicts are."""
     from harness.gate.sweep import follow_node_0 as follow
 
-    outcomes = follow(planned, settings, run_dir)
-    clean = sum(1 for _, outcome in outcomes if outcome.clean_exit)
-    print(f"node {settings.node_rank}: {clean} of {len(planned)} job(s) ended cleanly here; the verdicts are on node 0 "
+    followed = follow(planned, settings, run_dir)
+    clean = sum(1 for _, outcome in followed.outcomes if outcome.clean_exit)
+    jobs = sum(1 for item in planned if not item.refusal)
+    print(f"node {settings.node_rank}: {clean} of {jobs} job(s) ended cleanly here; the verdicts are on node 0 "
           f"({settings.rdzv_endpoint.rpartition(':')[0]}), in its results folder {run_dir.name}")
-    stopped = next((outcome.stopped_by for _, outcome in outcomes if outcome.interrupted), None)
-    if stopped:
-        return Interrupted.named(stopped).exit_code
-    return EXIT_PASS if clean == len(planned) else EXIT_FAIL
+    if followed.stop:
+        return followed.stop.exit_code
+    return EXIT_PASS if clean == jobs else EXIT_FAIL
 
 
 def baseline_results(baseline_dir: Path | None) -> dict[str, ModelResult] | None:

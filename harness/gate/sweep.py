@@ -7,7 +7,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.contract.records import (
@@ -97,7 +97,7 @@ def run_job_once(planned: PlannedModel, index: int, settings: RunSettings, cfg: 
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # a previous attempt's model must not be judged
     outcome = launch_model_job(index, settings, cfg, model_dir / "train.log", on_line)
     report = backends.backend(cfg.backend).collect(cfg, outcome)
-    # A job ended by Ctrl-C or its timeout is FAIL already; evaluating what it left would only add the wait.
+    # A job a stop signal or its timeout ended is judged already; evaluating what it left would only add the wait.
     if (backends.is_external(cfg.backend) or cfg.save_checkpoint) and not (outcome.interrupted or outcome.timed_out):
         check_saved_checkpoint(cfg, report, settings)
     return collect_result(planned, cfg, outcome, report, topology_of(settings)), report
@@ -386,7 +386,8 @@ class SweepRun:
 
     results: list[ModelResult]
     stop: Interrupted | None = None  # a stop signal (Ctrl-C, SIGTERM, SIGHUP) ended the sweep
-    in_flight: object | None = None  # the planned model a stop signal caught outside its job (no result)
+    in_flight: PlannedModel | None = None  # the model a stop signal caught outside its job (no result)
+    outcomes: list[tuple[str, JobOutcome]] = field(default_factory=list)  # a node other than 0: its jobs' ends
 
 
 def run_sweep(planned_models: list[PlannedModel], sweep: SweepContext, finished: dict[str, ModelResult] | None = None) -> SweepRun:
@@ -430,23 +431,24 @@ NODE_LOST_STOP = ("the sweep stops: a node was lost, and the next model's rendez
                   "timeout; finish the run with --resume once every node is back")
 
 
-def follow_node_0(planned_models: list[PlannedModel], settings: RunSettings, run_dir: Path) -> list[tuple[str, JobOutcome]]:
-    """A node other than 0: each model's job in turn, judged by node 0; stops where node 0 would
-    (Ctrl-C, or node 0 gone)."""
-    outcomes = []
+def follow_node_0(planned_models: list[PlannedModel], settings: RunSettings, run_dir: Path) -> SweepRun:
+    """A node other than 0: each model's job in turn, judged by node 0; stops where node 0 would (a
+    stop signal, or node 0 gone). Its outcomes, not results: node 0 judges."""
+    run = SweepRun([])
     try:
         for index, planned in enumerate(planned_models):
             if planned.refusal:  # node 0 skips it too: the same plan on every node
                 continue
             outcome = follow_on_node(planned, index, settings, run_dir)
-            outcomes.append((planned.spec.name, outcome))
+            run.outcomes.append((planned.spec.name, outcome))
             state = "ended cleanly" if outcome.clean_exit else f"did not end cleanly ({exit_words(outcome)})"
             echo(f"{planned.spec.name}: the job {state} on node {settings.node_rank}; node 0 makes the verdict")
             if outcome.interrupted:
+                run.stop = Interrupted.named(outcome.stopped_by)
                 break
-    except KeyboardInterrupt:
-        pass
-    return outcomes
+    except KeyboardInterrupt as stop:  # between jobs
+        run.stop = as_interrupted(stop)
+    return run
 
 
 def exit_words(outcome: JobOutcome) -> str:

@@ -18,6 +18,7 @@ import torch
 from harness.job import data as data_lib
 from harness.models import loading
 from harness.contract.errors import UsageError
+from harness.runtime.cache import CacheError
 
 if TYPE_CHECKING:
     from harness.contract.records import RunConfig
@@ -43,14 +44,16 @@ def check_job_inputs(cfg: "RunConfig", lines: list[tuple[int, list[dict]]]) -> N
     spec = cfg.spec
     if cfg.weights == "tiny":
         weights.tiny_config_dict(spec)  # UsageError: no tiny variant
-    tokenizer = loading.tokenizer_for(spec, cfg.weights)
     chosen = lines[: cfg.max_samples]
-    check_template_renders(spec.name, cfg.dataset, chosen, tokenizer)
     try:
+        tokenizer = loading.tokenizer_for(spec, cfg.weights, with_weights=False)  # the job downloads the weights
+        check_template_renders(spec.name, cfg.dataset, chosen, tokenizer)
         with quiet_progress_bars():  # a usage error is one line on stderr
             dataset = data_lib.tokenize_conversations([messages for _, messages in chosen], tokenizer, cfg.max_seq_len)
-    except data_lib.DatasetError as error:
-        raise UsageError(f"--dataset {cfg.dataset}, {spec.name}: {error}") from error
+    except (data_lib.DatasetError, data_lib.LabelSpanError, CacheError, OSError) as error:
+        raise UsageError(f"{spec.name}, --dataset {cfg.dataset}: {' '.join(str(error).split())}") from error
+    if cfg.backend != "native":  # the stacks budget their own tokens (instructlab: at least max_seq_len)
+        return
     dropped = set(dataset.dropped_indices)
     kept = [line for index, (line, _) in enumerate(chosen) if index not in dropped]
     longest = max(range(len(dataset.samples)), key=lambda index: dataset.samples[index].num_tokens)
@@ -91,8 +94,8 @@ def quiet_progress_bars():
 
 
 def capacity_refusal(cfg: "RunConfig", ranks: int, gpu_memory_bytes: int) -> str | None:
-    """Why the job cannot fit its GPUs, or None. The plan's estimate (models.plan, ~8% above measured
-    peaks) with activation checkpointing, the most memory-saving plan the trainer has, on the text model the
+    """Why the job cannot fit its GPUs, or None. The plan's estimate (models.plan, less the ~8% it runs
+    above measured peaks) with activation checkpointing, the most memory-saving plan the trainer has, on the text model the
     load path builds (on the meta device: no weights read). Over the GPU's memory, the job would only run
     out of it: a card too small is not the model's failure, so the model is NOT RUN, with the GPU count
     that fits. Measured: gemma-3n-E4B-it on one 80 GB H100 ran out of memory at its first steps."""
@@ -105,7 +108,7 @@ def capacity_refusal(cfg: "RunConfig", ranks: int, gpu_memory_bytes: int) -> str
     n_params = sum(parameter.numel() for parameter in model.parameters())
     text_config = model.config.get_text_config(decoder=True)
     needed = plan.estimated_training_bytes(text_config, n_params, ranks, cfg.max_tokens_per_gpu, checkpointing)
-    if needed <= gpu_memory_bytes:
+    if needed <= gpu_memory_bytes * plan.ESTIMATE_ABOVE_PEAK:  # refuse only what cannot fit even at the measured peaks
         return None
     fewest = plan.gpus_needed(text_config, n_params, cfg.max_tokens_per_gpu, gpu_memory_bytes, checkpointing)
     return (f"not run: it needs an estimated {needed / 2**30:.0f} GiB per GPU on {ranks} GPU(s) of "

@@ -572,10 +572,11 @@ def text_position_ids(model: nn.Module, position_ids: torch.Tensor) -> torch.Ten
 # ---------------------------------------------------------------- tokenizers
 
 
-def tokenizer_for(spec: ModelSpec, weights: str = "real"):
+def tokenizer_for(spec: ModelSpec, weights: str = "real", with_weights: bool = True):
     """The tokenizer matching the weights: tiny -> the family's tiny tokenizer; synthetic -> the real
     Gemma tokenizer for gemma, else the tiny one (its ids stay inside the full vocab); real -> the
-    checkpoint's own, given the family's chat template if it has none."""
+    checkpoint's own, given the family's chat template if it has none. with_weights=False: a hub
+    model's tokenizer files alone (the gate's check, before the job downloads the weights)."""
     from harness.models import tokenizers
 
     if weights == "tiny":
@@ -584,6 +585,7 @@ def tokenizer_for(spec: ModelSpec, weights: str = "real"):
         return tokenizers.gemma_tokenizer() if spec.chat_family == "gemma" else tokenizers.tiny_tokenizer(spec.chat_family)
     from transformers import AutoTokenizer
 
-    folder, _ = checkpoint_folder(spec, "real")
+    on_hub = spec.hf_id and not spec.real_weights and spec.source != "local" and not Path(spec.hf_id).is_dir()
+    folder = spec.hf_id if on_hub and not with_weights else checkpoint_folder(spec, "real")[0]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return tokenizers.ensure_chat_template(tokenizer, spec.chat_family)

@@ -100,11 +100,12 @@ def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, 
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
-            end_process_group(process)
         except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP (stop_signals)
             stopped_by = as_interrupted(stop).words
-            with signals_deferred():  # a second signal must not cut the clean-up short
-                end_process_group(process)
+        finally:  # whatever ended the wait, no process of the job outlives it
+            if process.poll() is None or timed_out or stopped_by:
+                with signals_deferred():  # a signal now must not cut the clean-up short
+                    end_process_group(process)
         reader.join(timeout=10)
     return JobOutcome(process.returncode, timed_out, stopped_by is not None, time.monotonic() - started, log_path,
                       list(tail), launcher_name(command), stopped_by=stopped_by)

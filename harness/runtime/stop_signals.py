@@ -54,7 +54,9 @@ def _note_late_signal(signum, frame) -> None:
 
 @contextmanager
 def _handlers(handler):
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    # A signal the caller ignores stays ignored: `nohup` (SIGHUP) and a shell's `cmd &` (SIGINT) mean it.
+    wanted = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, handler) for signum in wanted}
     try:
         yield
     finally:
