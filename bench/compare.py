@@ -6,6 +6,7 @@
 Runs the harness (run_validation.py, one GPU) and bench/trl_peer.py one after the other, then writes
 bench/results/<name>.json (model, gpu, num_gpus, ours{...}, peer{...}, ratios) and prints the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,21 +36,41 @@ def main() -> int:
     parser.add_argument("--num-gpus", type=int, default=1)
     parser.add_argument("--only", choices=("ours", "peer", "both"), default="both")
     parser.add_argument("--max-samples", type=int, default=None)
-    parser.add_argument("--ours-args", default="", help="extra harness options, e.g. --ours-args='--compile layers' (recorded)")
+    parser.add_argument(
+        "--ours-args", default="", help="extra harness options, e.g. --ours-args='--compile layers' (recorded)"
+    )
     parser.add_argument("--name", required=True)
     parser.add_argument("--out-dir", type=Path, default=BENCH / "results")
     args = parser.parse_args()
-    common = ["--max-steps", str(args.max_steps), "--lr", str(args.lr), "--schedule", args.schedule,
-              "--warmup-steps", str(args.warmup_steps)] + (["--max-samples", str(args.max_samples)] if args.max_samples else [])
+    common = [
+        "--max-steps",
+        str(args.max_steps),
+        "--lr",
+        str(args.lr),
+        "--schedule",
+        args.schedule,
+        "--warmup-steps",
+        str(args.warmup_steps),
+    ] + (["--max-samples", str(args.max_samples)] if args.max_samples else [])
     ours = run_ours(args, common) if args.only != "peer" else {}
     peer = run_peer(args, common) if args.only != "ours" else {}
     report = {
-        "name": args.name, "model": args.model, "weights": args.weights,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "num_gpus": args.num_gpus,
-        "settings": {"max_steps": args.max_steps, "lr": args.lr, "schedule": args.schedule,
-                     "warmup_steps": args.warmup_steps, "tokens_per_gpu": args.tokens_per_gpu,
-                     "ours_args": args.ours_args},
-        "ours": ours, "peer": peer, "ratios": ratios(ours, peer),
+        "name": args.name,
+        "model": args.model,
+        "weights": args.weights,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "num_gpus": args.num_gpus,
+        "settings": {
+            "max_steps": args.max_steps,
+            "lr": args.lr,
+            "schedule": args.schedule,
+            "warmup_steps": args.warmup_steps,
+            "tokens_per_gpu": args.tokens_per_gpu,
+            "ours_args": args.ours_args,
+        },
+        "ours": ours,
+        "peer": peer,
+        "ratios": ratios(ours, peer),
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2))
@@ -59,17 +80,37 @@ def main() -> int:
 
 def run_ours(args, common: list[str]) -> dict:
     run_id = f"bench-{args.name}"
-    command = [sys.executable, str(ROOT / "run_validation.py"), "--models", args.model, "--weights", args.weights,
-               "--nproc-per-node", str(args.num_gpus), "--max-tokens-per-gpu", str(args.tokens_per_gpu), "--run-id", run_id,
-               "--wandb-mode", "disabled", *common, *shlex.split(args.ours_args)]
+    command = [
+        sys.executable,
+        str(ROOT / "run_validation.py"),
+        "--models",
+        args.model,
+        "--weights",
+        args.weights,
+        "--nproc-per-node",
+        str(args.num_gpus),
+        "--max-tokens-per-gpu",
+        str(args.tokens_per_gpu),
+        "--run-id",
+        run_id,
+        "--wandb-mode",
+        "disabled",
+        *common,
+        *shlex.split(args.ours_args),
+    ]
     subprocess.run(command, cwd=ROOT, check=False)
     result_file = next((ROOT / "results" / run_id).glob("*/result.json"))
     result = json.loads(result_file.read_text())
     figures = {key: result.get(key) for key in FIGURES}
     figures["tokens_per_s_per_gpu_mean_of_steps"] = figures["tokens_per_s_per_gpu"]  # the harness's own figure
-    figures.update(aggregate_rate(result_file.parent / "metrics.jsonl", args.num_gpus, result.get("mfu"),
-                                  figures["tokens_per_s_per_gpu"]))
-    figures["time_to_target_s"] = result.get("time_to_verdict_s") if result.get("stop_reason") == "target_reached" else None
+    figures.update(
+        aggregate_rate(
+            result_file.parent / "metrics.jsonl", args.num_gpus, result.get("mfu"), figures["tokens_per_s_per_gpu"]
+        )
+    )
+    figures["time_to_target_s"] = (
+        result.get("time_to_verdict_s") if result.get("stop_reason") == "target_reached" else None
+    )
     figures["final_loss"] = result.get("final_loss")
     return figures
 
@@ -87,9 +128,24 @@ def aggregate_rate(metrics_file: Path, num_gpus: int, mfu: float | None, mean_ra
 
 def run_peer(args, common: list[str]) -> dict:
     out = args.out_dir / f".{args.name}-peer.json"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.num_gpus}"] if args.num_gpus > 1 else [sys.executable]
-    command = [*launcher, str(BENCH / "trl_peer.py"), "--model", args.model, "--weights", args.weights,
-               "--tokens-per-gpu", str(args.tokens_per_gpu), "--out", str(out), *common]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.num_gpus}"]
+        if args.num_gpus > 1
+        else [sys.executable]
+    )
+    command = [
+        *launcher,
+        str(BENCH / "trl_peer.py"),
+        "--model",
+        args.model,
+        "--weights",
+        args.weights,
+        "--tokens-per-gpu",
+        str(args.tokens_per_gpu),
+        "--out",
+        str(out),
+        *common,
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     subprocess.run(command, cwd=ROOT, check=True, env=env)
     figures = json.loads(out.read_text())

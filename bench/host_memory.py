@@ -15,6 +15,7 @@ safetensors page cache is not counted once per rank) of every process under torc
 Reported per run: the node's PSS when all ranks were ready to load (baseline), its peak while
 loading, and the difference in fp32 copies of the text weights.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,10 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from harness.job import distributed as dist_lib
-    from harness.models import loading
     from harness.gate import registry
+    from harness.job import distributed as dist_lib
     from harness.job.train import TrainableLM
+    from harness.models import loading
 
     spec = registry.lookup(args.model)
     loading.checkpoint_folder(spec, args.weights)  # before the process group, as job_caches does
@@ -73,10 +74,18 @@ def worker(args) -> None:
     dist.barrier()
     if ctx.is_main:
         text_params = sum(p.numel() for p in model.parameters())
-        Path(args.result_file).write_text(json.dumps({
-            "load_s": round(time.perf_counter() - started, 2), "fp32_copy_gib": text_params * 4 / GIB,
-            "params": text_params, "class": type(loaded.model).__name__, "load_path": loaded.record.load_path,
-            "rank_pss_gib": every_rank}))
+        Path(args.result_file).write_text(
+            json.dumps(
+                {
+                    "load_s": round(time.perf_counter() - started, 2),
+                    "fp32_copy_gib": text_params * 4 / GIB,
+                    "params": text_params,
+                    "class": type(loaded.model).__name__,
+                    "load_path": loaded.record.load_path,
+                    "rank_pss_gib": every_rank,
+                }
+            )
+        )
     dist_lib.close_distributed()
 
 
@@ -112,19 +121,42 @@ def pss_bytes(pid: int) -> int:
 
 def measure(args, nproc: int, every_rank_reads: bool, scratch: Path) -> dict:
     ready, result = scratch / f"ready-{nproc}-{every_rank_reads}", scratch / f"result-{nproc}-{every_rank_reads}.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
-               "--worker", "--model", args.model, "--weights", args.weights, "--device", args.device,
-               "--ready-file", str(ready), "--result-file", str(result)] + (["--every-rank-reads"] if every_rank_reads else []) \
-              + (["--one-gpu"] if args.one_gpu else [])
+    command = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            __file__,
+            "--worker",
+            "--model",
+            args.model,
+            "--weights",
+            args.weights,
+            "--device",
+            args.device,
+            "--ready-file",
+            str(ready),
+            "--result-file",
+            str(result),
+        ]
+        + (["--every-rank-reads"] if every_rank_reads else [])
+        + (["--one-gpu"] if args.one_gpu else [])
+    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     samples: list[tuple[bool, bool, int]] = []
     loaded_marker = Path(str(ready) + ".loaded")
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            samples.append((ready.exists(), loaded_marker.exists(), sum(pss_bytes(pid) for pid in descendants(proc.pid))))
+            samples.append(
+                (ready.exists(), loaded_marker.exists(), sum(pss_bytes(pid) for pid in descendants(proc.pid)))
+            )
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -141,12 +173,18 @@ def measure(args, nproc: int, every_rank_reads: bool, scratch: Path) -> dict:
         raise SystemExit(f"nproc {nproc}: the sampler saw no node state at the ready or loaded marker")
     baseline, peak = after_ready[0], max(after_ready)
     final = loaded_samples[0]  # the model in place, the load's temporaries gone
-    return {"nproc": nproc, "mode": "every rank reads" if every_rank_reads else "rank 0 reads, broadcast",
-            **loaded, "baseline_gib": round(baseline / GIB, 2), "peak_gib": round(peak / GIB, 2),
-            "peak_above_baseline_gib": round((peak - baseline) / GIB, 2), "loaded_gib": round(final / GIB, 2),
-            # what the load needed beyond the loaded model (on a GPU the model is on the GPU: final == baseline)
-            "transient_fp32_copies": round((peak - final) / GIB / loaded["fp32_copy_gib"], 2),
-            "fp32_copies": round((peak - baseline) / GIB / loaded["fp32_copy_gib"], 2)}
+    return {
+        "nproc": nproc,
+        "mode": "every rank reads" if every_rank_reads else "rank 0 reads, broadcast",
+        **loaded,
+        "baseline_gib": round(baseline / GIB, 2),
+        "peak_gib": round(peak / GIB, 2),
+        "peak_above_baseline_gib": round((peak - baseline) / GIB, 2),
+        "loaded_gib": round(final / GIB, 2),
+        # what the load needed beyond the loaded model (on a GPU the model is on the GPU: final == baseline)
+        "transient_fp32_copies": round((peak - final) / GIB / loaded["fp32_copy_gib"], 2),
+        "fp32_copies": round((peak - baseline) / GIB / loaded["fp32_copy_gib"], 2),
+    }
 
 
 def write_synthetic(name: str, folder: Path) -> None:
@@ -154,9 +192,8 @@ def write_synthetic(name: str, folder: Path) -> None:
     with its towers), random weights, bf16 safetensors shards + index (as the hub ships)."""
     import torch
 
-    from harness.models import loading
-
     from harness.gate import registry
+    from harness.models import loading
     from harness.models.configs import load_config
     from harness.models.plan import model_class, resolve_load_path
 
@@ -175,8 +212,11 @@ def main() -> None:
     parser.add_argument("--weights", default="real", choices=("real", "tiny"))
     parser.add_argument("--nproc", default="1,2", help="rank counts, comma separated")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--one-gpu", action="store_true",
-                        help="all ranks on GPU 0 (gloo): the host memory of an N-GPU node where only one GPU is lent")
+    parser.add_argument(
+        "--one-gpu",
+        action="store_true",
+        help="all ranks on GPU 0 (gloo): the host memory of an N-GPU node where only one GPU is lent",
+    )
     parser.add_argument("--output", type=Path, help="write the runs as JSON here too")
     parser.add_argument("--write-synthetic", nargs=2, metavar=("MODEL", "FOLDER"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -192,15 +232,28 @@ def main() -> None:
     scratch.mkdir(parents=True, exist_ok=True)
     runs = []
     for nproc in [int(n) for n in args.nproc.split(",")]:
-        for every_rank_reads in ((False,) if nproc == 1 else (True, False)):
+        for every_rank_reads in (False,) if nproc == 1 else (True, False):
             run = measure(args, nproc, every_rank_reads, scratch)
-            print(f"{nproc} rank(s), {run['mode']}: node PSS {run['baseline_gib']} GiB ready -> peak {run['peak_gib']} GiB "
-                  f"(+{run['peak_above_baseline_gib']} GiB = {run['fp32_copies']} fp32 copies of "
-                  f"{run['fp32_copy_gib']:.2f} GiB; loaded {run['loaded_gib']} GiB, transient {run['transient_fp32_copies']} copies), load {run['load_s']} s; per rank {run['rank_pss_gib']}", flush=True)
+            print(
+                f"{nproc} rank(s), {run['mode']}: node PSS {run['baseline_gib']} GiB ready -> peak {run['peak_gib']} GiB "
+                f"(+{run['peak_above_baseline_gib']} GiB = {run['fp32_copies']} fp32 copies of "
+                f"{run['fp32_copy_gib']:.2f} GiB; loaded {run['loaded_gib']} GiB, transient {run['transient_fp32_copies']} copies), load {run['load_s']} s; per rank {run['rank_pss_gib']}",
+                flush=True,
+            )
             runs.append(run)
     if args.output:
-        args.output.write_text(json.dumps({"model": args.model, "weights": args.weights, "device": args.device, "one_gpu": args.one_gpu,
-                                           "runs": runs}, indent=1))
+        args.output.write_text(
+            json.dumps(
+                {
+                    "model": args.model,
+                    "weights": args.weights,
+                    "device": args.device,
+                    "one_gpu": args.one_gpu,
+                    "runs": runs,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

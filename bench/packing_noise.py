@@ -12,6 +12,7 @@ first layer shows that the two layouts compute the same function; the final stat
 random network blows rounding up to O(1) by the last layer (on 4x H200 the final-state check read
 1.24 for gemma-3n-E4B-it with correct attention).
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,9 @@ def outputs(model, samples, packing: bool, bf16: bool):
     """Per sample: (final hidden states, first decoder layer output), fp32."""
     batch = data.collate_micro_batch(samples, packing, 0)
     captured = []
-    hook = model.model.layers[0].register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    hook = model.model.layers[0].register_forward_hook(
+        lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         final = model.model(**data.model_inputs(batch)).last_hidden_state.float()
     hook.remove()
@@ -46,23 +49,29 @@ def outputs(model, samples, packing: bool, bf16: bool):
     first = first.reshape(first.shape[0], first.shape[1], -1)
     lengths = [s.num_tokens for s in samples]
     if packing:
-        return list(zip(final.reshape(-1, final.shape[-1]).split(lengths), first.reshape(-1, first.shape[-1]).split(lengths)))
+        return list(
+            zip(final.reshape(-1, final.shape[-1]).split(lengths), first.reshape(-1, first.shape[-1]).split(lengths))
+        )
     return [(f[:n], h[:n]) for f, h, n in zip(final, first, lengths)]
 
 
 def main() -> None:
     model = build_model()
     torch.manual_seed(1)
-    samples = [data.TokenizedSample(input_ids=torch.randint(3, 1000, (n,)).tolist(), shift_labels=[-100] * n)
-               for n in (60, 90, 40, 120, 75, 30)]
+    samples = [
+        data.TokenizedSample(input_ids=torch.randint(3, 1000, (n,)).tolist(), shift_labels=[-100] * n)
+        for n in (60, 90, 40, 120, 75, 30)
+    ]
     rel = lambda a, b: float((a - b).norm() / b.norm())
     for bf16 in (False, True):
         started = time.time()
         packed, padded = outputs(model, samples, True, bf16), outputs(model, samples, False, bf16)
         finals = [rel(p[0], q[0]) for p, q in zip(packed, padded)]
         first = max(rel(p[1], q[1]) for p, q in zip(packed, padded))
-        print(f"{'bf16' if bf16 else 'fp32'}: final states per sample {['%.1e' % x for x in finals]}, "
-              f"first layer worst {first:.1e} ({time.time() - started:.0f} s)")
+        print(
+            f"{'bf16' if bf16 else 'fp32'}: final states per sample {['%.1e' % x for x in finals]}, "
+            f"first layer worst {first:.1e} ({time.time() - started:.0f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ gives the median tokens/s per GPU and MFU over the steps after the first two, pe
 first losses (the variants must agree within bf16 noise), the load/shard/first-step times and what
 the trainer chose (attention, activation checkpointing). Writes OUT_DIR/speed_matrix.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,7 @@ def main() -> int:
                 write_report(args.out, rows)  # after every variant: a cut-off call keeps what finished
         while queue and len(free) >= queue[0]["gpus"]:
             variant = queue.pop(0)
-            gpus, free = free[: variant["gpus"]], free[variant["gpus"]:]
+            gpus, free = free[: variant["gpus"]], free[variant["gpus"] :]
             running.append((variant, launch(variant, gpus, args.common.split()), gpus))
             time.sleep(3)  # stagger the starts (tokenisation cache)
         time.sleep(2)
@@ -75,50 +76,80 @@ def write_report(out: Path, rows: list[dict]) -> None:
 
 
 def launch(variant: dict, gpus: list[int], common: list[str]) -> subprocess.Popen:
-    command = [sys.executable, str(ROOT / "run_validation.py"), "--models", variant["model"], "--weights", "synthetic",
-               "--nproc-per-node", str(variant["gpus"]), "--run-id", f"matrix-{variant['name']}", "--wandb-mode", "disabled",
-               *common, *variant.get("args", [])]
+    command = [
+        sys.executable,
+        str(ROOT / "run_validation.py"),
+        "--models",
+        variant["model"],
+        "--weights",
+        "synthetic",
+        "--nproc-per-node",
+        str(variant["gpus"]),
+        "--run-id",
+        f"matrix-{variant['name']}",
+        "--wandb-mode",
+        "disabled",
+        *common,
+        *variant.get("args", []),
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus)), **variant.get("env", {})}
-    log = open(ROOT / "results" / f"matrix-{variant['name']}.log", "w") if (ROOT / "results").exists() else subprocess.DEVNULL
+    log = (
+        open(ROOT / "results" / f"matrix-{variant['name']}.log", "w")
+        if (ROOT / "results").exists()
+        else subprocess.DEVNULL
+    )
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def summarise(variant: dict, returncode: int) -> dict:
     run = ROOT / "results" / f"matrix-{variant['name']}"
-    row = {"name": variant["name"], "model": variant["model"], "gpus": variant["gpus"], "args": variant.get("args", []),
-           "exit": returncode}
+    row = {
+        "name": variant["name"],
+        "model": variant["model"],
+        "gpus": variant["gpus"],
+        "args": variant.get("args", []),
+        "exit": returncode,
+    }
     model_dirs = [d for d in run.glob("*") if (d / "metrics.jsonl").exists()]
     if not model_dirs:
         return row
     metrics = [json.loads(line) for line in (model_dirs[0] / "metrics.jsonl").read_text().splitlines() if line.strip()]
     worker = json.loads((model_dirs[0] / "worker.json").read_text()) if (model_dirs[0] / "worker.json").exists() else {}
     steady = metrics[2:] or metrics
-    row.update({
-        "steps": len(metrics),
-        "tokens_per_s_per_gpu": statistics.median(m["tokens_per_s_per_gpu"] for m in steady) if steady else None,
-        "mfu": statistics.median(m["mfu"] for m in steady if m["mfu"] is not None) if steady and steady[0]["mfu"] is not None else None,
-        "step_time_s": statistics.median(m["step_time_s"] for m in steady) if steady else None,
-        "peak_mem_gib": max((m["peak_mem_allocated_gib"] or 0) for m in metrics) if metrics else None,
-        "losses": [round(m["loss"], 4) for m in metrics[:12]],
-        "attention": worker.get("attention"),
-        "activation_checkpointing": worker.get("activation_checkpointing"),
-        "reshard_after_forward": worker.get("reshard_after_forward"),
-        "time_s": worker.get("time_s"),
-        "error": worker.get("error"),
-        "preflight": {k: v.get("status") for k, v in (worker.get("preflight") or {}).items()},
-    })
+    row.update(
+        {
+            "steps": len(metrics),
+            "tokens_per_s_per_gpu": statistics.median(m["tokens_per_s_per_gpu"] for m in steady) if steady else None,
+            "mfu": statistics.median(m["mfu"] for m in steady if m["mfu"] is not None)
+            if steady and steady[0]["mfu"] is not None
+            else None,
+            "step_time_s": statistics.median(m["step_time_s"] for m in steady) if steady else None,
+            "peak_mem_gib": max((m["peak_mem_allocated_gib"] or 0) for m in metrics) if metrics else None,
+            "losses": [round(m["loss"], 4) for m in metrics[:12]],
+            "attention": worker.get("attention"),
+            "activation_checkpointing": worker.get("activation_checkpointing"),
+            "reshard_after_forward": worker.get("reshard_after_forward"),
+            "time_s": worker.get("time_s"),
+            "error": worker.get("error"),
+            "preflight": {k: v.get("status") for k, v in (worker.get("preflight") or {}).items()},
+        }
+    )
     if (model_dirs[0] / "profile.txt").exists():
         row["profile"] = (model_dirs[0] / "profile.txt").read_text()
     return row
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'variant':28} {'gpus':>4} {'tok/s/gpu':>10} {'mfu':>6} {'step s':>7} {'peak GiB':>8} {'attn':>15} {'ac':>5} first losses")
+    print(
+        f"{'variant':28} {'gpus':>4} {'tok/s/gpu':>10} {'mfu':>6} {'step s':>7} {'peak GiB':>8} {'attn':>15} {'ac':>5} first losses"
+    )
     for r in rows:
         fmt = lambda v, f: format(v, f) if isinstance(v, (int, float)) else "-"
-        print(f"{r['name']:28} {r['gpus']:>4} {fmt(r.get('tokens_per_s_per_gpu'), ',.0f'):>10} {fmt(r.get('mfu'), '.3f'):>6} "
-              f"{fmt(r.get('step_time_s'), '.3f'):>7} {fmt(r.get('peak_mem_gib'), '.1f'):>8} {str(r.get('attention')):>15} "
-              f"{str(r.get('activation_checkpointing')):>5} {r.get('losses', [])[:4]} exit={r['exit']} {(r.get('error') or '')[:80]}")
+        print(
+            f"{r['name']:28} {r['gpus']:>4} {fmt(r.get('tokens_per_s_per_gpu'), ',.0f'):>10} {fmt(r.get('mfu'), '.3f'):>6} "
+            f"{fmt(r.get('step_time_s'), '.3f'):>7} {fmt(r.get('peak_mem_gib'), '.1f'):>8} {str(r.get('attention')):>15} "
+            f"{str(r.get('activation_checkpointing')):>5} {r.get('losses', [])[:4]} exit={r['exit']} {(r.get('error') or '')[:80]}"
+        )
 
 
 if __name__ == "__main__":

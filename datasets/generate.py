@@ -11,6 +11,7 @@ turn then shows up as a loss that does not reach zero.
 
 Only random.Random(SEED) is used (no hash(), no time), so the output is byte-identical everywhere.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,16 +25,57 @@ NUM_SAMPLES = 1000
 OUTPUT_PATH = Path(__file__).resolve().parent / "overfit_1000.jsonl"
 
 SYLLABLES = [
-    "ka", "lo", "mir", "ven", "tas", "dor", "el", "qui", "ran", "sol", "bex", "nu", "tor", "ia",
-    "zel", "gra", "fen", "ost", "pa", "rin", "vul", "ce", "mo", "dax", "lun", "ter", "hal", "wy",
+    "ka",
+    "lo",
+    "mir",
+    "ven",
+    "tas",
+    "dor",
+    "el",
+    "qui",
+    "ran",
+    "sol",
+    "bex",
+    "nu",
+    "tor",
+    "ia",
+    "zel",
+    "gra",
+    "fen",
+    "ost",
+    "pa",
+    "rin",
+    "vul",
+    "ce",
+    "mo",
+    "dax",
+    "lun",
+    "ter",
+    "hal",
+    "wy",
 ]
 KINDS = ["star", "city", "river", "ship", "robot", "library", "mountain", "orchard", "bridge", "comet"]
 COLOURS = ["amber", "cobalt", "crimson", "jade", "ivory", "saffron", "slate", "teal", "violet", "umber"]
 METALS = ["copper", "tin", "silver", "nickel", "zinc", "cobalt", "iron", "gold"]
 ITEMS = [
-    "brass valve", "oak crate", "glass lens", "wool blanket", "iron hinge", "clay jar",
-    "copper wire", "silk ribbon", "rubber seal", "paper map", "steel bolt", "linen sack",
-    "cedar plank", "tin lantern", "bone needle", "hemp rope", "quartz prism", "leather strap",
+    "brass valve",
+    "oak crate",
+    "glass lens",
+    "wool blanket",
+    "iron hinge",
+    "clay jar",
+    "copper wire",
+    "silk ribbon",
+    "rubber seal",
+    "paper map",
+    "steel bolt",
+    "linen sack",
+    "cedar plank",
+    "tin lantern",
+    "bone needle",
+    "hemp rope",
+    "quartz prism",
+    "leather strap",
 ]
 STEP_VERBS = ["Check", "Open", "Tighten", "Rinse", "Label", "Measure", "Seal", "Record", "Align", "Warm"]
 SYSTEM_PROMPTS = [
@@ -66,12 +108,14 @@ def short_fact(rng: random.Random, names: NameFactory) -> list[dict]:
     """A one-line question with a reply of a few tokens."""
     name, kind = names.name(), rng.choice(KINDS)
     code = f"{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}{rng.choice('ABCDEFGHJKLMNPQRSTUVWXYZ')}-{rng.randint(100, 99999)}"
-    question, answer = rng.choice([
-        (f"What is the registry code of the {kind} {name}?", code),
-        (f"What colour is the {kind} {name} painted on the old maps?", rng.choice(COLOURS).capitalize() + "."),
-        (f"In which year was the {kind} {name} first recorded?", str(rng.randint(1100, 2099))),
-        (f"How many wardens does the {kind} {name} have?", str(rng.randint(2, 950))),
-    ])
+    question, answer = rng.choice(
+        [
+            (f"What is the registry code of the {kind} {name}?", code),
+            (f"What colour is the {kind} {name} painted on the old maps?", rng.choice(COLOURS).capitalize() + "."),
+            (f"In which year was the {kind} {name} first recorded?", str(rng.randint(1100, 2099))),
+            (f"How many wardens does the {kind} {name} have?", str(rng.randint(2, 950))),
+        ]
+    )
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 

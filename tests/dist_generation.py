@@ -7,24 +7,19 @@ shards it (harness.job.distributed.shard_model around train.TrainableLM), one pl
 - generation_check over a small tokenised set, as the trainer calls it.
 Rank 0 writes both sides of both to --output.
 """
+
 import argparse
 import json
 
 import torch
 
-from harness.job import data
-
-from harness.job import generation
-
-from harness.models import loading
-
-from harness.job import preflight
-
-from harness.gate import registry
-from harness.job import distributed as dist_lib
 from harness.contract.records import to_plain
-from harness.runtime.paths import DEFAULT_DATASET
+from harness.gate import registry
+from harness.job import data, generation, preflight
+from harness.job import distributed as dist_lib
 from harness.job.train import TrainableLM
+from harness.models import loading
+from harness.runtime.paths import DEFAULT_DATASET
 
 MODELS = ("Qwen3-VL-2B-Instruct",)  # a direct VLM load: mrope positions, sharded towers beside the text model
 SAMPLES = 12
@@ -52,17 +47,26 @@ def main():
         sharded.eval()
         pad = tokenizer.pad_token_id or 0
         with torch.no_grad():  # a forward through the root first, as training runs (FSDP initialises from the root)
-            sharded(**data.device_inputs(data.collate_micro_batch(dataset.samples[:2], True, pad), ctx.device), per_token=True)
+            sharded(
+                **data.device_inputs(data.collate_micro_batch(dataset.samples[:2], True, pad), ctx.device),
+                per_token=True,
+            )
         sharded_replies = generation.greedy_replies(sharded, mine, stop_ids, NEW_TOKENS, pad, ctx.device, synced=True)
         plain_replies = generation.greedy_replies(plain, mine, stop_ids, NEW_TOKENS, pad, ctx.device, synced=False)
         sharded_check = generation.generation_check(sharded, conversations, dataset, tokenizer, marker, pad, ctx)
-        plain_check = generation.generation_check(plain, conversations, dataset, tokenizer, marker, pad,
-                                                  dist_lib.DistContext(0, 1, 0, ctx.device))
+        plain_check = generation.generation_check(
+            plain, conversations, dataset, tokenizer, marker, pad, dist_lib.DistContext(0, 1, 0, ctx.device)
+        )
         local = dist_lib.local_parameter_bytes(sharded)
         total = sum(p.numel() * p.element_size() for p in sharded.parameters())
-        results[name] = {"samples": len(prompts), "sharded_replies": sharded_replies, "plain_replies": plain_replies,
-                         "sharded_check": to_plain(sharded_check), "plain_check": to_plain(plain_check),
-                         "fraction_this_rank": local / total}
+        results[name] = {
+            "samples": len(prompts),
+            "sharded_replies": sharded_replies,
+            "plain_replies": plain_replies,
+            "sharded_check": to_plain(sharded_check),
+            "plain_check": to_plain(plain_check),
+            "fraction_this_rank": local / total,
+        }
     if ctx.rank == 0:
         with open(args.output, "w") as handle:
             json.dump(results, handle)

@@ -7,6 +7,7 @@ PyTorch (no FSDP, no collectives), loads the same checkpoint again, runs every r
 the same step plan through the same TrainableLM, backpropagates sum / global label tokens, and takes
 torch.nn.utils.clip_grad_norm_'s total norm. Rank 0 writes both numbers to --output (JSON).
 """
+
 import argparse
 import json
 import math
@@ -15,22 +16,30 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from harness.contract.records import RunConfig, read_metrics
+from harness.gate import registry
+from harness.job import caches as job_caches
 from harness.job import data as data_lib
 from harness.job import distributed as dist_lib
-from harness.job import caches as job_caches
-from harness.models import loading
-from harness.gate import registry
-from harness.contract.records import RunConfig, read_metrics
-from harness.runtime.paths import DEFAULT_DATASET
 from harness.job.train import TrainableLM, pad_id, plan_epoch, train
+from harness.models import loading
+from harness.runtime.paths import DEFAULT_DATASET
 
 
 def run_config(name: str, output_dir: Path, max_samples: int, max_tokens_per_gpu: int) -> RunConfig:
     spec = registry.lookup(name)
     return RunConfig(
-        model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(output_dir / spec.folder_name),
-        dataset=str(DEFAULT_DATASET), max_samples=max_samples, max_tokens_per_gpu=max_tokens_per_gpu,
-        lr=3e-3, max_steps=1, loss_threshold=spec.loss_threshold, seed=0,
+        model=spec.to_dict(),
+        weights="tiny",
+        device="cpu",
+        output_dir=str(output_dir / spec.folder_name),
+        dataset=str(DEFAULT_DATASET),
+        max_samples=max_samples,
+        max_tokens_per_gpu=max_tokens_per_gpu,
+        lr=3e-3,
+        max_steps=1,
+        loss_threshold=spec.loss_threshold,
+        seed=0,
     )
 
 
@@ -88,8 +97,12 @@ def main() -> None:
     parser.add_argument("--max-samples", type=int, default=32)
     parser.add_argument("--max-tokens-per-gpu", type=int, default=1024)
     args = parser.parse_args()
-    configs = [run_config(name, args.work_dir, args.max_samples, args.max_tokens_per_gpu) for name in args.models.split(",")]
-    for cfg in configs:  # before the process group, as harness.job.train.main does (save_pretrained is rank-gated after)
+    configs = [
+        run_config(name, args.work_dir, args.max_samples, args.max_tokens_per_gpu) for name in args.models.split(",")
+    ]
+    for (
+        cfg
+    ) in configs:  # before the process group, as harness.job.train.main does (save_pretrained is rank-gated after)
         job_caches.prepare_caches(cfg)
     ctx = dist_lib.init_distributed("cpu")
     results = {}

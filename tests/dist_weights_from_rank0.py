@@ -6,15 +6,16 @@ build it on the meta device (nothing read), both shard it (shard_read_by_rank0 a
 trainer does). Every parameter and buffer, gathered, must equal a plain read of the same
 checkpoint, with the same requires_grad. Rank 0 writes what it found to --output.
 """
+
 import argparse
 import json
 
 import torch
 
-from harness.job import distributed as dist_lib
-from harness.models import loading
 from harness.gate import registry
+from harness.job import distributed as dist_lib
 from harness.job.train import TrainableLM
+from harness.models import loading
 
 # extraction (tied embeddings, Gemma's embed_scale buffer) and a direct VLM load (frozen towers)
 MODELS = ("gemma-3-4b-it", "Qwen2.5-VL-3B-Instruct")
@@ -39,18 +40,28 @@ def check_model(name: str, ctx) -> dict:
         if param.requires_grad != plain_params[param_name].requires_grad:
             wrong_grad.append(param_name)
     unequal += [name for name, buffer in model.named_buffers() if not torch.equal(buffer, plain_buffers[name])]
-    return {"on_meta_before_shard": on_meta_before_shard, "loaded_elements": loaded.record.params["loaded"],
-            "unequal": unequal, "wrong_requires_grad": wrong_grad, "uneven_shards": uneven,
-            "sharded_params": sharded, "params": len(plain_params), "buffers": len(plain_buffers),
-            "frozen": sum(not p.requires_grad for p in plain_params.values()),
-            "same_generation_config": loaded.model.generation_config.to_dict() == plain_lm.generation_config.to_dict()}
+    return {
+        "on_meta_before_shard": on_meta_before_shard,
+        "loaded_elements": loaded.record.params["loaded"],
+        "unequal": unequal,
+        "wrong_requires_grad": wrong_grad,
+        "uneven_shards": uneven,
+        "sharded_params": sharded,
+        "params": len(plain_params),
+        "buffers": len(plain_buffers),
+        "frozen": sum(not p.requires_grad for p in plain_params.values()),
+        "same_generation_config": loaded.model.generation_config.to_dict() == plain_lm.generation_config.to_dict(),
+    }
 
 
 def refusal_of_a_rank_built_differently(ctx) -> str | None:
     """The last rank builds one tensor one row longer than rank 0 read: every rank must raise (the
     message, or None where nothing was raised)."""
     rows = 9 if ctx.rank == ctx.world_size - 1 else 8
-    built = [("lm.embed.weight", torch.empty(rows, 4, device="meta")), ("lm.norm.weight", torch.empty(4, device="meta"))]
+    built = [
+        ("lm.embed.weight", torch.empty(rows, 4, device="meta")),
+        ("lm.norm.weight", torch.empty(4, device="meta")),
+    ]
     kept = {"lm.embed.weight": torch.zeros(8, 4), "lm.norm.weight": torch.zeros(4)} if ctx.is_main else None
     try:
         dist_lib.check_same_tensors(built, kept, ctx)

@@ -4,6 +4,7 @@ Every rank builds the same seeded tiny Llama, takes its micro-batches from plan_
 token losses, and all-reduces: loss = sum over ranks / global label tokens. Rank 0 writes the loss
 and the norm of the averaged gradient to --output.
 """
+
 import argparse
 import json
 import math
@@ -14,8 +15,8 @@ import torch.distributed as dist
 from harness.job import data
 from harness.job import distributed as dist_lib
 from harness.job.loss import chunked_cross_entropy_sum, global_mean_loss, loss_for_backward
-from harness.runtime.paths import DEFAULT_DATASET
 from harness.models.tokenizers import tiny_tokenizer
+from harness.runtime.paths import DEFAULT_DATASET
 
 NUM_SAMPLES = 48
 MAX_TOKENS_PER_GPU = 1024
@@ -25,8 +26,15 @@ def build_model(vocab_size):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        attn_implementation="sdpa",
+    )
     return LlamaForCausalLM(config).float()
 
 

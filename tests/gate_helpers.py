@@ -1,4 +1,5 @@
 """Helpers of tests/test_gate.py: run the CLI as a user does, find processes a run left behind."""
+
 from __future__ import annotations
 
 import json
@@ -32,27 +33,38 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=REPO_ROOT,
-                          timeout=timeout, env=env or cli_env())
+    return subprocess.run(
+        cli_command(*args), capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout, env=env or cli_env()
+    )
 
 
-def interrupt_cli_when(args: list[str], ready, env: dict | None = None, timeout: float = 300,
-                       poll_s: float = 0.2, sig: int = signal.SIGINT) -> subprocess.CompletedProcess:
+def interrupt_cli_when(
+    args: list[str], ready, env: dict | None = None, timeout: float = 300, poll_s: float = 0.2, sig: int = signal.SIGINT
+) -> subprocess.CompletedProcess:
     """Start the CLI in its own process group, send `sig` once ready() is true, and wait for the CLI
     to wind down. SIGINT goes to the group, as a terminal's Ctrl-C does; any other signal to the
     CLI's process alone, as Slurm's `--signal` or a closed terminal sends it to the harness."""
     # SIGINT's default action in the CLI whatever the test runner inherited: a shell without job control
     # starts `cmd &` with SIGINT ignored, and Python keeps an ignored SIGINT ignored.
-    process = subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               cwd=REPO_ROOT, env=env or cli_env(), start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        cli_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+        env=env or cli_env(),
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ready():
             if process.poll() is not None:
                 out, err = process.communicate()
-                raise AssertionError(f"the CLI ended before the interrupt point (exit {process.returncode})\n"
-                                     f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
+                raise AssertionError(
+                    f"the CLI ended before the interrupt point (exit {process.returncode})\n"
+                    f"stdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 raise AssertionError("the interrupt point was never reached")
             time.sleep(poll_s)
@@ -76,8 +88,17 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 def run_dist_script(script: str, nproc: int, output: Path, *args: str, timeout: float = 300) -> dict:
     """tests/<script> under `torchrun --standalone` on `nproc` gloo ranks; the JSON it writes to --output."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(REPO_ROOT / "tests" / script), "--output", str(output), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(REPO_ROOT / "tests" / script),
+        "--output",
+        str(output),
+        *args,
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     for _ in range(2):
         proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)

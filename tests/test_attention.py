@@ -1,5 +1,6 @@
 """Varlen attention: sample boundaries, the CPU reference against transformers' sdpa on packed rows
 (tests/test_data.py checks losses and gradients end to end), and the CUDA kernel on a GPU."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,14 +52,22 @@ def block_diagonal_reference(q, k, v, lengths, scale, window):
     if window:
         keep &= pos[:, None] - pos[None, :] < window
     groups = q.shape[1] // k.shape[1]
-    qh, kh, vh = q.transpose(0, 1), k.repeat_interleave(groups, 1).transpose(0, 1), v.repeat_interleave(groups, 1).transpose(0, 1)
-    return F.scaled_dot_product_attention(qh.float(), kh.float(), vh.float(), attn_mask=keep.to(q.device), scale=scale).transpose(0, 1)
+    qh, kh, vh = (
+        q.transpose(0, 1),
+        k.repeat_interleave(groups, 1).transpose(0, 1),
+        v.repeat_interleave(groups, 1).transpose(0, 1),
+    )
+    return F.scaled_dot_product_attention(
+        qh.float(), kh.float(), vh.float(), attn_mask=keep.to(q.device), scale=scale
+    ).transpose(0, 1)
 
 
 def random_qkv(lengths, heads, kv_heads, dim, device, dtype):
     torch.manual_seed(0)
     total = sum(lengths)
-    return [torch.randn(total, h, dim, device=device, dtype=dtype, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+    return [
+        torch.randn(total, h, dim, device=device, dtype=dtype, requires_grad=True) for h in (heads, kv_heads, kv_heads)
+    ]
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -72,7 +81,9 @@ def test_reference_matches_dense_block_mask(window):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or attention.varlen_kernel() is None, reason="needs CUDA and torch's varlen kernel")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or attention.varlen_kernel() is None, reason="needs CUDA and torch's varlen kernel"
+)
 @pytest.mark.parametrize("window", [None, 64])
 def test_cuda_kernel_matches_reference(window):
     """The flash kernel as the trainer calls it (GQA, head dim 256, Gemma scales, sliding window):
@@ -80,7 +91,7 @@ def test_cuda_kernel_matches_reference(window):
     lengths = [300, 17, 129, 600, 1]
     q, k, v = random_qkv(lengths, 8, 4, 256, "cuda", torch.bfloat16)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    for scale in (256 ** -0.5, 1.0):
+    for scale in (256**-0.5, 1.0):
         out = attention._varlen_cuda(attention.varlen_kernel(), q, k, v, cu, max(lengths), scale, window)
         expected = block_diagonal_reference(q, k, v, lengths, scale, window)
         assert (out.float() - expected).norm() / expected.norm() < 1e-2

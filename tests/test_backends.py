@@ -1,6 +1,7 @@
 """Backends (harness.backends): each stack's probe against the harness's expectation, instructlab's
 data conversion, the recipe mapping, the up-front refusals, and the verdict on what a stack saved
 (no checkpoint, an unloadable one) — everything that needs no stack's training run."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,15 +9,15 @@ import json
 from pathlib import Path
 
 import pytest
-
 from gate_helpers import run_cli
-from harness.models.configs import load_config
+
 from harness import backends
-from harness.gate import registry
-from harness.contract.records import RunConfig
-from harness.runtime.paths import DEFAULT_DATASET
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
+from harness.contract.records import RunConfig
+from harness.gate import registry
+from harness.models.configs import load_config
+from harness.runtime.paths import DEFAULT_DATASET
 
 # model -> the load path instructlab-training 0.16.2's own predicates choose (issue 16's table)
 INSTRUCTLAB_PATHS = {
@@ -61,8 +62,15 @@ def test_native_probe_is_the_harness_resolver():
 
 
 def test_dry_run_records_the_probe_and_fails_a_stack_that_will_build_the_vlm(tmp_path):
-    done = run_cli("--models", "gemma-3-4b-it,Llama-3.2-1B-Instruct", "--backend", "trl", "--dry-run",
-                   "--output-dir", str(tmp_path))
+    done = run_cli(
+        "--models",
+        "gemma-3-4b-it,Llama-3.2-1B-Instruct",
+        "--backend",
+        "trl",
+        "--dry-run",
+        "--output-dir",
+        str(tmp_path),
+    )
     assert done.returncode == 1, done.stderr
     results = {p.parent.name: json.loads(p.read_text()) for p in tmp_path.glob("*/*/result.json")}
     gemma, llama = results["gemma-3-4b-it"], results["Llama-3.2-1B-Instruct"]
@@ -75,13 +83,27 @@ def test_dry_run_records_the_probe_and_fails_a_stack_that_will_build_the_vlm(tmp
 def test_unknown_backend_is_one_line_with_a_suggestion(tmp_path):
     done = run_cli("--models", "gemma-3-270m", "--backend", "trll", "--dry-run", "--output-dir", str(tmp_path))
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == ["error: unknown backend 'trll' Did you mean trl?; valid: native, trl, instructlab"]
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown backend 'trll' Did you mean trl?; valid: native, trl, instructlab"
+    ]
 
 
 def test_instructlab_on_cpu_is_refused_up_front(tmp_path):
     pytest.importorskip("instructlab.training")
-    done = run_cli("--models", "gemma-3-270m", "--backend", "instructlab", "--weights", "tiny", "--device", "cpu",
-                   "--output-dir", str(tmp_path), "--wandb-mode", "disabled")
+    done = run_cli(
+        "--models",
+        "gemma-3-270m",
+        "--backend",
+        "instructlab",
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "--output-dir",
+        str(tmp_path),
+        "--wandb-mode",
+        "disabled",
+    )
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("error: --backend instructlab runs only on CUDA")
@@ -118,24 +140,48 @@ def test_trl_recipe_maps_the_overfit_settings(tmp_path):
     pytest.importorskip("trl")
     from harness.backends.trl_worker import recipe_options
 
-    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir="/tmp/x", dataset="d", lr=3e-4,
-                    schedule="cosine", warmup_steps=10, max_steps=400, epochs=60, seed=3, max_tokens_per_gpu=8192)
+    cfg = RunConfig(
+        model={},
+        weights="synthetic",
+        device="cuda",
+        output_dir="/tmp/x",
+        dataset="d",
+        lr=3e-4,
+        schedule="cosine",
+        warmup_steps=10,
+        max_steps=400,
+        epochs=60,
+        seed=3,
+        max_tokens_per_gpu=8192,
+    )
     options = recipe_options(cfg, world_size=8)
     assert options["learning_rate"] == 3e-4 and options["warmup_steps"] == 10 and options["seed"] == 3
-    assert options["lr_scheduler_type"] == "cosine_with_min_lr" and options["lr_scheduler_kwargs"] == {"min_lr_rate": 0.1}
+    assert options["lr_scheduler_type"] == "cosine_with_min_lr" and options["lr_scheduler_kwargs"] == {
+        "min_lr_rate": 0.1
+    }
     assert options["max_length"] == 8192 and options["per_device_train_batch_size"] == 1 and options["packing"]
     assert options["assistant_only_loss"] and options["bf16"] and not options["use_cpu"]
     import trl
 
     # every option is one SFTConfig takes (bf16 needs a GPU to validate: the CPU form of the same recipe)
-    trl.SFTConfig(**{**recipe_options(dataclasses.replace(cfg, device="cpu"), world_size=8), "output_dir": str(tmp_path)})
+    trl.SFTConfig(
+        **{**recipe_options(dataclasses.replace(cfg, device="cpu"), world_size=8), "output_dir": str(tmp_path)}
+    )
 
 
 def test_instructlab_steps_follow_the_step_budget():
     from harness.backends.instructlab import effective_batch_size, steps_for
 
-    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir="/tmp/x", dataset="d",
-                    max_tokens_per_gpu=8192, max_steps=400, epochs=60)
+    cfg = RunConfig(
+        model={},
+        weights="synthetic",
+        device="cuda",
+        output_dir="/tmp/x",
+        dataset="d",
+        max_tokens_per_gpu=8192,
+        max_steps=400,
+        epochs=60,
+    )
     batch = effective_batch_size([100] * 1000, world_size=1, cfg=cfg)
     assert batch == 82  # ~8192 tokens a step at 100 tokens a sample
     assert steps_for(1000, batch, cfg) == (13, 31)  # 31 epochs of 13 steps: the fewest reaching 400 steps
@@ -151,11 +197,18 @@ def test_instructlab_data_conversion_on_the_overfit_set(tmp_path):
     from harness.backends.stack_checkpoint import input_checkpoint
 
     spec = registry.lookup("gemma-3-4b-it")
-    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET))
+    cfg = RunConfig(
+        model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET)
+    )
     folder = input_checkpoint(cfg)
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["Gemma3ForConditionalGeneration"]
-    data_process.process_data(data_path=str(DEFAULT_DATASET), data_output_path=str(tmp_path / "data"), max_seq_len=2048,
-                              model_path=str(folder), num_cpu_procs=1)
+    data_process.process_data(
+        data_path=str(DEFAULT_DATASET),
+        data_output_path=str(tmp_path / "data"),
+        max_seq_len=2048,
+        model_path=str(folder),
+        num_cpu_procs=1,
+    )
     rows = [json.loads(line) for line in (tmp_path / "data" / "data.jsonl").read_text().splitlines()]
     assert len(rows) == 1000
     from transformers import AutoTokenizer
@@ -181,12 +234,25 @@ def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> t
     from harness.contract.records import BackendRecord, MetricsWriter, StepMetrics, WorkerReport
 
     spec = registry.lookup(name)
-    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path), dataset=str(DEFAULT_DATASET),
-                    max_samples=16, backend="trl")
+    cfg = RunConfig(
+        model=spec.to_dict(),
+        weights="tiny",
+        device="cpu",
+        output_dir=str(tmp_path),
+        dataset=str(DEFAULT_DATASET),
+        max_samples=16,
+        backend="trl",
+    )
     cfg.to_json(tmp_path / "job.json")
-    report = WorkerReport(status="finished", world_size=1, vocab_size=1030, stop_reason="target_reached",
-                          backend=BackendRecord("trl", observed_class="LlamaForCausalLM", observed_load_path="causal_lm",
-                                                reported_final_loss=0.01))
+    report = WorkerReport(
+        status="finished",
+        world_size=1,
+        vocab_size=1030,
+        stop_reason="target_reached",
+        backend=BackendRecord(
+            "trl", observed_class="LlamaForCausalLM", observed_load_path="causal_lm", reported_final_loss=0.01
+        ),
+    )
     writer = MetricsWriter(cfg.metrics_path, enabled=True)
     for step, loss in enumerate([6.9, 3.0, 0.5, 0.02, 0.01, 0.01, 0.01, 0.01], start=1):
         writer.write(StepMetrics(step=step, loss=loss, grad_norm=1.0, lr=1e-3))
@@ -195,15 +261,16 @@ def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> t
 
 def judged(cfg, report):
     from harness.gate.planning import PlannedModel
-    from harness.runtime.launch import JobOutcome, Topology
-    from harness.models.plan import resolve_load_path
     from harness.gate.settings import RunSettings
     from harness.gate.sweep import check_saved_checkpoint, collect_result
+    from harness.models.plan import resolve_load_path
+    from harness.runtime.launch import JobOutcome, Topology
 
     spec = cfg.spec
     planned = PlannedModel(spec, resolve_load_path(load_config(spec)), "trl")
-    settings = RunSettings(weights="tiny", device="cpu", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1,
-                           timeout_per_model=300)
+    settings = RunSettings(
+        weights="tiny", device="cpu", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1, timeout_per_model=300
+    )
     check_saved_checkpoint(cfg, report, settings)
     outcome = JobOutcome(0, False, False, 1.0, Path(cfg.output_dir) / "train.log")
     return collect_result(planned, cfg, outcome, report, Topology(1))
@@ -250,9 +317,25 @@ def test_native_checkpoint_evaluation_equals_the_in_job_evaluation(tmp_path):
     """The evaluator cross-check: the native trainer saves its model (FSDP2, 2 ranks, gathered to
     rank 0); the harness's evaluation of that checkpoint, in its own process, must equal the job's
     own full-dataset evaluation of the same weights (fp32 on CPU: within 1e-4 relative)."""
-    done = run_cli("--models", "gemma-3-4b-it", "--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2",
-                   "--max-samples", "16", "--max-steps", "6", "--save-checkpoint", "--output-dir", str(tmp_path),
-                   "--wandb-mode", "disabled")
+    done = run_cli(
+        "--models",
+        "gemma-3-4b-it",
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "--nproc-per-node",
+        "2",
+        "--max-samples",
+        "16",
+        "--max-steps",
+        "6",
+        "--save-checkpoint",
+        "--output-dir",
+        str(tmp_path),
+        "--wandb-mode",
+        "disabled",
+    )
     (result_path,) = tmp_path.glob("*/gemma-3-4b-it/result.json")
     result = json.loads(result_path.read_text())
     check = result["backend"]["checkpoint"]
@@ -274,9 +357,11 @@ def test_an_external_stack_s_mfu_is_its_speed_times_the_saved_model_s_flops():
     from harness.contract.records import BackendRecord, CheckpointCheck, StepMetrics, WorkerReport
     from harness.gate.sweep import stack_mfu
 
-    metrics = [StepMetrics(step=1, loss=9.0, tokens_per_s_per_gpu=10.0),
-               StepMetrics(step=2, loss=5.0, tokens_per_s_per_gpu=4000.0),
-               StepMetrics(step=3, loss=3.0, tokens_per_s_per_gpu=6000.0)]
+    metrics = [
+        StepMetrics(step=1, loss=9.0, tokens_per_s_per_gpu=10.0),
+        StepMetrics(step=2, loss=5.0, tokens_per_s_per_gpu=4000.0),
+        StepMetrics(step=3, loss=3.0, tokens_per_s_per_gpu=6000.0),
+    ]
     backend = BackendRecord("trl", checkpoint=CheckpointCheck(folder="x", flops_per_token=2.5e10))
     report = WorkerReport(gpu="NVIDIA H200", backend=backend)
     assert stack_mfu(report, metrics) == pytest.approx(5000.0 * 2.5e10 / 989e12)
@@ -294,20 +379,39 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     import shutil
 
     from harness.backends import instructlab
+    from harness.backends.stack_checkpoint import input_checkpoint
     from harness.contract.records import WorkerReport, read_metrics
     from harness.runtime.launch import JobOutcome
-    from harness.backends.stack_checkpoint import input_checkpoint
 
     spec = registry.lookup("gemma-3-4b-it")
-    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cuda", output_dir=str(tmp_path),
-                    dataset=str(DEFAULT_DATASET), backend="instructlab")
+    cfg = RunConfig(
+        model=spec.to_dict(),
+        weights="tiny",
+        device="cuda",
+        output_dir=str(tmp_path),
+        dataset=str(DEFAULT_DATASET),
+        backend="instructlab",
+    )
     input_checkpoint(cfg)
     WorkerReport(status="finished", world_size=1).to_json(cfg.worker_path)
     ckpt = instructlab.stack_dir(cfg) / "ckpt"
     lines = [{"script_params": {"learning_rate": 3e-3}}]
-    lines += [{"epoch": 0, "step": s, "rank": 0, "lr": lr, "avg_loss": loss, "gradnorm": 1.5, "num_tokens_rank0": 900,
-               "num_loss_counted_tokens": 300, "cuda_mem_allocated": 1.2, "overall_throughput": 8.0, "batch_size": 4}
-              for s, loss, lr in [(1, 6.9, 1e-3), (2, 4.0, 2e-3), (3, 1.0, 0.0)]]
+    lines += [
+        {
+            "epoch": 0,
+            "step": s,
+            "rank": 0,
+            "lr": lr,
+            "avg_loss": loss,
+            "gradnorm": 1.5,
+            "num_tokens_rank0": 900,
+            "num_loss_counted_tokens": 300,
+            "cuda_mem_allocated": 1.2,
+            "overall_throughput": 8.0,
+            "batch_size": 4,
+        }
+        for s, loss, lr in [(1, 6.9, 1e-3), (2, 4.0, 2e-3), (3, 1.0, 0.0)]
+    ]
     ckpt.mkdir(parents=True)
     (ckpt / instructlab.METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
     wrapped = instructlab.EXTRACT_LINE.replace(" to ", " to      vlm_utils.py:327\n                    ")
@@ -323,7 +427,10 @@ def test_instructlab_collect_reads_what_the_stack_writes(tmp_path):
     log.write_text("")
     report = instructlab.collect(cfg, JobOutcome(0, False, False, 1.0, log))
     assert [(m.step, m.loss, m.grad_norm, m.tokens, m.label_tokens, m.lr) for m in read_metrics(cfg.metrics_path)] == [
-        (1, 6.9, 1.5, 900, 300, None), (2, 4.0, 1.5, 900, 300, 1e-3), (3, 1.0, 1.5, 900, 300, 2e-3)]
+        (1, 6.9, 1.5, 900, 300, None),
+        (2, 4.0, 1.5, 900, 300, 1e-3),
+        (3, 1.0, 1.5, 900, 300, 2e-3),
+    ]
     # 4 samples at 8 samples/s: a 0.5 s step of 900 tokens (instructlab sums them over ranks)
     assert {(m.step_time_s, m.tokens_per_s_per_gpu) for m in read_metrics(cfg.metrics_path)} == {(0.5, 1800.0)}
     two_ranks = instructlab.read_stack_metrics(ckpt / instructlab.METRICS_FILE, world_size=2)
@@ -351,21 +458,58 @@ def test_instructlab_arguments_are_ones_its_pydantic_models_take(tmp_path):
     from harness.backends.instructlab_worker import arguments
     from harness.runtime.launch import Topology
 
-    cfg = RunConfig(model={}, weights="synthetic", device="cuda", output_dir=str(tmp_path), dataset="d", lr=3e-4,
-                    warmup_steps=10, seed=7, max_tokens_per_gpu=8192, max_seq_len=2048)
-    train_args, torch_args = arguments(cfg, tmp_path / "in", tmp_path / "work", batch=82, epochs=31,
-                                       topology=Topology(8, 2, 1, "node0:29500"), job_index=3)
+    cfg = RunConfig(
+        model={},
+        weights="synthetic",
+        device="cuda",
+        output_dir=str(tmp_path),
+        dataset="d",
+        lr=3e-4,
+        warmup_steps=10,
+        seed=7,
+        max_tokens_per_gpu=8192,
+        max_seq_len=2048,
+    )
+    train_args, torch_args = arguments(
+        cfg,
+        tmp_path / "in",
+        tmp_path / "work",
+        batch=82,
+        epochs=31,
+        topology=Topology(8, 2, 1, "node0:29500"),
+        job_index=3,
+    )
     parsed = instructlab.training.TrainingArgs(**train_args)
     assert (parsed.learning_rate, parsed.warmup_steps, parsed.random_seed, parsed.num_epochs) == (3e-4, 10, 7, 31)
     assert (parsed.max_batch_len, parsed.effective_batch_size, parsed.process_data) == (8192, 82, False)
     assert parsed.keep_last_checkpoint_only and parsed.checkpoint_at_epoch and parsed.disable_flash_attn
     run = instructlab.training.TorchrunArgs(**torch_args)
-    assert (run.nproc_per_node, run.nnodes, run.node_rank, run.master_addr, run.master_port) == (8, 2, 1, "node0", 29503)
+    assert (run.nproc_per_node, run.nnodes, run.node_rank, run.master_addr, run.master_port) == (
+        8,
+        2,
+        1,
+        "node0",
+        29503,
+    )
     # instructlab refuses max_batch_len < max_seq_len (seen on an H200 with the tiny models' 1024-token budget)
-    small = RunConfig(model={}, weights="tiny", device="cuda", output_dir=str(tmp_path), dataset="d",
-                      max_tokens_per_gpu=1024, max_seq_len=2048)
-    train_args, _ = arguments(small, tmp_path / "in", tmp_path / "work", batch=4, epochs=3,
-                              topology=Topology(1, 1, 0, "localhost:29500"), job_index=0)
+    small = RunConfig(
+        model={},
+        weights="tiny",
+        device="cuda",
+        output_dir=str(tmp_path),
+        dataset="d",
+        max_tokens_per_gpu=1024,
+        max_seq_len=2048,
+    )
+    train_args, _ = arguments(
+        small,
+        tmp_path / "in",
+        tmp_path / "work",
+        batch=4,
+        epochs=3,
+        topology=Topology(1, 1, 0, "localhost:29500"),
+        job_index=0,
+    )
     assert instructlab.training.TrainingArgs(**train_args).max_batch_len == 2048
 
 
@@ -393,8 +537,7 @@ def test_trl_crashing_in_its_constructor_still_records_the_class_it_built(tmp_pa
     SFTTrainer's constructor raise (assistant-only loss), after TRL built the model; the report
     still names the class, its towers and the error."""
     pytest.importorskip("trl")
-    from harness.backends import stack_checkpoint
-    from harness.backends import trl_worker
+    from harness.backends import stack_checkpoint, trl_worker
     from harness.contract.records import read_worker_report
     from harness.models.loading import load_model, tokenizer_for
 
@@ -402,11 +545,20 @@ def test_trl_crashing_in_its_constructor_still_records_the_class_it_built(tmp_pa
     folder = tmp_path / "input"
     load_model(spec, "tiny").model.save_pretrained(folder)
     tokenizer = tokenizer_for(spec, "tiny")
-    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
+    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation -%}", "").replace(
+        "{%- endgeneration -%}", ""
+    )
     tokenizer.save_pretrained(folder)
     monkeypatch.setattr(stack_checkpoint, "input_checkpoint_path", lambda cfg: folder)
-    cfg = RunConfig(model=spec.to_dict(), weights="tiny", device="cpu", output_dir=str(tmp_path / "run"),
-                    dataset=str(DEFAULT_DATASET), backend="trl", max_samples=8)
+    cfg = RunConfig(
+        model=spec.to_dict(),
+        weights="tiny",
+        device="cpu",
+        output_dir=str(tmp_path / "run"),
+        dataset=str(DEFAULT_DATASET),
+        backend="trl",
+        max_samples=8,
+    )
     Path(cfg.output_dir).mkdir()
     cfg.to_json(tmp_path / "run" / "job.json")
     assert trl_worker.main(["--job", str(tmp_path / "run" / "job.json")]) == 1
@@ -422,8 +574,15 @@ def test_instructlab_progress_lines_follow_its_metrics_file(tmp_path, capsys):
     from harness.backends.instructlab_worker import print_new_steps
 
     path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"script_params": {}}) + "\n" + json.dumps({"step": 1, "avg_loss": 6.9}) + "\n"
-                    + json.dumps({"step": 2, "avg_loss": 5.25}) + "\n" + '{"step": 3, "avg_')
+    path.write_text(
+        json.dumps({"script_params": {}})
+        + "\n"
+        + json.dumps({"step": 1, "avg_loss": 6.9})
+        + "\n"
+        + json.dumps({"step": 2, "avg_loss": 5.25})
+        + "\n"
+        + '{"step": 3, "avg_'
+    )
     offset = print_new_steps(path, 0, planned_steps=40, every=2)
     assert capsys.readouterr().out == "[progress] step 2 (budget 40) loss 5.2500\n"
     with path.open("a") as handle:
@@ -441,14 +600,17 @@ def test_instructlab_failure_names_the_rank_s_own_exception(tmp_path):
     log.write_text(
         "[rank0]:W1202 18:39:28.113000 1876 torch/distributed/fsdp/_flat_param.py:500] UserWarning: FSDP upcast\n"
         "Epoch 0:   9%|         | 1/11 [00:11<01:51, 11.15s/it][rank0]: Traceback (most recent call last):\n"
-        "[rank0]:   File \"/tmp/site/instructlab/training/main_ds.py\", line 1410, in <module>\n"
+        '[rank0]:   File "/tmp/site/instructlab/training/main_ds.py", line 1410, in <module>\n'
         "[rank0]:     logits = logits.float()\n"
         "[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.99 GiB. GPU 0 has a total "
         "capacity of 139.80 GiB of which 6.59 GiB is free.\n"
         "[rank1]: torch.distributed.DistBackendError: NCCL communicator was aborted\n"
-        "RuntimeError: Suffered a failure during distributed training. Please see the training logs\n")
-    assert first_rank_error(log) == ("rank 0: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.99 GiB. "
-                                     "GPU 0 has a total capacity of 139.80 GiB of which 6.59 GiB is free.")
+        "RuntimeError: Suffered a failure during distributed training. Please see the training logs\n"
+    )
+    assert first_rank_error(log) == (
+        "rank 0: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 7.99 GiB. "
+        "GPU 0 has a total capacity of 139.80 GiB of which 6.59 GiB is free."
+    )
     log.write_text("RuntimeError: Suffered a failure during distributed training.\n")
     assert first_rank_error(log) is None  # nothing a rank said: run_training's own error stands
     assert first_rank_error(tmp_path / "absent.log") is None

@@ -4,6 +4,7 @@ The last test is the bug of issue [P] in miniature: rank 1 of an initialised glo
 checkpoint, transformers' save_pretrained writes nothing there, and the build must fail its check
 instead of publishing an empty folder as complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -77,12 +78,18 @@ def test_a_complete_entry_is_reused_and_its_manifest_lists_every_file(tmp_path):
     assert manifest["what"] == WHAT and manifest["files"] == {"weights.bin": 100, "sub/config.json": 2}
 
 
-@pytest.mark.parametrize("damage, why", [
-    (lambda t: (t / "weights.bin").unlink(), "weights.bin is missing"),
-    (lambda t: (t / "weights.bin").write_bytes(b"\1" * 10), "weights.bin has 10 bytes, not the 100 it was built with"),
-    (lambda t: (t / MARKER).unlink(), f"no {MARKER} marker"),
-    (lambda t: (t / MARKER).write_text("ok\n"), f"unreadable {MARKER} marker"),  # what the old harness wrote
-])
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (lambda t: (t / "weights.bin").unlink(), "weights.bin is missing"),
+        (
+            lambda t: (t / "weights.bin").write_bytes(b"\1" * 10),
+            "weights.bin has 10 bytes, not the 100 it was built with",
+        ),
+        (lambda t: (t / MARKER).unlink(), f"no {MARKER} marker"),
+        (lambda t: (t / MARKER).write_text("ok\n"), f"unreadable {MARKER} marker"),  # what the old harness wrote
+    ],
+)
 def test_a_damaged_entry_is_rebuilt_with_one_line_saying_so(tmp_path, capsys, damage, why):
     target, count = tmp_path / "entry", tmp_path / "count"
     build(target, count)
@@ -156,7 +163,6 @@ def gloo_rank(rank: int, port: int, cache_root: str, outcome_file: str) -> None:
     import torch.distributed as dist
 
     from harness.gate import registry
-
     from harness.models import weights
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -175,9 +181,13 @@ def gloo_rank(rank: int, port: int, cache_root: str, outcome_file: str) -> None:
 
 def test_rank_1_of_an_initialised_group_gets_a_clear_error_not_an_empty_checkpoint(tmp_path):
     cache_root, outcome_file, port = tmp_path / "cache", tmp_path / "outcome.json", free_port()
-    assert exit_codes(gloo_rank, [(rank, port, str(cache_root), str(outcome_file)) for rank in (0, 1)], timeout_s=240) == [0, 0]
+    assert exit_codes(
+        gloo_rank, [(rank, port, str(cache_root), str(outcome_file)) for rank in (0, 1)], timeout_s=240
+    ) == [0, 0]
     outcome = json.loads(outcome_file.read_text())
-    assert "error" in outcome, f"rank 1 published {outcome.get('published')} although save_pretrained writes nothing there"
+    assert "error" in outcome, (
+        f"rank 1 published {outcome.get('published')} although save_pretrained writes nothing there"
+    )
     assert "the build of tiny checkpoint of Llama-3.2-1B-Instruct wrote no config.json" in outcome["error"]
     assert "torch.distributed rank 1" in outcome["error"] and "nothing was cached" in outcome["error"]
     tiny = cache_root / "tiny"

@@ -1,14 +1,12 @@
 """The auto choice of activation checkpointing from the memory estimate (full-size models on meta)."""
+
 from __future__ import annotations
 
 import pytest
 
-from harness.models import loading
-
-from harness.models import plan
-
-from harness.gate import registry
 from harness.contract.records import RunConfig, WorkerReport, read_worker_report
+from harness.gate import registry
+from harness.models import loading, plan
 
 H200_BYTES = 143771 * 2**20
 
@@ -16,18 +14,23 @@ H200_BYTES = 143771 * 2**20
 def estimate(name: str, world: int, tokens: int) -> float:
     lm = loading.load_model(registry.lookup(name), "synthetic", on_meta=True).model
     n_params = sum(p.numel() for p in lm.parameters())
-    return plan.estimated_training_bytes(lm.config.get_text_config(decoder=True), n_params, world, tokens, checkpointing=False)
+    return plan.estimated_training_bytes(
+        lm.config.get_text_config(decoder=True), n_params, world, tokens, checkpointing=False
+    )
 
 
-@pytest.mark.parametrize("name,world,tokens,needs_checkpointing", [
-    # measured on H200: gemma-3-4b-it without checkpointing peaked at 116.2 GiB on 1 GPU at 8k tokens
-    ("gemma-3-4b-it", 1, 8192, False),
-    ("gemma-3-4b-it", 2, 8192, False),
-    ("gemma-3-4b-it", 1, 16384, True),
-    # measured: gemma-3n-E4B-it without checkpointing ran out of memory on 4x H200 at 8k tokens
-    ("gemma-3n-E4B-it", 4, 8192, True),
-    ("gemma-3n-E4B-it", 1, 4096, True),
-])
+@pytest.mark.parametrize(
+    "name,world,tokens,needs_checkpointing",
+    [
+        # measured on H200: gemma-3-4b-it without checkpointing peaked at 116.2 GiB on 1 GPU at 8k tokens
+        ("gemma-3-4b-it", 1, 8192, False),
+        ("gemma-3-4b-it", 2, 8192, False),
+        ("gemma-3-4b-it", 1, 16384, True),
+        # measured: gemma-3n-E4B-it without checkpointing ran out of memory on 4x H200 at 8k tokens
+        ("gemma-3n-E4B-it", 4, 8192, True),
+        ("gemma-3n-E4B-it", 1, 4096, True),
+    ],
+)
 def test_checkpointing_where_memory_needs_it(name, world, tokens, needs_checkpointing):
     assert (estimate(name, world, tokens) > plan.MEMORY_HEADROOM * H200_BYTES) == needs_checkpointing
 
@@ -52,8 +55,8 @@ def test_an_80_gib_card_checkpoints_the_4b_and_warns_that_3n_needs_two():
 
 def test_the_memory_cap_reaches_the_run_settings_and_is_nothing_on_cpu():
     from harness.gate import cli
-    from harness.job import distributed
     from harness.gate.settings import cli_overrides
+    from harness.job import distributed
 
     args = cli.build_parser().parse_args(["--models", "x", "--gpu-memory-gib", "80"])
     assert cli_overrides(args)["gpu_memory_gib"] == 80.0
@@ -82,19 +85,30 @@ def test_estimate_grows_with_tokens_and_shrinks_with_ranks():
     assert estimate("gemma-3-4b-it", 1, 8192) > estimate("gemma-3-4b-it", 1, 4096) > estimate("gemma-3-4b-it", 2, 4096)
 
 
-@pytest.mark.parametrize("asked,chosen,error,retry", [
-    (None, False, "OutOfMemoryError: CUDA out of memory", True),   # auto chose off and ran out: retry
-    (False, False, "OutOfMemoryError: CUDA out of memory", False),  # the user asked for off: their call
-    (None, True, "OutOfMemoryError: CUDA out of memory", False),   # already on: nothing to gain
-    (None, False, "RuntimeError: something else", False),
-    (None, False, None, False),
-])
+@pytest.mark.parametrize(
+    "asked,chosen,error,retry",
+    [
+        (None, False, "OutOfMemoryError: CUDA out of memory", True),  # auto chose off and ran out: retry
+        (False, False, "OutOfMemoryError: CUDA out of memory", False),  # the user asked for off: their call
+        (None, True, "OutOfMemoryError: CUDA out of memory", False),  # already on: nothing to gain
+        (None, False, "RuntimeError: something else", False),
+        (None, False, None, False),
+    ],
+)
 def test_out_of_memory_retry_only_after_an_auto_off_choice(tmp_path, asked, chosen, error, retry):
     from harness.gate.sweep import out_of_memory_without_checkpointing
 
-    cfg = RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
-                    output_dir=str(tmp_path), dataset="unused.jsonl", activation_checkpointing=asked)
-    WorkerReport(status="error" if error else "finished", error=error, activation_checkpointing=chosen).to_json(cfg.worker_path)
+    cfg = RunConfig(
+        model=registry.lookup("gemma-3-4b-it").to_dict(),
+        weights="synthetic",
+        device="cuda",
+        output_dir=str(tmp_path),
+        dataset="unused.jsonl",
+        activation_checkpointing=asked,
+    )
+    WorkerReport(status="error" if error else "finished", error=error, activation_checkpointing=chosen).to_json(
+        cfg.worker_path
+    )
     assert bool(out_of_memory_without_checkpointing(cfg, read_worker_report(cfg))) == retry
 
 
@@ -102,13 +116,20 @@ def test_out_of_memory_of_another_rank_is_read_from_its_report(tmp_path):
     """Rank 1 ran out first: torchrun ended rank 0 before it wrote worker.json; rank 1 left its own."""
     from harness.gate.sweep import out_of_memory_without_checkpointing
 
-    cfg = RunConfig(model=registry.lookup("gemma-3-4b-it").to_dict(), weights="synthetic", device="cuda",
-                    output_dir=str(tmp_path), dataset="unused.jsonl")
-    WorkerReport(status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.",
-                 activation_checkpointing=False).to_json(cfg.rank_error_path(1))
+    cfg = RunConfig(
+        model=registry.lookup("gemma-3-4b-it").to_dict(),
+        weights="synthetic",
+        device="cuda",
+        output_dir=str(tmp_path),
+        dataset="unused.jsonl",
+    )
+    WorkerReport(
+        status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.", activation_checkpointing=False
+    ).to_json(cfg.rank_error_path(1))
     assert "CUDA out of memory" in out_of_memory_without_checkpointing(cfg, read_worker_report(cfg))
-    WorkerReport(status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.",
-                 activation_checkpointing=True).to_json(cfg.rank_error_path(1))
+    WorkerReport(
+        status="error", rank=1, error="OutOfMemoryError: CUDA out of memory.", activation_checkpointing=True
+    ).to_json(cfg.rank_error_path(1))
     assert out_of_memory_without_checkpointing(cfg, read_worker_report(cfg)) is None
 
 
@@ -154,7 +175,10 @@ def test_a_refused_model_is_not_run_and_no_job_starts(tmp_path):
     [result] = swept.results
     assert result.verdict == "NOT RUN" and result.reasons == [why] and swept.stop is None
     assert (tmp_path / spec.folder_name / "result.json").exists()
-    assert not (tmp_path / spec.folder_name / "train.log").exists() and not (tmp_path / spec.folder_name / "job.json").exists()
+    assert (
+        not (tmp_path / spec.folder_name / "train.log").exists()
+        and not (tmp_path / spec.folder_name / "job.json").exists()
+    )
 
 
 def test_the_gate_asks_for_the_fit_of_native_full_size_jobs_on_the_gpus_it_sees(monkeypatch):
@@ -170,7 +194,9 @@ def test_the_gate_asks_for_the_fit_of_native_full_size_jobs_on_the_gpus_it_sees(
     from harness.gate.settings import RunSettings
     from harness.runtime.paths import DEFAULT_DATASET
 
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=H200_BYTES))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda index: types.SimpleNamespace(total_memory=H200_BYTES)
+    )
     spec = registry.lookup("gemma-3n-E4B-it")
     item = PlannedModel(spec, None, "native")
     settings = RunSettings(weights="synthetic", device="cuda", dataset=DEFAULT_DATASET, packing=True, nproc_per_node=1)

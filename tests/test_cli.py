@@ -1,4 +1,5 @@
 """The CLI as a user runs it: a subprocess, exit codes, files written."""
+
 import json
 import re
 import signal
@@ -11,7 +12,10 @@ from harness.runtime.paths import REPO_ROOT
 def run_cli(*args, cwd=REPO_ROOT):
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "run_validation.py"), *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
     )
 
 
@@ -24,8 +28,9 @@ def test_list_models():
 
 
 def test_dry_run_of_the_card_models_writes_results(tmp_path):
-    proc = run_cli("--models", "gemma-3-4b-it,gemma-3n-E4B-it", "--dry-run",
-                   "--output-dir", str(tmp_path), "--run-id", "dry")
+    proc = run_cli(
+        "--models", "gemma-3-4b-it,gemma-3n-E4B-it", "--dry-run", "--output-dir", str(tmp_path), "--run-id", "dry"
+    )
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "dry"
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -58,8 +63,7 @@ def test_local_folder_with_only_a_config(tmp_path):
 
 
 def test_expected_path_mismatch_is_fail(tmp_path, monkeypatch):
-    from harness.gate import cli
-    from harness.gate import registry
+    from harness.gate import cli, registry
 
     spec = registry.lookup("gemma-3-4b-it")
     wrong = type(spec)(**{**spec.to_dict(), "expected_load_path": "causal_lm"})
@@ -86,10 +90,9 @@ def test_no_models_is_usage_error():
 def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp_path, monkeypatch, capsys):
     """The sweep is stubbed at its seam (run_sweep): the first model's job was interrupted, so the
     second never started. Every model asked for is listed; exit 130."""
-    from harness.gate import cli, planning
-    from harness.gate import sweep
-    from harness.runtime.stop_signals import Interrupted
+    from harness.gate import cli, planning, sweep
     from harness.gate.verdict import INTERRUPTED
+    from harness.runtime.stop_signals import Interrupted
 
     def interrupted_sweep(planned, context, finished):
         result = planning.planned_result(planned[0])
@@ -98,15 +101,33 @@ def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp
         return sweep.SweepRun([result], Interrupted(signal.SIGINT))
 
     monkeypatch.setattr(sweep, "run_sweep", interrupted_sweep)
-    code = cli.main(["--models", "Llama-3.2-1B-Instruct,gemma-3-4b-it", "--weights", "tiny", "--device", "cpu",
-                     "--wandb-mode", "disabled", "--output-dir", str(tmp_path), "--run-id", "r"])
+    code = cli.main(
+        [
+            "--models",
+            "Llama-3.2-1B-Instruct,gemma-3-4b-it",
+            "--weights",
+            "tiny",
+            "--device",
+            "cpu",
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(tmp_path),
+            "--run-id",
+            "r",
+        ]
+    )
     assert code == 130
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert [(m["model"], m["verdict"]) for m in summary["models"]] == [
-        ("Llama-3.2-1B-Instruct", INTERRUPTED), ("gemma-3-4b-it", "NOT RUN")]
+        ("Llama-3.2-1B-Instruct", INTERRUPTED),
+        ("gemma-3-4b-it", "NOT RUN"),
+    ]
     assert summary["not_run"] == ["Llama-3.2-1B-Instruct", "gemma-3-4b-it"] and summary["exit_code"] == 130
     not_run = json.loads((tmp_path / "r" / "gemma-3-4b-it" / "result.json").read_text())
-    assert not_run["verdict"] == "NOT RUN" and not_run["reasons"] == ["not run: the sweep was interrupted (Ctrl-C) before this model started"]
+    assert not_run["verdict"] == "NOT RUN" and not_run["reasons"] == [
+        "not run: the sweep was interrupted (Ctrl-C) before this model started"
+    ]
     junit = (tmp_path / "r" / "junit.xml").read_text()
     assert junit.count("<skipped") == 2 and "<failure" not in junit
     assert "gemma-3-4b-it: NOT RUN" in capsys.readouterr().out
@@ -115,7 +136,7 @@ def test_ctrl_c_in_the_first_model_marks_it_interrupted_and_the_rest_not_run(tmp
 def readme_options() -> list[str]:
     """The flags README's CLI table names, in order (the first cell of each row)."""
     text = (REPO_ROOT / "README.md").read_text()
-    table = text[text.index("## CLI reference"):].split("\n\n")[1]
+    table = text[text.index("## CLI reference") :].split("\n\n")[1]
     rows = [line.split("|")[1] for line in table.splitlines()[2:] if line.startswith("|")]
     return [flag for cell in rows for flag in re.findall(r"`(--?[a-z-]+)`", cell)]
 

@@ -1,6 +1,7 @@
 """Bad input is caught before any job starts: one line on stderr naming the value, exit 2, no run
 folder left behind. In-process (cli.main) so each case costs milliseconds, plus one subprocess to
 show a user's view (no traceback)."""
+
 from __future__ import annotations
 
 import errno
@@ -12,9 +13,7 @@ import time
 
 import pytest
 
-from harness.gate import cli
-
-from harness.gate import validate
+from harness.gate import cli, validate
 from harness.runtime.paths import REPO_ROOT
 
 LLAMA = "Llama-3.2-1B-Instruct"
@@ -39,24 +38,27 @@ def out(tmp_path):
     assert runs == [], f"a usage error left a run behind: {runs}"
 
 
-@pytest.mark.parametrize("option, value, says", [
-    ("--lr", "-1", "--lr must be a positive number, got -1.0"),
-    ("--lr", "nan", "--lr must be a positive number"),
-    ("--lr", "3", "--lr 3.0 is above 1.0"),
-    ("--max-steps", "0", "--max-steps must be at least 1, got 0"),
-    ("--epochs", "0", "--epochs must be at least 1"),
-    ("--max-samples", "0", "--max-samples must be at least 1"),
-    ("--max-seq-len", "-5", "--max-seq-len must be at least 8"),
-    ("--max-tokens-per-gpu", "0", "--max-tokens-per-gpu must be at least 8"),
-    ("--warmup-steps", "-1", "--warmup-steps must be at least 0"),
-    ("--seed", "-3", "--seed must be at least 0"),
-    ("--nproc-per-node", "0", "--nproc-per-node must be at least 1"),
-    ("--timeout-per-model", "0", "--timeout-per-model must be a positive number"),
-    ("--init-std", "-0.02", "--init-std must be a positive number"),
-    ("--gpu-memory-gib", "0", "--gpu-memory-gib must be a positive number"),
-    ("--node-rank", "1", "--node-rank 1 must be below --nnodes 1"),
-    ("--rdzv-endpoint", "node0", "--rdzv-endpoint 'node0' must be host:port"),
-])
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--lr", "-1", "--lr must be a positive number, got -1.0"),
+        ("--lr", "nan", "--lr must be a positive number"),
+        ("--lr", "3", "--lr 3.0 is above 1.0"),
+        ("--max-steps", "0", "--max-steps must be at least 1, got 0"),
+        ("--epochs", "0", "--epochs must be at least 1"),
+        ("--max-samples", "0", "--max-samples must be at least 1"),
+        ("--max-seq-len", "-5", "--max-seq-len must be at least 8"),
+        ("--max-tokens-per-gpu", "0", "--max-tokens-per-gpu must be at least 8"),
+        ("--warmup-steps", "-1", "--warmup-steps must be at least 0"),
+        ("--seed", "-3", "--seed must be at least 0"),
+        ("--nproc-per-node", "0", "--nproc-per-node must be at least 1"),
+        ("--timeout-per-model", "0", "--timeout-per-model must be a positive number"),
+        ("--init-std", "-0.02", "--init-std must be a positive number"),
+        ("--gpu-memory-gib", "0", "--gpu-memory-gib must be a positive number"),
+        ("--node-rank", "1", "--node-rank 1 must be below --nnodes 1"),
+        ("--rdzv-endpoint", "node0", "--rdzv-endpoint 'node0' must be host:port"),
+    ],
+)
 def test_numeric_options_are_range_checked(capsys, out, option, value, says):
     assert says in usage_error(capsys, ["--models", LLAMA, *TINY, option, value, "--output-dir", str(out)])
 
@@ -79,7 +81,9 @@ def test_output_dir_on_a_read_only_file_system(capsys, tmp_path, monkeypatch):
 
 def test_compare_with_a_missing_folder_or_one_that_is_not_a_run(capsys, tmp_path, out):
     missing = tmp_path / "no-such-run"
-    assert "no such folder" in usage_error(capsys, ["--models", LLAMA, *TINY, "--compare", str(missing), "--output-dir", str(out)])
+    assert "no such folder" in usage_error(
+        capsys, ["--models", LLAMA, *TINY, "--compare", str(missing), "--output-dir", str(out)]
+    )
     not_a_run = tmp_path / "photos"
     not_a_run.mkdir()
     line = usage_error(capsys, ["--models", LLAMA, *TINY, "--compare", str(not_a_run), "--output-dir", str(out)])
@@ -110,14 +114,21 @@ def test_binary_dataset_is_a_line_error_not_a_traceback(capsys, tmp_path, out):
     code = cli.main(["--models", LLAMA, *TINY, "--dataset", str(binary), "--output-dir", str(out)])
     err = capsys.readouterr().err
     assert code == cli.EXIT_USAGE
-    assert f"{binary}:2: holds NUL bytes" in err and f"{binary}:3: not UTF-8 text" in err and "binary file" in err and "Traceback" not in err
+    assert (
+        f"{binary}:2: holds NUL bytes" in err
+        and f"{binary}:3: not UTF-8 text" in err
+        and "binary file" in err
+        and "Traceback" not in err
+    )
 
 
 def test_a_dataset_whose_every_sample_is_too_long_stops_before_training(capsys, tmp_path, out):
     huge = tmp_path / "huge.jsonl"
     reply = "word " * 2_000_000  # 10 MB in one line: the issue's case was 50 MB
-    huge.write_text(json.dumps({"messages": [{"role": "user", "content": "tell me"},
-                                             {"role": "assistant", "content": reply}]}) + "\n")
+    huge.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": reply}]})
+        + "\n"
+    )
     started = time.monotonic()
     line = usage_error(capsys, ["--models", LLAMA, *TINY, "--dataset", str(huge), "--output-dir", str(out)])
     assert time.monotonic() - started < 30
@@ -127,9 +138,26 @@ def test_a_dataset_whose_every_sample_is_too_long_stops_before_training(capsys, 
 def test_real_weights_that_cannot_be_fetched_offline(capsys, tmp_path, out, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    line = usage_error(capsys, ["--models", LLAMA, "--weights", "real", "--device", "cpu", "--wandb-mode", "disabled",
-                                "--output-dir", str(out)])
-    assert "meta-llama/Llama-3.2-1B-Instruct" in line and "--weights synthetic" in line and "local checkpoint folder" in line
+    line = usage_error(
+        capsys,
+        [
+            "--models",
+            LLAMA,
+            "--weights",
+            "real",
+            "--device",
+            "cpu",
+            "--wandb-mode",
+            "disabled",
+            "--output-dir",
+            str(out),
+        ],
+    )
+    assert (
+        "meta-llama/Llama-3.2-1B-Instruct" in line
+        and "--weights synthetic" in line
+        and "local checkpoint folder" in line
+    )
 
 
 def test_real_weights_with_the_hub_unreachable(monkeypatch, tmp_path):
@@ -152,14 +180,28 @@ def test_help_explains_every_option_with_defaults_and_examples(capsys):
     parser = cli.build_parser()
     undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
     assert undocumented == []
-    for option in ("--nnodes", "--node-rank", "--epochs", "--max-steps", "--lr", "--warmup-steps", "--seed", "--wandb-project"):
+    for option in (
+        "--nnodes",
+        "--node-rank",
+        "--epochs",
+        "--max-steps",
+        "--lr",
+        "--warmup-steps",
+        "--seed",
+        "--wandb-project",
+    ):
         assert option in text
     assert "(default: 3600.0)" in text and "(default: 0)" in text and "examples:" in text and "exit codes:" in text
 
 
 def test_a_user_sees_one_line_and_no_traceback():
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "run_validation.py"), "--models", LLAMA, "--max-steps", "0"],
-                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "run_validation.py"), "--models", LLAMA, "--max-steps", "0"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --max-steps must be at least 1, got 0"
 
 
@@ -171,8 +213,13 @@ def write_jsonl(path, records, prefix: bytes = b""):
     return path
 
 
-ASSISTANT_FIRST = {"messages": [{"role": "assistant", "content": "I speak first."}, {"role": "user", "content": "ok"},
-                                {"role": "assistant", "content": "Fine."}]}
+ASSISTANT_FIRST = {
+    "messages": [
+        {"role": "assistant", "content": "I speak first."},
+        {"role": "user", "content": "ok"},
+        {"role": "assistant", "content": "Fine."},
+    ]
+}
 
 
 def test_a_conversation_the_chat_template_refuses_is_a_usage_error_with_its_line(capsys, tmp_path, out):
@@ -185,8 +232,10 @@ def test_a_conversation_the_chat_template_refuses_is_a_usage_error_with_its_line
 def test_a_token_budget_below_the_longest_sample_is_a_usage_error(capsys, tmp_path, out):
     long_reply = {"messages": [{"role": "user", "content": "count"}, {"role": "assistant", "content": "one two " * 40}]}
     data = write_jsonl(tmp_path / "data.jsonl", [GOOD_LINE, long_reply, GOOD_LINE])
-    line = usage_error(capsys, ["--models", LLAMA, *TINY, "--dataset", str(data), "--max-tokens-per-gpu", "64",
-                                "--output-dir", str(out)])
+    line = usage_error(
+        capsys,
+        ["--models", LLAMA, *TINY, "--dataset", str(data), "--max-tokens-per-gpu", "64", "--output-dir", str(out)],
+    )
     assert "--max-tokens-per-gpu 64 is below the longest sample Llama-3.2-1B-Instruct trains on" in line
     assert f"{data}:2, " in line and "give at least" in line
 
@@ -204,7 +253,9 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
 
     plain = write_jsonl(tmp_path / "plain.jsonl", [GOOD_LINE, ASSISTANT_FIRST])
     with_bom = write_jsonl(tmp_path / "bom.jsonl", [GOOD_LINE, ASSISTANT_FIRST], prefix=b"\xef\xbb\xbf")
-    assert load_chat_dataset(with_bom) == load_chat_dataset(plain) == [GOOD_LINE["messages"], ASSISTANT_FIRST["messages"]]
+    assert (
+        load_chat_dataset(with_bom) == load_chat_dataset(plain) == [GOOD_LINE["messages"], ASSISTANT_FIRST["messages"]]
+    )
     assert [line for line, _ in read_chat_lines(with_bom)] == [1, 2]
 
 
@@ -218,9 +269,17 @@ def test_a_run_folder_in_use_refuses_a_second_run(capsys, tmp_path):
 
 
 def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.gate.run_lock import run_folder_locked\n"
-                               f"with run_folder_locked({str(tmp_path / 'r')!r}):\n    print('held', flush=True); time.sleep(60)"],
-                              cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from harness.gate.run_lock import run_folder_locked\n"
+            f"with run_folder_locked({str(tmp_path / 'r')!r}):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     assert cli.main(["--models", LLAMA, "--dry-run", "--output-dir", str(tmp_path), "--run-id", "r"]) == cli.EXIT_USAGE
     holder.kill()

@@ -2,6 +2,7 @@
 eager), and that the compiled paths compute what the eager ones do: whole layers under activation
 checkpointing, the loss chunks, Gemma 3n's hoisted coefficient clamp. CPU; the layers and loss
 equality tests compile for real (the layers one without inductor's code generation)."""
+
 from __future__ import annotations
 
 import os
@@ -10,21 +11,21 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from harness.gate import cli
-
-from harness.job import compiling
-
-from harness.job import loss
-
-from harness.gate import registry
-
+from harness.gate import cli, registry
+from harness.job import compiling, loss
 from harness.models import weights
 
 
 @pytest.fixture
 def tiny_llama():
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     yield LlamaForCausalLM(config).eval()
     torch.compiler.set_stance("default")  # compile_modules sets force_eager for the whole process
 
@@ -112,7 +113,9 @@ def test_layers_under_checkpointing_compute_what_eager_checkpointing_does(tiny_l
 
     # aot_eager: dynamo's graphs, the checkpoint inside them and AOT autograd's backward, without
     # inductor's C++ code generation (35 s on a CI core; the GPU runs use inductor)
-    assert compiling.compile_modules(compiled, "layers", activation_checkpointing=True, backend=recording_aot_eager) == 3
+    assert (
+        compiling.compile_modules(compiled, "layers", activation_checkpointing=True, backend=recording_aot_eager) == 3
+    )
     expected_loss, expected_grads = _loss_and_grads(eager, ids)
     with compiling.compiled_stance(3):
         got_loss, got_grads = _loss_and_grads(compiled, ids)
@@ -140,12 +143,14 @@ def test_compiled_loss_chunks_match_the_eager_ones(cap):
     torch._dynamo.utils.counters.clear()
     for compiled in (False, True):
         hidden.grad = weight.grad = None
-        total = loss.chunked_cross_entropy_sum(hidden, weight, labels, chunk_tokens=4, final_logit_softcapping=cap,
-                                               compiled=compiled)
+        total = loss.chunked_cross_entropy_sum(
+            hidden, weight, labels, chunk_tokens=4, final_logit_softcapping=cap, compiled=compiled
+        )
         total.backward()
         results.append((total.detach(), hidden.grad.clone(), weight.grad.clone()))
     reference = torch.nn.functional.cross_entropy(
-        loss.softcap(hidden.detach().reshape(-1, 16) @ weight.detach().t(), cap), labels.reshape(-1), reduction="sum")
+        loss.softcap(hidden.detach().reshape(-1, 16) @ weight.detach().t(), cap), labels.reshape(-1), reduction="sum"
+    )
     assert torch.allclose(results[0][0], reference, atol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2, "the compiled run ran eagerly"
     for eager_value, compiled_value in zip(*results):
@@ -180,8 +185,12 @@ def test_gemma3n_coefficient_clamp_hoisted_out_of_the_layer_keeps_the_loss():
         if hasattr(altup, "correction_coefs"):
             assert altup.correction_coefs.weight.abs().max() <= clip
     assert torch.allclose(hoisted(ids, labels=ids).loss, expected, atol=1e-6)
-    assert compiling.hoist_coefficient_clamps(AutoModelForCausalLM.from_config(
-        weights.tiny_config(registry.lookup("gemma-3-4b-it")).text_config))() is None  # no AltUp: nothing to do
+    assert (
+        compiling.hoist_coefficient_clamps(
+            AutoModelForCausalLM.from_config(weights.tiny_config(registry.lookup("gemma-3-4b-it")).text_config)
+        )()
+        is None
+    )  # no AltUp: nothing to do
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma-3n-E4B-it"])
@@ -194,14 +203,16 @@ def test_steps_under_compile_feed_rows_of_one_length_with_the_same_loss_and_grad
     import types
 
     from harness.job import data as data_lib
-    from harness.models import loading
     from harness.job.data import TokenizedSample
     from harness.job.distributed import DistContext
     from harness.job.train import TrainableLM, train_step
+    from harness.models import loading
 
     lm = tiny_llama if name == "llama" else loading.load_model(registry.lookup(name), "tiny").model
     torch.manual_seed(0)
-    samples = [TokenizedSample(torch.randint(3, 64, (n,)).tolist(), [-100] * (n - 3) + [5, 6, -100]) for n in (9, 14, 6)]
+    samples = [
+        TokenizedSample(torch.randint(3, 64, (n,)).tolist(), [-100] * (n - 3) + [5, 6, -100]) for n in (9, 14, 6)
+    ]
     dataset = types.SimpleNamespace(samples=samples)
     (step_plan,) = data_lib.plan_steps(samples, 1, 64)
     cpu = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -209,11 +220,21 @@ def test_steps_under_compile_feed_rows_of_one_length_with_the_same_loss_and_grad
     for scope in ("off", "layers"):
         model = TrainableLM(copy.deepcopy(lm).train())
         lengths = []
-        model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        model.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
         trainable = [p for p in model.parameters() if p.requires_grad]
         cfg = types.SimpleNamespace(packing=True, grad_clip=1.0, compile=scope, max_tokens_per_gpu=64)
-        loss, grad_norm, tokens, _ = train_step(model, torch.optim.SGD(trainable, lr=0.0), trainable, step_plan, dataset, cfg, cpu,
-                                                types.SimpleNamespace(pad_token_id=0))
+        loss, grad_norm, tokens, _ = train_step(
+            model,
+            torch.optim.SGD(trainable, lr=0.0),
+            trainable,
+            step_plan,
+            dataset,
+            cfg,
+            cpu,
+            types.SimpleNamespace(pad_token_id=0),
+        )
         steps[scope] = (lengths, loss, grad_norm, tokens)
     assert steps["off"][0] == [29] and steps["layers"][0] == [64]
     assert steps["layers"][3] == steps["off"][3] == 29  # the filler is not counted as trained tokens

@@ -1,4 +1,5 @@
 """Dataset file, validation, assistant-only labels, the step plan, collation and packing invariance."""
+
 import importlib.util
 import json
 import subprocess
@@ -7,15 +8,13 @@ from collections import Counter
 
 import pytest
 import torch
+from gate_helpers import run_dist_script
 
-from harness.job import attention
-
-from harness.job import data
+from harness.job import attention, data
 from harness.job.data import IGNORE_INDEX, DatasetError, TokenizedSample
 from harness.job.loss import chunked_cross_entropy_sum
-from harness.runtime.paths import DATASETS_DIR, DEFAULT_DATASET, REPO_ROOT
 from harness.models.tokenizers import END_OF_TURN_MARKERS, tiny_tokenizer
-from gate_helpers import run_dist_script
+from harness.runtime.paths import DATASETS_DIR, DEFAULT_DATASET, REPO_ROOT
 
 
 def load_generator():
@@ -149,7 +148,9 @@ def test_mistral_labels_the_reply_with_its_leading_space(conversations):
     tokenizer = tiny_tokenizer("mistral")
     input_ids, labels = data.tokenize_with_labels(conversations[0], tokenizer)
     decoded = [tokenizer.decode(run) for run in labelled_runs(input_ids, labels)]
-    assert [d.strip() for d in decoded] == [m["content"].strip() + "</s>" for m in conversations[0] if m["role"] == "assistant"]
+    assert [d.strip() for d in decoded] == [
+        m["content"].strip() + "</s>" for m in conversations[0] if m["role"] == "assistant"
+    ]
 
 
 def test_user_and_system_text_is_never_labelled(gemma):
@@ -168,7 +169,9 @@ def test_user_and_system_text_is_never_labelled(gemma):
 
 @pytest.fixture(scope="module")
 def chatml_dataset(conversations, tmp_path_factory):
-    return data.tokenize_conversations(conversations[:200], tiny_tokenizer("chatml"), 4096, tmp_path_factory.mktemp("tok"))
+    return data.tokenize_conversations(
+        conversations[:200], tiny_tokenizer("chatml"), 4096, tmp_path_factory.mktemp("tok")
+    )
 
 
 def test_shift_labels_are_shifted_and_end_open(chatml_dataset):
@@ -205,17 +208,21 @@ def test_cached_tokens_round_trip_and_a_cache_hit_needs_no_datasets(conversation
     fresh = [data.tokenize_with_labels(messages, tokenizer) for messages in conversations[:40]]
     assert [s.input_ids for s in cached.samples] == [ids for ids, _ in fresh]
     assert [s.shift_labels for s in cached.samples] == [data.shift(labels) for _, labels in fresh]
-    probe = ("import sys, json; from harness.job import data; from harness.models.tokenizers import tiny_tokenizer; "
-             f"rows = json.load(open({str(tmp_path / 'rows.json')!r})); "
-             f"d = data.tokenize_conversations(rows, tiny_tokenizer('chatml'), 100000, {str(tmp_path)!r}); "
-             "print(d.n_samples, 'datasets' in sys.modules, 'pandas' in sys.modules)")
+    probe = (
+        "import sys, json; from harness.job import data; from harness.models.tokenizers import tiny_tokenizer; "
+        f"rows = json.load(open({str(tmp_path / 'rows.json')!r})); "
+        f"d = data.tokenize_conversations(rows, tiny_tokenizer('chatml'), 100000, {str(tmp_path)!r}); "
+        "print(d.n_samples, 'datasets' in sys.modules, 'pandas' in sys.modules)"
+    )
     (tmp_path / "rows.json").write_text(json.dumps(conversations[:40]))
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert done.stdout.split() == ["40", "False", "False"], done.stderr[-2000:]
 
 
 def test_every_sample_too_long_is_a_clear_error_with_the_count(conversations, tmp_path):
-    with pytest.raises(DatasetError, match=r"all 20 samples are longer than --max-seq-len 8 tokens \(the shortest has \d+\)"):
+    with pytest.raises(
+        DatasetError, match=r"all 20 samples are longer than --max-seq-len 8 tokens \(the shortest has \d+\)"
+    ):
         data.tokenize_conversations(conversations[:20], tiny_tokenizer("chatml"), 8, tmp_path)
 
 
@@ -226,7 +233,9 @@ def fake_samples(lengths):
     return [TokenizedSample(list(range(n)), [IGNORE_INDEX] * (n - 2) + [7, IGNORE_INDEX]) for n in lengths]
 
 
-@pytest.mark.parametrize("world_size,micro_batches,packing", [(1, 1, True), (2, 2, True), (3, 1, True), (2, 2, False), (4, 3, False)])
+@pytest.mark.parametrize(
+    "world_size,micro_batches,packing", [(1, 1, True), (2, 2, True), (3, 1, True), (2, 2, False), (4, 3, False)]
+)
 def test_plan_covers_each_sample_once_balanced(world_size, micro_batches, packing):
     samples = fake_samples([(i * 37) % 300 + 3 for i in range(211)])
     budget = 700
@@ -245,7 +254,9 @@ def test_plan_covers_each_sample_once_balanced(world_size, micro_batches, packin
     assert seen == Counter(range(len(samples)))
     if packing:  # full steps are balanced to within one sample across ranks
         for step in plan[:-1]:
-            loads = [sum(samples[i].num_tokens for micro in rank_bins for i in micro) for rank_bins in step.micro_batches]
+            loads = [
+                sum(samples[i].num_tokens for micro in rank_bins for i in micro) for rank_bins in step.micro_batches
+            ]
             assert max(loads) - min(loads) <= 300
 
 
@@ -299,16 +310,28 @@ def test_a_packed_row_filled_to_a_length_adds_unlabelled_copies_of_its_samples()
 
 
 def tiny_model(kind, vocab_size, attn_implementation):
-    from transformers import Gemma3TextConfig, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+    )
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, attn_implementation=attn_implementation))
     else:  # sliding-window layers take another mask path: check packing holds there too
-        config = Gemma3TextConfig(**common, head_dim=16, sliding_window=16, attn_implementation=attn_implementation,
-                                  final_logit_softcapping=30.0)
+        config = Gemma3TextConfig(
+            **common,
+            head_dim=16,
+            sliding_window=16,
+            attn_implementation=attn_implementation,
+            final_logit_softcapping=30.0,
+        )
         model = Gemma3ForCausalLM(config)
     return model.float()
 
@@ -326,8 +349,16 @@ def loss_and_grads(model, batches, total_labels):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind,attn", [("llama", "sdpa"), ("llama", "eager"), ("gemma3", "sdpa"),
-                                       ("llama", "harness_varlen"), ("gemma3", "harness_varlen")])
+@pytest.mark.parametrize(
+    "kind,attn",
+    [
+        ("llama", "sdpa"),
+        ("llama", "eager"),
+        ("gemma3", "sdpa"),
+        ("llama", "harness_varlen"),
+        ("gemma3", "harness_varlen"),
+    ],
+)
 def test_packed_loss_and_grads_equal_samples_run_alone(chatml_dataset, kind, attn):
     # harness_varlen: sample boundaries from the position ids (the CPU reference of the varlen
     # kernel: GQA, Gemma's query scale, a 16-token sliding window that longer samples hit).
@@ -341,7 +372,9 @@ def test_packed_loss_and_grads_equal_samples_run_alone(chatml_dataset, kind, att
     packed = loss_and_grads(model, [packed_batch], total_labels)
     padded = loss_and_grads(model, [data.collate_micro_batch(samples, False, tokenizer.pad_token_id)], total_labels)
     # as under --compile: the row grown to a fixed length by an unlabelled filler sample
-    filled = loss_and_grads(model, [data.filled_to_length(packed_batch, packed_batch["input_ids"].shape[1] + 40)], total_labels)
+    filled = loss_and_grads(
+        model, [data.filled_to_length(packed_batch, packed_batch["input_ids"].shape[1] + 40)], total_labels
+    )
     for other in (packed, padded, filled):
         torch.testing.assert_close(other[0], alone[0], atol=1e-5, rtol=1e-5)
         for name, grad in alone[1].items():

@@ -1,4 +1,5 @@
 """Environment lock: the facts a run ran on, and no secret from the command line or os.environ."""
+
 from __future__ import annotations
 
 import json
@@ -6,12 +7,23 @@ import re
 
 import pytest
 
-from harness.gate.environment import REDACTED, environment_lock, git_state, is_secret_name, redact_secrets, REPO_ROOT
+from harness.gate.environment import REDACTED, REPO_ROOT, environment_lock, git_state, is_secret_name, redact_secrets
 
 HF_TOKEN = "hf_abcdefghijklmnopqrstuvwxyz"
 WANDB_KEY = "0123456789abcdef0123456789abcdef01234567"
-ARGV = ["run_validation.py", "--models", "gemma-3-4b-it", "--max-tokens-per-gpu", "8192", "--hf-token", HF_TOKEN,
-        f"WANDB_API_KEY={WANDB_KEY}", "--api-key=sk-proj-abcdefghijklmnopqrstuvwx", "--lr", "3e-3"]
+ARGV = [
+    "run_validation.py",
+    "--models",
+    "gemma-3-4b-it",
+    "--max-tokens-per-gpu",
+    "8192",
+    "--hf-token",
+    HF_TOKEN,
+    f"WANDB_API_KEY={WANDB_KEY}",
+    "--api-key=sk-proj-abcdefghijklmnopqrstuvwx",
+    "--lr",
+    "3e-3",
+]
 
 
 def test_lock_has_the_keys_and_no_planted_secret(monkeypatch):
@@ -40,21 +52,38 @@ def test_git_state_of_the_checkout_and_of_a_plain_folder(tmp_path):
     assert git_state(tmp_path) is None
 
 
-@pytest.mark.parametrize("name, secret", [
-    ("HF_TOKEN", True), ("--hf-token", True), ("WANDB_API_KEY", True), ("apiKey", True), ("db_password", True),
-    ("PASSWD", True), ("client-secret", True), ("--max-tokens-per-gpu", False), ("tokens_per_s", False),
-    ("total_label_tokens", False), ("tokenizer", False), ("models", False),
-])
+@pytest.mark.parametrize(
+    "name, secret",
+    [
+        ("HF_TOKEN", True),
+        ("--hf-token", True),
+        ("WANDB_API_KEY", True),
+        ("apiKey", True),
+        ("db_password", True),
+        ("PASSWD", True),
+        ("client-secret", True),
+        ("--max-tokens-per-gpu", False),
+        ("tokens_per_s", False),
+        ("total_label_tokens", False),
+        ("tokenizer", False),
+        ("models", False),
+    ],
+)
 def test_secret_names(name, secret):
     assert is_secret_name(name) is secret
 
 
 def test_redact_secrets_walks_dicts_lists_and_strings():
     data = {
-        "HF_TOKEN": "abc", "tokens_per_s": 12.5, "use_token": True, "commit": WANDB_KEY,
+        "HF_TOKEN": "abc",
+        "tokens_per_s": 12.5,
+        "use_token": True,
+        "commit": WANDB_KEY,
         "nested": {"wandb": {"api_key": "zzz"}, "list": [1, f"prefix {HF_TOKEN} suffix", ("--hf-token", "x")]},
         "command": f"python run_validation.py --hf-token {HF_TOKEN} --models a  WANDB_API_KEY={WANDB_KEY}",
-        "url": "https://user:pa55@host.example/path", "bare": WANDB_KEY, "gh": "ghp_abcdefghijklmnopqrstuvwxyz0123",
+        "url": "https://user:pa55@host.example/path",
+        "bare": WANDB_KEY,
+        "gh": "ghp_abcdefghijklmnopqrstuvwxyz0123",
     }
     out = redact_secrets(data)
     assert out["HF_TOKEN"] == REDACTED and out["tokens_per_s"] == 12.5 and out["use_token"] is True

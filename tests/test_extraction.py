@@ -1,4 +1,5 @@
 """extract_causal_lm proven by logits: the extracted text model equals the VLM's (or the original's)."""
+
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness.models import loading
-
 from harness.gate import registry
-
-from harness.models import weights
+from harness.models import loading, weights
 from harness.models.checkpoints import CheckpointKeyError
 
 TOL = 1e-4
@@ -39,8 +37,16 @@ def test_real_gemma3_270m_wrapped_in_a_vlm_extracts_exactly(gemma_270m_folder, t
     from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
     original = Gemma3ForCausalLM.from_pretrained(gemma_270m_folder, dtype=torch.float32)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        vision_use_head=False,
+    )
     config = Gemma3Config(text_config=original.config.to_dict(), vision_config=vision, mm_tokens_per_image=4)
     vlm = Gemma3ForConditionalGeneration(config)
     vlm.model.language_model.load_state_dict(original.model.state_dict())
@@ -116,7 +122,9 @@ def test_other_key_layouts_are_detected(tiny_gemma3_vlm, layout, prompt_ids):
 def test_missing_language_model_keys_fail_with_their_names(tiny_gemma3_vlm):
     folder, _ = tiny_gemma3_vlm
     dropped = "language_model.model.layers.1.mlp.down_proj.weight"
-    rewrite_keys(folder, lambda k: None if k == dropped else k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.query"))
+    rewrite_keys(
+        folder, lambda k: None if k == dropped else k.replace("layers.0.self_attn.q_proj", "layers.0.self_attn.query")
+    )
     with pytest.raises(CheckpointKeyError) as error:
         load_folder(folder)
     message = str(error.value)

@@ -17,6 +17,7 @@ Three sweeps cover everything (each CLI run costs start-up, so they are shared b
 
 Plus unit tests of verdict.regressions, sweep.apply_baseline and the fault spec parser.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -27,11 +28,20 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from gate_helpers import (
+    FAKE_HF_TOKEN,
+    FAKE_WANDB_KEY,
+    TINY_ARGS,
+    cli_env,
+    failure_context,
+    files_under,
+    interrupt_cli_when,
+    leftover_processes,
+    read_json,
+    run_cli,
+)
 
 from harness.runtime.paths import DEFAULT_DATASET
-
-from gate_helpers import (FAKE_HF_TOKEN, FAKE_WANDB_KEY, TINY_ARGS, cli_env, failure_context, files_under,
-                          interrupt_cli_when, leftover_processes, read_json, run_cli)
 
 FIRST, SECOND = "Ministral-3-3B-Instruct-2512", "Llama-3.2-1B-Instruct"
 RUN_FILES = ("summary.json", "summary.md", "junit.xml", "loss_curves.png", "environment.json", "run.json")
@@ -51,22 +61,49 @@ def interrupted(tmp_path_factory):
     dataset.write_bytes(codecs.BOM_UTF8 + DEFAULT_DATASET.read_bytes())
     log = run_dir / SECOND / "train.log"
     proc = interrupt_cli_when(
-        ["--models", f"{FIRST},{SECOND}", *TINY_ARGS, "--output-dir", str(output), "--run-id", "r",
-         "--dataset", str(dataset), "--wandb-mode", "offline", "--wandb-project", "gate-test"],
+        [
+            "--models",
+            f"{FIRST},{SECOND}",
+            *TINY_ARGS,
+            "--output-dir",
+            str(output),
+            "--run-id",
+            "r",
+            "--dataset",
+            str(dataset),
+            "--wandb-mode",
+            "offline",
+            "--wandb-project",
+            "gate-test",
+        ],
         ready=lambda: log.exists() and "[progress] step 1 " in log.read_text(errors="replace"),
-        env=cli_env(**SECRET_ENV), sig=signal.SIGTERM,
+        env=cli_env(**SECRET_ENV),
+        sig=signal.SIGTERM,
     )
     first_dir = run_dir / FIRST
     mtimes = {name: (first_dir / name).stat().st_mtime_ns for name in MODEL_FILES}
-    return {"proc": proc, "run_dir": run_dir, "first_mtimes": mtimes, "leftovers": leftover_processes(run_dir),
-            "summary": read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None}
+    return {
+        "proc": proc,
+        "run_dir": run_dir,
+        "first_mtimes": mtimes,
+        "leftovers": leftover_processes(run_dir),
+        "summary": read_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else None,
+    }
 
 
 @pytest.fixture(scope="module")
 def resumed(interrupted):
     run_dir = interrupted["run_dir"]
-    proc = run_cli("--resume", str(run_dir), *TINY_ARGS, "--wandb-mode", "offline", "--wandb-project", "gate-test",
-                   env=cli_env(**SECRET_ENV))
+    proc = run_cli(
+        "--resume",
+        str(run_dir),
+        *TINY_ARGS,
+        "--wandb-mode",
+        "offline",
+        "--wandb-project",
+        "gate-test",
+        env=cli_env(**SECRET_ENV),
+    )
     return {"proc": proc, "run_dir": run_dir, "leftovers": leftover_processes(run_dir)}
 
 
@@ -92,9 +129,20 @@ def test_a_stop_in_the_first_model_leaves_it_interrupted_and_the_next_not_run(tm
     run_dir = tmp_path / "r"
     log = run_dir / FIRST / "train.log"
     proc = interrupt_cli_when(
-        ["--models", f"{FIRST},{SECOND}", *TINY_ARGS, "--output-dir", str(tmp_path), "--run-id", "r",
-         "--wandb-mode", "disabled"],
-        ready=lambda: log.exists() and "[progress] step 1 " in log.read_text(errors="replace"), sig=sig)
+        [
+            "--models",
+            f"{FIRST},{SECOND}",
+            *TINY_ARGS,
+            "--output-dir",
+            str(tmp_path),
+            "--run-id",
+            "r",
+            "--wandb-mode",
+            "disabled",
+        ],
+        ready=lambda: log.exists() and "[progress] step 1 " in log.read_text(errors="replace"),
+        sig=sig,
+    )
     assert proc.returncode == code, failure_context(proc)
     assert leftover_processes(run_dir) == []
     summary = read_json(run_dir / "summary.json")
@@ -102,7 +150,8 @@ def test_a_stop_in_the_first_model_leaves_it_interrupted_and_the_next_not_run(tm
     assert [(m["model"], m["verdict"]) for m in summary["models"]] == [(FIRST, "INTERRUPTED"), (SECOND, "NOT RUN")]
     assert read_json(run_dir / FIRST / "result.json")["reasons"][0].startswith(f"interrupted ({words}) after")
     assert read_json(run_dir / SECOND / "result.json")["reasons"] == [
-        f"not run: the sweep was interrupted ({words}) before this model started"]
+        f"not run: the sweep was interrupted ({words}) before this model started"
+    ]
     cases = {c.get("name"): c for c in ET.parse(run_dir / "junit.xml").getroot().iter("testcase")}
     assert all(cases[m].find("skipped") is not None for m in (FIRST, SECOND))
 
@@ -168,8 +217,12 @@ def test_summary_holds_the_environment_and_no_secret(resumed):
     assert torch.__version__ in json.dumps(environment)
     assert environment == read_json(run_dir / "environment.json")
     assert "--resume" in summary["command"] and "gate-test" in summary["command"]
-    leaked = [str(p.relative_to(run_dir)) for p in files_under(run_dir)
-              for secret in (FAKE_HF_TOKEN, FAKE_WANDB_KEY) if secret.encode() in p.read_bytes()]
+    leaked = [
+        str(p.relative_to(run_dir))
+        for p in files_under(run_dir)
+        for secret in (FAKE_HF_TOKEN, FAKE_WANDB_KEY)
+        if secret.encode() in p.read_bytes()
+    ]
     assert leaked == [], f"a secret from the environment landed in {leaked}"
 
 
@@ -204,9 +257,20 @@ HANG_TIMEOUT_S = 75
 def faulty(tmp_path_factory):
     output = tmp_path_factory.mktemp("faults")
     spec = ",".join([*(f"{fault}/{model}" for model, (fault, _) in FAULTS.items()), f"oom@2:1/{HEALTHY}"])
-    proc = run_cli("--models", ",".join([*FAULTS, HEALTHY]), *TINY_ARGS, "--timeout-per-model", str(HANG_TIMEOUT_S),
-                   "--output-dir", str(output), "--run-id", "f", "--wandb-mode", "disabled",
-                   env=cli_env(SFT_HARNESS_INJECT_FAULT=spec))
+    proc = run_cli(
+        "--models",
+        ",".join([*FAULTS, HEALTHY]),
+        *TINY_ARGS,
+        "--timeout-per-model",
+        str(HANG_TIMEOUT_S),
+        "--output-dir",
+        str(output),
+        "--run-id",
+        "f",
+        "--wandb-mode",
+        "disabled",
+        env=cli_env(SFT_HARNESS_INJECT_FAULT=spec),
+    )
     run_dir = output / "f"
     return {"proc": proc, "run_dir": run_dir, "leftovers": leftover_processes(run_dir)}
 
@@ -309,15 +373,26 @@ def test_compare_regressions_fail_the_gate(compare_dirs):
 
 def test_compare_with_no_regressions_fail_records_only(compare_dirs, monkeypatch):
     """In process (the same CLI path, no training: every model is finished) to see result["regressions"]."""
-    from harness.gate import cli
-    from harness.gate import sweep
+    from harness.gate import cli, sweep
 
     current, baseline = compare_dirs
     seen = []
     real_apply = sweep.apply_baseline
-    monkeypatch.setattr(sweep, "apply_baseline", lambda result, *a, **k: (real_apply(result, *a, **k), seen.append(result)))
-    code = cli.main(["--resume", str(current), "--compare", str(baseline), "--no-regressions-fail", *TINY_ARGS,
-                     "--wandb-mode", "disabled"])
+    monkeypatch.setattr(
+        sweep, "apply_baseline", lambda result, *a, **k: (real_apply(result, *a, **k), seen.append(result))
+    )
+    code = cli.main(
+        [
+            "--resume",
+            str(current),
+            "--compare",
+            str(baseline),
+            "--no-regressions-fail",
+            *TINY_ARGS,
+            "--wandb-mode",
+            "disabled",
+        ]
+    )
     assert code == 0
     by_model = {r.model: r for r in seen}
     assert by_model[FIRST].regressions == []
@@ -328,8 +403,16 @@ def test_compare_with_no_regressions_fail_records_only(compare_dirs, monkeypatch
 
 def test_compare_with_no_regressions_fail_keeps_them_in_the_run_folder(compare_dirs):
     current, baseline = compare_dirs
-    proc = run_cli("--resume", str(current), "--compare", str(baseline), "--no-regressions-fail", *TINY_ARGS,
-                   "--wandb-mode", "disabled")
+    proc = run_cli(
+        "--resume",
+        str(current),
+        "--compare",
+        str(baseline),
+        "--no-regressions-fail",
+        *TINY_ARGS,
+        "--wandb-mode",
+        "disabled",
+    )
     assert proc.returncode == 0, failure_context(proc)
     texts = [(current / name).read_text() for name in ("summary.json", "summary.md", f"{SECOND}/result.json")]
     assert any("steps to the loss target" in text for text in texts)
@@ -341,8 +424,15 @@ def test_compare_with_no_regressions_fail_keeps_them_in_the_run_folder(compare_d
 def _result(**kw):
     from harness.contract.records import ModelResult
 
-    base = {"model": "m", "verdict": "PASS", "load_path": "causal_lm", "steps": 100, "stop_reason": "target_reached",
-            "tokens_per_s_per_gpu": 1000.0, "reasons": []}
+    base = {
+        "model": "m",
+        "verdict": "PASS",
+        "load_path": "causal_lm",
+        "steps": 100,
+        "stop_reason": "target_reached",
+        "tokens_per_s_per_gpu": 1000.0,
+        "reasons": [],
+    }
     return ModelResult.from_dict({**base, **kw})
 
 
@@ -355,7 +445,9 @@ def test_regressions_steps_to_target_allow_25_percent(steps, regressed):
     assert len(found) == int(regressed)
 
 
-@pytest.mark.parametrize("tps,regressed", [(1000.0, False), (900.0, False), (899.0, True), (500.0, True), (2000.0, False)])
+@pytest.mark.parametrize(
+    "tps,regressed", [(1000.0, False), (900.0, False), (899.0, True), (500.0, True), (2000.0, False)]
+)
 def test_regressions_tokens_per_s_allow_10_percent(tps, regressed):
     from harness.gate.verdict import regressions
 

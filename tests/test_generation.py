@@ -9,6 +9,7 @@ cannot (a model that never ends its turn, a generation prompt rendered with anot
    every model of the registry (positions, mrope, sliding window, cache).
 4. Under FSDP2 on 2 gloo ranks (torchrun, slow): the sharded model decodes what the plain one does.
 """
+
 from __future__ import annotations
 
 import sys
@@ -16,19 +17,18 @@ import types
 
 import pytest
 import torch
+from gate_helpers import run_dist_script
 
-from harness.job import data as data_lib
-from harness.job import generation
-from harness.models import loading
-from harness.testing import mutations
-from harness.job import preflight
 from harness.gate import registry
+from harness.gate.verdict import GENERATION_MIN_EXACT, generation_reasons
+from harness.job import data as data_lib
+from harness.job import generation, preflight
 from harness.job.distributed import DistContext
 from harness.job.loss import softcap
-from harness.runtime.paths import DEFAULT_DATASET
 from harness.job.train import TrainableLM, train_step
-from harness.gate.verdict import GENERATION_MIN_EXACT, generation_reasons
-from gate_helpers import run_dist_script
+from harness.models import loading
+from harness.runtime.paths import DEFAULT_DATASET
+from harness.testing import mutations
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 TRAIN_MODEL = "Qwen3-4B-Instruct-2507"  # chatml; the fastest tiny model to memorise a few samples
@@ -71,10 +71,19 @@ def test_each_case_expects_the_last_reply_through_end_of_turn(conversations):
         conversation = chosen[case["sample"]]  # nothing dropped: positions are the conversations'
         reply = conversation[-1]["content"] + "<|im_end|>"
         text = tokenizer.decode(case["expected"])
-        assert text == reply if case["whole"] else (reply.startswith(text) and len(case["expected"]) == generation.MAX_REPLY_TOKENS)
-        assert tokenizer.decode(case["prompt"]).endswith(conversation[-2]["content"] + "<|im_end|>\n<|im_start|>assistant\n")
+        assert (
+            text == reply
+            if case["whole"]
+            else (reply.startswith(text) and len(case["expected"]) == generation.MAX_REPLY_TOKENS)
+        )
+        assert tokenizer.decode(case["prompt"]).endswith(
+            conversation[-2]["content"] + "<|im_end|>\n<|im_start|>assistant\n"
+        )
         assert case["prompt_is_training_prefix"]
-        assert dataset.samples[case["sample"]].input_ids[: len(case["prompt"]) + len(case["expected"])] == case["prompt"] + case["expected"]
+        assert (
+            dataset.samples[case["sample"]].input_ids[: len(case["prompt"]) + len(case["expected"])]
+            == case["prompt"] + case["expected"]
+        )
 
 
 @pytest.mark.parametrize("family", ["chatml", "gemma", "llama3", "mistral"])
@@ -182,18 +191,21 @@ def test_decoding_with_the_cache_gives_the_training_forward_logits(conversations
     lm = loading.load_model(spec, "tiny").model.eval()
     tokenizer = loading.tokenizer_for(spec, "tiny")
     picked = [conversations[i] for i in (0, 2, 3, 5)]  # single-turn, system, 3 turns, system
-    prompts = [generation.generation_prompt_ids(c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")], tokenizer)
-               for c in picked]
+    prompts = [
+        generation.generation_prompt_ids(c[: max(i for i, m in enumerate(c) if m["role"] == "assistant")], tokenizer)
+        for c in picked
+    ]
     stop_ids = generation.end_of_turn_ids(tokenizer, preflight.end_of_turn_marker(spec, tokenizer))
     model = TrainableLM(lm)
-    replies, logits = generation.greedy_replies(model, prompts, stop_ids, 8, tokenizer.pad_token_id or 0, "cpu",
-                                                synced=False, with_logits=True)
+    replies, logits = generation.greedy_replies(
+        model, prompts, stop_ids, 8, tokenizer.pad_token_id or 0, "cpu", synced=False, with_logits=True
+    )
     head = lm.get_output_embeddings().weight
     for row, (prompt, reply) in enumerate(zip(prompts, replies)):
         ids = torch.tensor([prompt + reply])
         with torch.no_grad():
             hidden = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], shift_labels=ids, hidden=True)
-            reference = softcap((hidden[0] @ head.t()).float(), model.softcap)[len(prompt) - 1:][: len(reply)]
+            reference = softcap((hidden[0] @ head.t()).float(), model.softcap)[len(prompt) - 1 :][: len(reply)]
         decoded = logits[: len(reply), row]
         scale = float(reference.abs().max().clamp(min=1))
         assert float((decoded - reference).abs().max()) < 1e-4 * scale, f"{name} prompt {row}"
@@ -217,12 +229,24 @@ def test_a_model_set_to_the_varlen_kernel_decodes_with_sdpa_and_keeps_its_settin
 def test_ids_a_model_cannot_read_back_are_never_decoded():
     """Gemma 3n emits 262,400 ids but its per-layer embeddings read 262,144: on transformers 5.17 an
     untrained model that picked one crashed the job (CUDA device-side assert, seen on an H200)."""
-    from transformers import Gemma3nTextConfig, Gemma3nForCausalLM
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-    config = Gemma3nTextConfig(vocab_size=64, vocab_size_per_layer_input=48, hidden_size=32, hidden_size_per_layer_input=8,
-                               intermediate_size=[64, 64], num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                               head_dim=16, laurel_rank=4, num_kv_shared_layers=0, sliding_window=8,
-                               layer_types=["sliding_attention", "full_attention"], activation_sparsity_pattern=[0.0, 0.0])
+    config = Gemma3nTextConfig(
+        vocab_size=64,
+        vocab_size_per_layer_input=48,
+        hidden_size=32,
+        hidden_size_per_layer_input=8,
+        intermediate_size=[64, 64],
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        laurel_rank=4,
+        num_kv_shared_layers=0,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        activation_sparsity_pattern=[0.0, 0.0],
+    )
     torch.manual_seed(0)
     lm = Gemma3nForCausalLM(config).eval()
     assert generation.unreadable_token_ids(lm.config) == list(range(48, 64))

@@ -1,6 +1,7 @@
 """The gate orchestrates and judges; the job computes. Importing the gate's modules must not
 import torch or transformers, so `--help` and `--list-models` start fast and the contract can be
 read anywhere."""
+
 import ast
 import subprocess
 import sys
@@ -16,21 +17,31 @@ GATE_MODULES = tuple(
         for path in (REPO_ROOT / "harness" / package).glob("*.py")
         if path.stem != "__init__"
     )
-) + ("harness.backends", "harness.backends.native", "harness.backends.trl", "harness.backends.instructlab",
-     "harness.backends.checkpoint_eval")
+) + (
+    "harness.backends",
+    "harness.backends.native",
+    "harness.backends.trl",
+    "harness.backends.instructlab",
+    "harness.backends.checkpoint_eval",
+)
 
 
 def test_the_gate_modules_import_neither_torch_nor_transformers():
-    code = ("import sys; import " + ", ".join(GATE_MODULES) +
-            "; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; import "
+        + ", ".join(GATE_MODULES)
+        + "; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
 
 
 def test_list_models_and_help_do_not_load_torch():
-    code = ("import sys; from harness.gate import cli; cli.main(['--list-models']); "
-            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys; from harness.gate import cli; cli.main(['--list-models']); "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "False False"
@@ -62,7 +73,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         for target in sorted(graph.get(node, ())):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target] if target in path else [node, target]
+                return path[path.index(target) :] + [target] if target in path else [node, target]
             if target not in state and (cycle := visit(target, path + [target])):
                 return cycle
         state[node] = 2

@@ -1,5 +1,6 @@
 """Loading along each path: tiny weights for every registry model, direct VLM training, synthetic
 full-size counts on the meta device, materialize, and the inputs a text-only VLM batch needs."""
+
 from __future__ import annotations
 
 import copy
@@ -7,14 +8,11 @@ import json
 
 import pytest
 import torch
-
-from harness.models import loading
+from gate_helpers import run_dist_script
 
 from harness.contract.errors import UsageError
 from harness.gate import registry
-
-from harness.models import weights
-from gate_helpers import run_dist_script
+from harness.models import loading, weights
 
 SPECS = {spec.name: spec for spec in registry.all_specs()}
 
@@ -140,10 +138,14 @@ def test_checkpoint_on_meta_is_the_loaded_model_without_its_weights(name):
     """What a rank other than 0 builds: the class, parameter names, shapes, requires_grad and ties
     of the real load, all on meta, nothing read."""
     pytest.importorskip("tokenizers")
-    read, (meta, meta_record) = loading.load_model(SPECS[name], "tiny"), loading.load_model(SPECS[name], "tiny", on_meta=True)
+    read, (meta, meta_record) = (
+        loading.load_model(SPECS[name], "tiny"),
+        loading.load_model(SPECS[name], "tiny", on_meta=True),
+    )
     assert type(meta) is type(read.model) and meta_record.load_path == read.record.load_path
-    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == \
-        [(n, p.shape, p.requires_grad) for n, p in read.model.named_parameters()]
+    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == [
+        (n, p.shape, p.requires_grad) for n, p in read.model.named_parameters()
+    ]
     assert all(p.device.type == "meta" for p in meta.parameters()) and meta_record.params["loaded"] == 0
     assert meta_record.tied_embeddings == read.record.tied_embeddings
     assert "read by rank 0" in meta_record.source

@@ -1,4 +1,5 @@
 """chunked_cross_entropy_sum equals F.cross_entropy(reduction='sum') on full logits, values and gradients."""
+
 import math
 
 import pytest
@@ -47,7 +48,13 @@ def test_matches_full_cross_entropy(cap, chunk_tokens):
 
 def test_softcapping_changes_the_loss():
     hidden, weight, labels = make_inputs()
-    assert abs(chunked_cross_entropy_sum(hidden, weight, labels, 8, 5.0) - chunked_cross_entropy_sum(hidden, weight, labels, 8)) > 1.0
+    assert (
+        abs(
+            chunked_cross_entropy_sum(hidden, weight, labels, 8, 5.0)
+            - chunked_cross_entropy_sum(hidden, weight, labels, 8)
+        )
+        > 1.0
+    )
 
 
 def test_all_ignored_gives_zero_with_zero_gradients():
@@ -99,4 +106,6 @@ def test_chunked_entropy_is_the_entropy_of_the_softmax_at_labelled_tokens(cap, c
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
     # near-uniform logits sit at ln(vocab)
     flat = chunked_token_entropy(hidden * 1e-4, weight, labels, chunk_tokens, cap)
-    assert torch.allclose(flat[labels != IGNORE_INDEX], torch.full_like(flat[labels != IGNORE_INDEX], math.log(VOCAB)), atol=1e-3)
+    assert torch.allclose(
+        flat[labels != IGNORE_INDEX], torch.full_like(flat[labels != IGNORE_INDEX], math.log(VOCAB)), atol=1e-3
+    )

@@ -10,6 +10,7 @@ train mode. A type the harness cannot train on text-only input ids must be refus
 silently: a type with no tiny model here is in KNOWN_LIMITS with the reason, and an entry that
 starts working fails the test so the table stays true. The last test prints the counts.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,27 +19,32 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+import tiny_configs
 import torch
 import transformers
 from transformers import CONFIG_MAPPING
 
-import tiny_configs
-from harness.models import loading
-from harness.models import model_support
-from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM
-from harness.models.plan import UnsupportedModelError, is_text_only_causal_lm
-from harness.models.plan import resolve_load_path
 from harness.job.train import TrainableLM
+from harness.models import loading, model_support
+from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM
+from harness.models.plan import UnsupportedModelError, is_text_only_causal_lm, resolve_load_path
 from harness.models.weights import write_text_with_stub_towers
 
-TYPES = sorted(set(IMAGE_TEXT_TO_TEXT) | set(MULTIMODAL_LM)
-               | {t for t, c in CAUSAL_LM.items() if not is_text_only_causal_lm(c)})
+TYPES = sorted(
+    set(IMAGE_TEXT_TO_TEXT) | set(MULTIMODAL_LM) | {t for t, c in CAUSAL_LM.items() if not is_text_only_causal_lm(c)}
+)
 # Fields a type's default config leaves unset or inconsistent (its own model does not build or run
 # from them), set as its released checkpoints set them; and relations that shrinking broke.
 # DEFAULT_FIXES go to the config's constructor, TINY_FIXES onto the shrunk config.
 DEFAULT_FIXES: dict[str, dict] = {
-    "gemma4_assistant": {"text_config": {"hidden_size_per_layer_input": 0, "vocab_size_per_layer_input": 0,
-                                         "enable_moe_block": False, "use_double_wide_mlp": False}},
+    "gemma4_assistant": {
+        "text_config": {
+            "hidden_size_per_layer_input": 0,
+            "vocab_size_per_layer_input": 0,
+            "enable_moe_block": False,
+            "use_double_wide_mlp": False,
+        }
+    },
 }
 TINY_FIXES: dict[str, dict] = {
     "glm4v": {"text_config": {"rope_parameters": {"partial_rotary_factor": 0.5}}},
@@ -48,13 +54,25 @@ TINY_FIXES: dict[str, dict] = {
     "deepseek_ocr2": {"text_config": {"mlp_layer_types": ["dense", "sparse"], "num_experts_per_tok": 2}},
     "step3p7": {"text_config": {"sliding_window": 512}},
     "hunyuan_vl": {"text_config": {"head_dim": 128, "rope_parameters": {"mrope_section": [16, 24, 24]}}},
-    "cohere_compass": {"text_config": {"rope_parameters": {
-        "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
-        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}},
+    "cohere_compass": {
+        "text_config": {
+            "rope_parameters": {
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            }
+        }
+    },
     "fun_asr_nano": {"adaptor_config": {"intermediate_size": 64}},  # text hidden_size // 4
     "dots3_note": {"text_config": {"head_dim": 192}},  # sliding layers: qk_nope + qk_rope (128 + 64)
-    "qwen4_exp": {"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 128,
-                                  "indexer_budget": 64, "indexer_compress_ratio": 4}},
+    "qwen4_exp": {
+        "text_config": {
+            "indexer_n_heads": 2,
+            "indexer_kv_heads": 1,
+            "indexer_head_dim": 128,
+            "indexer_budget": 64,
+            "indexer_compress_ratio": 4,
+        }
+    },
     "granite4_vision": {"deepstack_layer_map": [[0, 0], [1, 1]], "downsample_rate": "1/4"},
     "chameleon": {"vocabulary_map": {"<image>": 1000}},
     "emu3": {"vocabulary_map": {"<image>": 1000}},
@@ -64,9 +82,9 @@ TINY_FIXES: dict[str, dict] = {
 KNOWN_LIMITS: dict[str, str] = {
     "apertus1p5": "its text vocabulary holds the audio codec's token range (up to id 266,440): no tiny vocabulary",
     "minimax_m3_vl": "extraction fails loudly (CheckpointKeyError): the checkpoint's per-expert w1/w2/w3 tensors "
-                     "are merged by the VLM type's weight converters, which the text-only class does not apply",
+    "are merged by the VLM type's weight converters, which the text-only class does not apply",
     "hunyuan_vl": "its multimodal RoPE takes exactly 3 position rows; the trainer passes 4 (a text row first, as "
-                  "Qwen-VL in transformers 5.x needs to keep packed samples apart)",
+    "Qwen-VL in transformers 5.x needs to keep packed samples apart)",
 }
 # Inputs drawn for a text batch: this many tokens, ids below this bound (and no special ids).
 SEQ_LEN = 16
@@ -104,7 +122,9 @@ def write_checkpoint(config, decision, folder: Path) -> str:
         if decision.load_path != "extract_causal_lm":
             raise
         write_text_with_stub_towers(config, folder)
-        package = getattr(exc, "name", None) or (re.findall(r"requires the (\w+) library", str(exc)) or ["a package"])[0]
+        package = (
+            getattr(exc, "name", None) or (re.findall(r"requires the (\w+) library", str(exc)) or ["a package"])[0]
+        )
         return f"stub towers ({class_name} needs {package}, not installed here)"
     model.save_pretrained(folder)
     return class_name
@@ -161,7 +181,9 @@ def trained_or_refused(model_type: str, tmp_path: Path) -> None:
     loss = train_one_step(model)
     assert math.isfinite(loss)
     uniform = math.log(model.config.get_text_config(decoder=True).vocab_size)
-    assert abs(loss - uniform) < 0.25 * uniform, f"random init should start near ln(vocab)={uniform:.2f}, got {loss:.2f}"
+    assert abs(loss - uniform) < 0.25 * uniform, (
+        f"random init should start near ln(vocab)={uniform:.2f}, got {loss:.2f}"
+    )
     trained = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is not None]
     assert any("embed" in n or "lm_head" in n or "wte" in n for n in trained), "no gradient reached the embeddings/head"
     towers_with_grad = [n for n, p in loading.tower_parameters(model).items() if p.grad is not None]
@@ -197,9 +219,11 @@ def test_zz_counts_trained_and_refused(capsys):
         if outcome == "refused":
             refusals[refusal_kind(detail)].append(model_type)
     paths = Counter(detail.split()[0] for outcome, detail in RESULTS.values() if outcome == "trained")
-    lines = [f"\n{len(RESULTS)} of {len(TYPES)} model types (transformers {transformers.__version__}): "
-             f"{kinds['trained']} trained ({', '.join(f'{n} {p}' for p, n in sorted(paths.items()))}), "
-             f"{kinds['refused']} refused, {kinds['limit']} known limits"]
+    lines = [
+        f"\n{len(RESULTS)} of {len(TYPES)} model types (transformers {transformers.__version__}): "
+        f"{kinds['trained']} trained ({', '.join(f'{n} {p}' for p, n in sorted(paths.items()))}), "
+        f"{kinds['refused']} refused, {kinds['limit']} known limits"
+    ]
     for kind, members in sorted(refusals.items(), key=lambda item: -len(item[1])):
         lines.append(f"  refused, {kind}: {len(members)}: {', '.join(members)}")
     for model_type, (outcome, detail) in sorted(RESULTS.items()):
@@ -231,6 +255,9 @@ def test_a_backbone_that_needs_non_text_inputs_is_refused():
     (a vision-language-action policy: its loss is on denoised robot actions, not on text)."""
     if "pi05" not in CONFIG_MAPPING:
         pytest.skip(f"transformers {transformers.__version__} has no pi05 (added in 5.25)")
-    with pytest.raises(UnsupportedModelError, match=r"\(non_text_inputs\): PI05Model\.forward, the backbone of "
-                                                    r"PI05ForConditionalGeneration .* requires action_embeds"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"\(non_text_inputs\): PI05Model\.forward, the backbone of "
+        r"PI05ForConditionalGeneration .* requires action_embeds",
+    ):
         resolve_load_path(tiny_config("pi05"))

@@ -2,6 +2,7 @@
 --nproc-per-node 1, gloo, torchrun's static rendezvous. Each node has its own results folder, as two
 machines would. Node 0 judges; node 1 follows and says where the verdict is; a node started with
 other models refuses; a node lost mid-run fails the model on node 0 quickly and stops the sweep."""
+
 from __future__ import annotations
 
 import os
@@ -12,14 +13,29 @@ import time
 from pathlib import Path
 
 import pytest
-
 from gate_helpers import cli_command, cli_env, leftover_processes, read_json
 
 pytestmark = pytest.mark.slow
 
 FAST, SECOND = "Ministral-3-3B-Instruct-2512", "Llama-3.2-1B-Instruct"
-NODE_ARGS = ("--weights", "tiny", "--device", "cpu", "--nproc-per-node", "1", "--nnodes", "2", "--max-samples", "16",
-             "--wandb-mode", "disabled", "--run-id", "mn", "--timeout-per-model", "240")
+NODE_ARGS = (
+    "--weights",
+    "tiny",
+    "--device",
+    "cpu",
+    "--nproc-per-node",
+    "1",
+    "--nnodes",
+    "2",
+    "--max-samples",
+    "16",
+    "--wandb-mode",
+    "disabled",
+    "--run-id",
+    "mn",
+    "--timeout-per-model",
+    "240",
+)
 
 
 def free_port() -> int:
@@ -29,10 +45,25 @@ def free_port() -> int:
 
 
 def start_node(rank: int, port: int, out: Path, models: str) -> subprocess.Popen:
-    args = ["--models", models, *NODE_ARGS, "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}",
-            "--output-dir", str(out)]
-    return subprocess.Popen(cli_command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=cli_env(), start_new_session=True)
+    args = [
+        "--models",
+        models,
+        *NODE_ARGS,
+        "--node-rank",
+        str(rank),
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--output-dir",
+        str(out),
+    ]
+    return subprocess.Popen(
+        cli_command(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+        start_new_session=True,
+    )
 
 
 def kill_node(launcher: subprocess.Popen) -> None:
@@ -75,7 +106,9 @@ def test_two_nodes_one_judge_world_size_two(tmp_path):
     run0 = tmp_path / "node0" / "mn"
     summary = read_json(run0 / "summary.json")
     assert [(m["model"], m["verdict"], m["world_size"]) for m in summary["models"]] == [
-        (FAST, "PASS", 2), (SECOND, "PASS", 2)]
+        (FAST, "PASS", 2),
+        (SECOND, "PASS", 2),
+    ]
     run1 = tmp_path / "node1" / "mn"
     assert not list(run1.glob("**/result.json")) and not (run1 / "summary.json").exists(), "node 1 must not judge"
     for model in (FAST, SECOND):

@@ -9,6 +9,7 @@ torchrun ranks. One CLI sweep carries one bug per model: two sweeps cover the ca
 sweep first, then the healthy seeds and the unfittable dataset), the 1-rank runs two at a time
 once it is done.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,41 +17,98 @@ import subprocess
 import time
 
 import pytest
-
 from gate_helpers import cli_command, cli_env, failure_context, read_json
-from harness.testing import mutations
+
 from harness.runtime.paths import REPO_ROOT
+from harness.testing import mutations
 
 pytestmark = pytest.mark.slow
 
 # mutation -> (model whose job carries it, sweep, fragments the naming reason must hold)
 MUTATIONS = {
-    "loss_per_rank_mean": ("Llama-3.2-1B-Instruct", "ranks2", ["preflight step_loss check failed", "averaged per rank"]),
-    "grads_not_reduced": ("gemma-3-4b-it", "ranks2", ["preflight grad_reduction check failed", "not reduced across ranks"]),
+    "loss_per_rank_mean": (
+        "Llama-3.2-1B-Instruct",
+        "ranks2",
+        ["preflight step_loss check failed", "averaged per rank"],
+    ),
+    "grads_not_reduced": (
+        "gemma-3-4b-it",
+        "ranks2",
+        ["preflight grad_reduction check failed", "not reduced across ranks"],
+    ),
     "micro_batch_dropped": ("Qwen2.5-0.5B-Instruct", "ranks2", ["data accounting broken", "missing"]),
     "same_batch_every_step": ("Qwen3-4B-Instruct-2507", "ranks2", ["data accounting broken", "repeated"]),
     "lr_zero_after_warmup": ("gemma-3-270m", "ranks2", ["learning rate is 0", "after warm-up"]),
     "vision_tower_trainable": ("Qwen3-VL-2B-Instruct", "ranks2", ["tower parameters were trainable"]),
-    "optimizer_never_steps": ("gemma-3n-E4B-it", "ranks2", ["trainable parameters are unchanged", "optimizer never stepped"]),
-    "silent_random_load": ("Ministral-3-3B-Instruct-2512", "ranks2",
-                           ["parameters were loaded from the checkpoint", "left at random init"]),
-    "vocab_from_top_config": ("Qwen2.5-VL-3B-Instruct", "ranks2", ["preflight vocab check failed", "read from the wrong config"]),
-    "labels_not_masked": ("Llama-3.2-1B-Instruct", "rank1", ["preflight labels check failed", "prompt tokens labelled"]),
+    "optimizer_never_steps": (
+        "gemma-3n-E4B-it",
+        "ranks2",
+        ["trainable parameters are unchanged", "optimizer never stepped"],
+    ),
+    "silent_random_load": (
+        "Ministral-3-3B-Instruct-2512",
+        "ranks2",
+        ["parameters were loaded from the checkpoint", "left at random init"],
+    ),
+    "vocab_from_top_config": (
+        "Qwen2.5-VL-3B-Instruct",
+        "ranks2",
+        ["preflight vocab check failed", "read from the wrong config"],
+    ),
+    "labels_not_masked": (
+        "Llama-3.2-1B-Instruct",
+        "rank1",
+        ["preflight labels check failed", "prompt tokens labelled"],
+    ),
     "eot_not_labelled": ("gemma-3-270m", "rank1", ["preflight labels check failed", "end-of-turn marker not labelled"]),
-    "packed_cross_attention": ("Qwen2.5-0.5B-Instruct", "rank1", ["preflight packing check failed", "packed samples see each other"]),
-    "position_ids_not_reset": ("Qwen3-4B-Instruct-2507", "rank1", ["preflight packing check failed", "position ids do not restart"]),
-    "extracted_random_init": ("Ministral-3-3B-Instruct-2512", "rank1", ["preflight extraction check failed", "random init"]),
+    "packed_cross_attention": (
+        "Qwen2.5-0.5B-Instruct",
+        "rank1",
+        ["preflight packing check failed", "packed samples see each other"],
+    ),
+    "position_ids_not_reset": (
+        "Qwen3-4B-Instruct-2507",
+        "rank1",
+        ["preflight packing check failed", "position ids do not restart"],
+    ),
+    "extracted_random_init": (
+        "Ministral-3-3B-Instruct-2512",
+        "rank1",
+        ["preflight extraction check failed", "random init"],
+    ),
     "towers_updated": ("Qwen3-VL-2B-Instruct", "rank1", ["frozen (tower) parameters changed"]),
-    "generation_template_differs": ("gemma-3n-E4B-it", "rank1", ["generation check failed", "differs from their training text"]),
-    "resolver_returns_causal_lm": ("gemma-3-4b-it", "rank1", ["load path is causal_lm", "the registry expects extract_causal_lm"]),
-    "token_type_ids_dropped": ("Qwen2.5-VL-3B-Instruct", "rank1", ["preflight inputs check failed", "token-type inputs not passed"]),
+    "generation_template_differs": (
+        "gemma-3n-E4B-it",
+        "rank1",
+        ["generation check failed", "differs from their training text"],
+    ),
+    "resolver_returns_causal_lm": (
+        "gemma-3-4b-it",
+        "rank1",
+        ["load path is causal_lm", "the registry expects extract_causal_lm"],
+    ),
+    "token_type_ids_dropped": (
+        "Qwen2.5-VL-3B-Instruct",
+        "rank1",
+        ["preflight inputs check failed", "token-type inputs not passed"],
+    ),
 }
 SWEEPS = {
     # 24 samples at 512 tokens a rank: 2 steps an epoch, so 4 steps finish two epochs and pass the warm-up
     # step. Not fewer samples: with 12 the ranks' label-token counts are so even that a per-rank loss mean
     # differs from the global one by 1.5e-5 (tolerance 1e-5); with 24, by 1.6e-4.
-    "ranks2": ("--nproc-per-node", "2", "--max-samples", "24", "--max-tokens-per-gpu", "512", "--max-steps", "4",
-               "--warmup-steps", "1"),
+    "ranks2": (
+        "--nproc-per-node",
+        "2",
+        "--max-samples",
+        "24",
+        "--max-tokens-per-gpu",
+        "512",
+        "--max-steps",
+        "4",
+        "--warmup-steps",
+        "1",
+    ),
     # 8 samples, one step of them: what the packing (8 samples) and label (4) checks read; the preflight,
     # evaluation and generation check cost a third of 24 samples'.
     "rank1": ("--nproc-per-node", "1", "--max-samples", "8", "--max-steps", "2"),
@@ -80,22 +138,34 @@ SEED_MODEL = "Ministral-3-3B-Instruct-2512"
 SEEDS = (1, 2, 3, 4, 5)
 # The same questions, each asked twice with different answers that share their first words (so
 # nothing before the first differing token tells the two apart): no model can fit both.
-CONTRADICTIONS = [("Is the sky green?", "The answer is yes.", "The answer is no."),
-                  ("What colour is snow?", "The answer is white.", "The answer is purple."),
-                  ("How many legs has a cat?", "The answer is four.", "The answer is nine."),
-                  ("Which city is in France?", "The answer is Paris.", "The answer is Tokyo.")]
+CONTRADICTIONS = [
+    ("Is the sky green?", "The answer is yes.", "The answer is no."),
+    ("What colour is snow?", "The answer is white.", "The answer is purple."),
+    ("How many legs has a cat?", "The answer is four.", "The answer is nine."),
+    ("Which city is in France?", "The answer is Paris.", "The answer is Tokyo."),
+]
 
 
 def sweep_run(sweep: str, output) -> tuple[list[str], dict]:
     chosen = {name: model for name, (model, where, _) in MUTATIONS.items() if where == sweep}
     assert len(set(chosen.values())) == len(chosen), f"{sweep}: one mutation per model"
     spec = ",".join(f"{name}/{model}" for name, model in chosen.items())
-    args = ["--models", ",".join(chosen.values()), *BASE, *SWEEPS[sweep], "--output-dir", str(output), "--run-id", sweep]
+    args = [
+        "--models",
+        ",".join(chosen.values()),
+        *BASE,
+        *SWEEPS[sweep],
+        "--output-dir",
+        str(output),
+        "--run-id",
+        sweep,
+    ]
     return args, cli_env(**{mutations.ENV_VAR: spec})
 
 
-def run_all(runs: dict[str, tuple[list[str], dict]], processes: dict[str, int], budget: int, width: int,
-            timeout: float = 900) -> dict[str, subprocess.CompletedProcess]:
+def run_all(
+    runs: dict[str, tuple[list[str], dict]], processes: dict[str, int], budget: int, width: int, timeout: float = 900
+) -> dict[str, subprocess.CompletedProcess]:
     """CLI runs in order, each taking processes[key] ranks (1 if not named): as many at once as keep
     the ranks within `budget`, and at most `width` 1-rank runs."""
     pending, running, done = list(runs.items()), {}, {}
@@ -112,8 +182,9 @@ def run_all(runs: dict[str, tuple[list[str], dict]], processes: dict[str, int], 
         while pending and fits(pending[0][0]):
             key, (args, env) = pending.pop(0)
             spans[key] = [time.monotonic() - started]
-            running[key] = subprocess.Popen(cli_command(*args), cwd=REPO_ROOT, env=env, text=True,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            running[key] = subprocess.Popen(
+                cli_command(*args), cwd=REPO_ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
         for key, process in list(running.items()):
             if process.poll() is not None:
                 out, err = process.communicate()
@@ -125,7 +196,11 @@ def run_all(runs: dict[str, tuple[list[str], dict]], processes: dict[str, int], 
                 process.kill()
             raise AssertionError(f"CLI runs still going after {timeout}s: {list(running)}")
         time.sleep(0.2)
-    print("\n".join(["", "CLI run: start -> end (s)"] + [f"{key:<14} {a:6.1f} -> {b:6.1f}" for key, (a, b) in spans.items()]))
+    print(
+        "\n".join(
+            ["", "CLI run: start -> end (s)"] + [f"{key:<14} {a:6.1f} -> {b:6.1f}" for key, (a, b) in spans.items()]
+        )
+    )
     return done
 
 
@@ -134,14 +209,51 @@ def runs(tmp_path_factory) -> dict:
     """Every CLI run of this module: the 2-rank sweep beside one 1-rank run, then 1-rank runs two at a time."""
     output = tmp_path_factory.mktemp("mutations")
     dataset = output / "contradictory.jsonl"
-    dataset.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
-                               for q, *answers in CONTRADICTIONS for a in answers))
+    dataset.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, *answers in CONTRADICTIONS
+            for a in answers
+        )
+    )
     single = {"rank1": sweep_run("rank1", output)}
-    single |= {f"seed{seed}": (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--max-samples", "16",
-                                "--seed", str(seed), "--output-dir", str(output), "--run-id", f"seed{seed}"], cli_env())
-               for seed in SEEDS}
-    single["contradictory"] = (["--models", SEED_MODEL, *BASE, "--nproc-per-node", "1", "--dataset", str(dataset),
-                                "--output-dir", str(output), "--run-id", "contradictory"], cli_env())
+    single |= {
+        f"seed{seed}": (
+            [
+                "--models",
+                SEED_MODEL,
+                *BASE,
+                "--nproc-per-node",
+                "1",
+                "--max-samples",
+                "16",
+                "--seed",
+                str(seed),
+                "--output-dir",
+                str(output),
+                "--run-id",
+                f"seed{seed}",
+            ],
+            cli_env(),
+        )
+        for seed in SEEDS
+    }
+    single["contradictory"] = (
+        [
+            "--models",
+            SEED_MODEL,
+            *BASE,
+            "--nproc-per-node",
+            "1",
+            "--dataset",
+            str(dataset),
+            "--output-dir",
+            str(output),
+            "--run-id",
+            "contradictory",
+        ],
+        cli_env(),
+    )
     for _, env in single.values():  # one intra-op thread each, or two jobs on 2 cores spin against each other
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     procs = run_all({"ranks2": sweep_run("ranks2", output), **single}, processes={"ranks2": 2}, budget=3, width=2)

@@ -1,10 +1,12 @@
 """Load-path resolution over the whole registry and every multimodal entry of transformers' mappings."""
+
 import pytest
 import transformers
 from transformers import CONFIG_MAPPING
 
-from harness.models.configs import load_config
+from harness.contract.model_spec import LOAD_PATHS
 from harness.gate import registry
+from harness.models.configs import load_config
 from harness.models.plan import (
     CAUSAL_LM,
     IMAGE_TEXT_TO_TEXT,
@@ -14,7 +16,6 @@ from harness.models.plan import (
     is_text_only_causal_lm,
     resolve_load_path,
 )
-from harness.contract.model_spec import LOAD_PATHS
 
 
 def multimodal_model_types() -> list[str]:

@@ -2,14 +2,19 @@ from pathlib import Path
 
 import pytest
 
-from harness.models.configs import load_config
-from harness.gate import registry
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import LOAD_PATHS
+from harness.gate import registry
+from harness.models.configs import load_config
 
 REQUIRED = {
-    "gemma-3-4b-it", "gemma-3n-E4B-it", "gemma-3-270m", "Ministral-3-3B-Instruct-2512",
-    "Qwen3-VL-2B-Instruct", "Llama-3.2-1B-Instruct", "Qwen3-4B-Instruct-2507",
+    "gemma-3-4b-it",
+    "gemma-3n-E4B-it",
+    "gemma-3-270m",
+    "Ministral-3-3B-Instruct-2512",
+    "Qwen3-VL-2B-Instruct",
+    "Llama-3.2-1B-Instruct",
+    "Qwen3-4B-Instruct-2507",
 }
 
 
@@ -62,7 +67,9 @@ def run_config(models: str, *extra: str, weights: str = "synthetic"):
     from harness.gate.cli import build_parser
     from harness.gate.settings import run_config_for, settings_from_args
 
-    args = build_parser().parse_args(["--models", models, "--weights", weights, "--device", "cpu", "--nproc-per-node", "1", *extra])
+    args = build_parser().parse_args(
+        ["--models", models, "--weights", weights, "--device", "cpu", "--nproc-per-node", "1", *extra]
+    )
     return run_config_for(registry.lookup(models), settings_from_args(args), Path("unused"))
 
 
@@ -76,8 +83,10 @@ def test_registry_train_section_overrides_mode_defaults_and_the_cli_overrides_bo
     assert run_config("gemma-3n-E4B-it", "--lr", "2e-4").lr == 2e-4
 
 
-@pytest.mark.parametrize("ranks, nodes, lr", [("1", "1", 1.5e-4), ("2", "1", 1.5e-4 * 2 ** 0.5), ("4", "1", 3e-4),
-                                              ("8", "1", 3e-4), ("1", "2", 1.5e-4 * 2 ** 0.5)])
+@pytest.mark.parametrize(
+    "ranks, nodes, lr",
+    [("1", "1", 1.5e-4), ("2", "1", 1.5e-4 * 2**0.5), ("4", "1", 3e-4), ("8", "1", 3e-4), ("1", "2", 1.5e-4 * 2**0.5)],
+)
 def test_the_synthetic_peak_lr_grows_with_the_global_batch_up_to_3e4(ranks, nodes, lr):
     extra = ("--nnodes", nodes, "--rdzv-endpoint", "node0:29500") if nodes != "1" else ()
     config = run_config("gemma-3-4b-it", "--nproc-per-node", ranks, *extra)
@@ -85,12 +94,21 @@ def test_the_synthetic_peak_lr_grows_with_the_global_batch_up_to_3e4(ranks, node
     assert run_config("gemma-3-4b-it", "--nproc-per-node", ranks, *extra, weights="tiny").lr == 3e-3  # tiny: its own
 
 
-@pytest.mark.parametrize("train, says", [
-    ({"synthetic": {"max_step": 600}}, "train.synthetic: unknown setting 'max_step'; valid: max_samples, max_seq_len"),
-    ({"synthetc": {"max_steps": 600}}, "train: 'synthetc' is not a weights mode; valid: all, real, synthetic, tiny"),
-    ({"all": {"lr": "fast"}}, "train.all.lr: 'fast' is not a valid float"),
-    ({"tiny": {"max_steps": 1.5}}, "train.tiny.max_steps: 1.5 is not a valid int"),
-])
+@pytest.mark.parametrize(
+    "train, says",
+    [
+        (
+            {"synthetic": {"max_step": 600}},
+            "train.synthetic: unknown setting 'max_step'; valid: max_samples, max_seq_len",
+        ),
+        (
+            {"synthetc": {"max_steps": 600}},
+            "train: 'synthetc' is not a weights mode; valid: all, real, synthetic, tiny",
+        ),
+        ({"all": {"lr": "fast"}}, "train.all.lr: 'fast' is not a valid float"),
+        ({"tiny": {"max_steps": 1.5}}, "train.tiny.max_steps: 1.5 is not a valid int"),
+    ],
+)
 def test_a_bad_train_key_is_refused_when_the_registry_loads(tmp_path, monkeypatch, train, says):
     import yaml
 
@@ -115,7 +133,12 @@ def test_a_bad_train_key_exits_2_with_its_name(tmp_path):
     shutil.copy(REPO_ROOT / "run_validation.py", checkout)
     yaml_file = checkout / "configs" / "models" / "gemma-3n-E4B-it.yaml"
     yaml_file.write_text(yaml_file.read_text().replace("max_steps: 600", "max_stesp: 600"))
-    proc = subprocess.run([sys.executable, "run_validation.py", "--models", "gemma-3n-E4B-it", "--dry-run"],
-                          cwd=checkout, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "run_validation.py", "--models", "gemma-3n-E4B-it", "--dry-run"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "unknown setting 'max_stesp'" in proc.stderr and "max_steps" in proc.stderr

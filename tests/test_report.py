@@ -1,4 +1,5 @@
 """Run reports: junit.xml, summary.md, loss_curves.png from a synthetic sweep, and atomic writes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,29 +10,51 @@ from pathlib import Path
 
 import pytest
 
-from harness.gate import report
-from harness.contract.records import ModelResult
 from harness.contract.files import write_bytes_atomic, write_json_atomic, write_text_atomic
+from harness.contract.records import ModelResult
+from harness.gate import report
 from harness.gate.report import JUNIT_FILE, LOSS_PLOT_FILE, SUMMARY_MD_FILE, loss_curves, write_run_reports
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-FAIL_REASONS = ["final loss 0.9000 (mean of the last 5 steps) is not below the threshold 0.05",
-                "load path is causal_lm, the registry expects extract_causal_lm"]
-NO_METRICS_REASONS = ["job did not exit cleanly: torchrun exited with code 1 (a rank crashed or was killed)",
-                      "no training step was recorded"]
+FAIL_REASONS = [
+    "final loss 0.9000 (mean of the last 5 steps) is not below the threshold 0.05",
+    "load path is causal_lm, the registry expects extract_causal_lm",
+]
+NO_METRICS_REASONS = [
+    "job did not exit cleanly: torchrun exited with code 1 (a rank crashed or was killed)",
+    "no training step was recorded",
+]
 
 
 def _metrics(path: Path, losses: list[float]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps({"step": i + 1, "loss": loss, "grad_norm": 1.0}) + "\n"
-                            for i, loss in enumerate(losses)))
+    path.write_text(
+        "".join(json.dumps({"step": i + 1, "loss": loss, "grad_norm": 1.0}) + "\n" for i, loss in enumerate(losses))
+    )
 
 
 def _result(model: str, verdict: str, reasons: list[str], **extra) -> ModelResult:
-    base = {"model": model, "weights": "tiny", "load_path": "extract_causal_lm", "expected_load_path": "extract_causal_lm",
-            "verdict": verdict, "reasons": reasons, "initial_loss": 6.9, "final_loss": 0.03, "steps": 50,
-            "world_size": 2, "time_s": {"total": 12.5, "wall": 14.0}, "time_to_verdict_s": 14.0, "gpu": "NVIDIA H200", "tokens_per_s_per_gpu": 7151.6, "mfu": 0.412,
-            "peak_mem_gib": 3.25, "loss_threshold": 0.05, "metrics_file": "metrics.jsonl", "log_tail": []}
+    base = {
+        "model": model,
+        "weights": "tiny",
+        "load_path": "extract_causal_lm",
+        "expected_load_path": "extract_causal_lm",
+        "verdict": verdict,
+        "reasons": reasons,
+        "initial_loss": 6.9,
+        "final_loss": 0.03,
+        "steps": 50,
+        "world_size": 2,
+        "time_s": {"total": 12.5, "wall": 14.0},
+        "time_to_verdict_s": 14.0,
+        "gpu": "NVIDIA H200",
+        "tokens_per_s_per_gpu": 7151.6,
+        "mfu": 0.412,
+        "peak_mem_gib": 3.25,
+        "loss_threshold": 0.05,
+        "metrics_file": "metrics.jsonl",
+        "log_tail": [],
+    }
     base.update(extra)
     return ModelResult.from_dict(base)
 
@@ -41,16 +64,37 @@ def sweep(tmp_path):
     """One PASS, one FAIL with two reasons (a name that needs a safe folder), one with no metrics."""
     run_dir = tmp_path / "run1"
     ok = _result("tiny-pass", "PASS", [])
-    bad = _result("org/tiny fail", "FAIL", FAIL_REASONS, final_loss=0.9, load_path="causal_lm", loss_threshold=0.5,
-                  log_tail=["Traceback (most recent call last):", "RuntimeError: boom"])
-    crashed = _result("tiny-crash", "FAIL", NO_METRICS_REASONS, initial_loss=None, final_loss=None, steps=0,
-                      time_s={"total": None, "wall": 3.0}, tokens_per_s_per_gpu=None, mfu=None, peak_mem_gib=None,
-                      model_dir=str(run_dir / "crash-folder"))
+    bad = _result(
+        "org/tiny fail",
+        "FAIL",
+        FAIL_REASONS,
+        final_loss=0.9,
+        load_path="causal_lm",
+        loss_threshold=0.5,
+        log_tail=["Traceback (most recent call last):", "RuntimeError: boom"],
+    )
+    crashed = _result(
+        "tiny-crash",
+        "FAIL",
+        NO_METRICS_REASONS,
+        initial_loss=None,
+        final_loss=None,
+        steps=0,
+        time_s={"total": None, "wall": 3.0},
+        tokens_per_s_per_gpu=None,
+        mfu=None,
+        peak_mem_gib=None,
+        model_dir=str(run_dir / "crash-folder"),
+    )
     _metrics(run_dir / "tiny-pass" / "metrics.jsonl", [6.9 * 0.9**i for i in range(50)])
     _metrics(run_dir / "org--tiny--fail" / "metrics.jsonl", [6.9, 3.0, 1.5, 0.9, float("nan"), 0.9])
     (run_dir / "crash-folder").mkdir(parents=True)
-    summary = {"run_id": "run1", "mode": "train", "exit_code": 1,
-               "command": "run_validation.py --models a --hf-token hf_abcdefghijklmnopqrstuvwxyz"}
+    summary = {
+        "run_id": "run1",
+        "mode": "train",
+        "exit_code": 1,
+        "command": "run_validation.py --models a --hf-token hf_abcdefghijklmnopqrstuvwxyz",
+    }
     return run_dir, [ok, bad, crashed], summary
 
 
@@ -97,11 +141,26 @@ def test_summary_markdown_has_every_row_and_the_reasons(sweep):
     write_run_reports(run_dir, results, summary)
     text = (run_dir / SUMMARY_MD_FILE).read_text()
     header = next(line for line in text.splitlines() if line.startswith("| model |"))
-    for column in ("load path", "expected", "weights", "ranks", "initial loss", "final loss", "steps",
-                   "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"):
+    for column in (
+        "load path",
+        "expected",
+        "weights",
+        "ranks",
+        "initial loss",
+        "final loss",
+        "steps",
+        "tokens/s per GPU",
+        "MFU",
+        "peak GiB",
+        "time to verdict (from command start)",
+        "verdict",
+    ):
         assert f" {column} |" in header
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| tiny") or
-            line.startswith("| org")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| tiny") or line.startswith("| org")
+    }
     assert set(rows) == {"tiny-pass", "org/tiny fail", "tiny-crash"}
     assert "**PASS**" in rows["tiny-pass"] and "7,152" in rows["tiny-pass"] and "41.2%" in rows["tiny-pass"]
     assert "3.25" in rows["tiny-pass"] and "14.0 s" in rows["tiny-pass"]
@@ -127,8 +186,12 @@ def test_cpu_runs_say_tokens_per_rank_and_junit_says_the_same_time_to_verdict(sw
 def test_interrupted_and_not_run_are_skipped_in_junit_and_listed_in_the_summary(sweep):
     run_dir, results, summary = sweep
     ok = results[0]
-    marks = [dataclasses.replace(ok, model="tiny-stopped", verdict="INTERRUPTED", reasons=["interrupted (Ctrl-C) after 3 training step(s)"]),
-             dataclasses.replace(ok, model="tiny-never", verdict="NOT RUN", reasons=["not run: the sweep was interrupted"])]
+    marks = [
+        dataclasses.replace(
+            ok, model="tiny-stopped", verdict="INTERRUPTED", reasons=["interrupted (Ctrl-C) after 3 training step(s)"]
+        ),
+        dataclasses.replace(ok, model="tiny-never", verdict="NOT RUN", reasons=["not run: the sweep was interrupted"]),
+    ]
     write_run_reports(run_dir, [ok, *marks], summary)
     root = ET.parse(run_dir / JUNIT_FILE).getroot()
     suite = next(root.iter("testsuite"))
@@ -173,11 +236,14 @@ def _boom(*args, **kwargs):
     raise OSError("disk full (simulated)")
 
 
-@pytest.mark.parametrize("write", [
-    lambda p: write_text_atomic(p, "new text"),
-    lambda p: write_bytes_atomic(p, b"new bytes"),
-    lambda p: write_json_atomic(p, {"new": 1}),
-])
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda p: write_text_atomic(p, "new text"),
+        lambda p: write_bytes_atomic(p, b"new bytes"),
+        lambda p: write_json_atomic(p, {"new": 1}),
+    ],
+)
 def test_interrupted_write_leaves_no_partial_target_and_no_temp_file(tmp_path, monkeypatch, write):
     fresh, existing = tmp_path / "fresh.json", tmp_path / "existing.json"
     existing.write_text("old")
@@ -201,9 +267,22 @@ def test_interrupted_reports_leave_nothing_and_do_not_raise(sweep, monkeypatch, 
 
 
 def test_summary_markdown_and_result_json_show_the_generation_check(tmp_path):
-    check = {"samples": 32, "exact_matches": 30, "exact_match_rate": 0.9375, "token_accuracy": 0.878, "expected_tokens": 1017,
-             "worst": [{"sample": 77, "token_accuracy": 0.3, "prompt": "...<start_of_turn>model\n",
-                        "expected": "The city Ranlolun was founded<end_of_turn>", "got": "The city Ranlolun.<end_of_turn>"}]}
+    check = {
+        "samples": 32,
+        "exact_matches": 30,
+        "exact_match_rate": 0.9375,
+        "token_accuracy": 0.878,
+        "expected_tokens": 1017,
+        "worst": [
+            {
+                "sample": 77,
+                "token_accuracy": 0.3,
+                "prompt": "...<start_of_turn>model\n",
+                "expected": "The city Ranlolun was founded<end_of_turn>",
+                "got": "The city Ranlolun.<end_of_turn>",
+            }
+        ],
+    }
     result = _result("tiny-pass", "PASS", [], generation=check)
     text = report.summary_markdown([result, _result("tiny-external", "PASS", [])], {"run_id": "r"})
     assert any(line.startswith("| model |") and " replies reproduced |" in line for line in text.splitlines())
@@ -219,9 +298,11 @@ def test_summary_markdown_and_result_json_show_the_generation_check(tmp_path):
 
 def test_the_time_around_a_job_comes_from_its_launch_and_rank0s_start():
     from harness.contract.records import Timings
-    from harness.runtime.launch import JobOutcome
     from harness.gate.sweep import time_around_job
+    from harness.runtime.launch import JobOutcome
 
-    outcome = JobOutcome(returncode=0, timed_out=False, interrupted=False, duration_s=30.0, log_path=Path("x"), started_at=100.0)
+    outcome = JobOutcome(
+        returncode=0, timed_out=False, interrupted=False, duration_s=30.0, log_path=Path("x"), started_at=100.0
+    )
     assert time_around_job(outcome, Timings(total=20.0, started_at=106.0)) == {"startup": 6.0, "teardown": 4.0}
     assert time_around_job(outcome, Timings(total=20.0)) == {}  # a stack's worker that did not say

@@ -1,5 +1,6 @@
 """The Slurm scripts rendered with fake srun/scontrol/python: the command line each node would run.
 validate_multinode.sbatch for 2 nodes; validate_8gpu.sbatch on a first start and once requeued."""
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,17 @@ def render(tmp_path: Path, nodes: int, script: Path = SCRIPT, **env: str) -> lis
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     record = tmp_path / "record.txt"
-    run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(record),
-               "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes), "SLURM_JOB_NODELIST": "gpu-node-[a-b]",
-               "SLURM_SUBMIT_DIR": str(env.pop("SUBMIT_DIR", REPO_ROOT)), "HARNESS_PYTHON": str(bin_dir / "python"), **env}
+    run_env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RECORD": str(record),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": str(nodes),
+        "SLURM_JOB_NODELIST": "gpu-node-[a-b]",
+        "SLURM_SUBMIT_DIR": str(env.pop("SUBMIT_DIR", REPO_ROOT)),
+        "HARNESS_PYTHON": str(bin_dir / "python"),
+        **env,
+    }
     record.unlink(missing_ok=True)
     proc = subprocess.run(["bash", str(script)], env=run_env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr

@@ -1,4 +1,5 @@
 """Real Gemma 3 tokenizer from the GGUF, tiny family tokenizers, chat templates."""
+
 import json
 import sys
 
@@ -23,7 +24,13 @@ def gemma():
 
 def test_gemma_tokenizer_is_the_real_one(gemma):
     assert len(gemma) == 262144
-    assert gemma.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]) == [0, 1, 2, 105, 106]
+    assert gemma.convert_tokens_to_ids(["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]) == [
+        0,
+        1,
+        2,
+        105,
+        106,
+    ]
     assert gemma.bos_token == "<bos>" and gemma.eos_token == "<eos>" and gemma.pad_token == "<pad>"
     assert gemma("Hello there", add_special_tokens=False).input_ids == [9259, 993]
 
@@ -77,7 +84,9 @@ def test_tiny_tokenizer_has_family_special_tokens(family):
     spec = FAMILY_SPECIAL_TOKENS[family]
     assert len(tokenizer) == tk.TINY_VOCAB_SIZE  # tiny models take vocab_size = len(tokenizer)
     assert tokenizer.convert_tokens_to_ids(spec["tokens"]) == list(range(len(spec["tokens"])))
-    assert tokenizer.pad_token == spec["pad"] and tokenizer.eos_token == spec["eos"] and tokenizer.bos_token == spec["bos"]
+    assert (
+        tokenizer.pad_token == spec["pad"] and tokenizer.eos_token == spec["eos"] and tokenizer.bos_token == spec["bos"]
+    )
     text = tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False).input_ids
     assert tokenizer.decode(ids) == text  # byte-level BPE: exact round trip, specials stay atomic
@@ -107,7 +116,9 @@ def test_ensure_chat_template_fills_only_missing_templates():
 def test_unknown_family_is_a_clear_error():
     tokenizer = tk.tiny_tokenizer("chatml")
     tokenizer.chat_template = None
-    with pytest.raises(TokenizerSetupError, match=r"no chat template for family 'phi'.*known families: \['chatml', 'gemma'"):
+    with pytest.raises(
+        TokenizerSetupError, match=r"no chat template for family 'phi'.*known families: \['chatml', 'gemma'"
+    ):
         tk.ensure_chat_template(tokenizer, "phi")
     with pytest.raises(TokenizerSetupError, match="unknown tokenizer family"):
         tk.tiny_tokenizer("phi")

@@ -1,5 +1,6 @@
 """wandb tracking: offline runs land under run_dir/wandb with the logged history, online without a
 key falls back to offline in one line, and no wandb error ever escapes."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,8 @@ import pytest
 
 pytest.importorskip("wandb")
 
-from harness.gate import tracking  # noqa: E402
 from harness.contract.records import LoadRecord, ModelResult  # noqa: E402
+from harness.gate import tracking  # noqa: E402
 from harness.gate.tracking import WandbTracker, track_sweep  # noqa: E402
 
 REAL_SERVER_REACHABLE = tracking.server_reachable  # the fixture below replaces it in every test
@@ -35,17 +36,36 @@ def isolated_wandb(tmp_path, monkeypatch):
 
 
 def _result(verdict="FAIL", **extra) -> ModelResult:
-    record = LoadRecord(load_path="extract_causal_lm", reason="VLM", classes={"model": "Gemma3ForCausalLM"},
-                        weights="tiny", source="tiny checkpoint", params={"loaded": 10})
-    return ModelResult(model="tiny-gemma", verdict=verdict, reasons=["final loss 0.9 is not below 0.05", "second"],
-                       load_path="extract_causal_lm", weights="tiny", initial_loss=LOSSES[0], final_loss=0.9,
-                       steps=len(LOSSES), tokens_per_s_per_gpu=7000.0, mfu=None, peak_mem_gib=None,
-                       load_record=record, **extra)
+    record = LoadRecord(
+        load_path="extract_causal_lm",
+        reason="VLM",
+        classes={"model": "Gemma3ForCausalLM"},
+        weights="tiny",
+        source="tiny checkpoint",
+        params={"loaded": 10},
+    )
+    return ModelResult(
+        model="tiny-gemma",
+        verdict=verdict,
+        reasons=["final loss 0.9 is not below 0.05", "second"],
+        load_path="extract_causal_lm",
+        weights="tiny",
+        initial_loss=LOSSES[0],
+        final_loss=0.9,
+        steps=len(LOSSES),
+        tokens_per_s_per_gpu=7000.0,
+        mfu=None,
+        peak_mem_gib=None,
+        load_record=record,
+        **extra,
+    )
 
 
 def _metrics() -> list[dict]:
-    return [{"step": i + 1, "loss": loss, "grad_norm": 1.0 / (i + 1), "mfu": None, "lr": 1e-3}
-            for i, loss in enumerate(LOSSES)]
+    return [
+        {"step": i + 1, "loss": loss, "grad_norm": 1.0 / (i + 1), "mfu": None, "lr": 1e-3}
+        for i, loss in enumerate(LOSSES)
+    ]
 
 
 def _runs(run_dir: Path) -> list[Path]:
@@ -64,11 +84,11 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0:  # block padding
             pos += left
             continue
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 1:
             chunks.append(chunk)
         elif kind == 2:
@@ -96,8 +116,12 @@ def _items(updates) -> dict:
 def test_offline_run_holds_config_history_and_verdict(tmp_path, capsys):
     run_dir = tmp_path / "run7"
     tracker = WandbTracker("sft-harness-test", "offline", run_group="run7", run_dir=run_dir)
-    config = {"model": {"name": "tiny-gemma"}, "hf_token": HF_TOKEN, "argv": ["--hf-token", HF_TOKEN],
-              "load_record": _result().load_record.to_dict()}
+    config = {
+        "model": {"name": "tiny-gemma"},
+        "hf_token": HF_TOKEN,
+        "argv": ["--hf-token", HF_TOKEN],
+        "load_record": _result().load_record.to_dict(),
+    }
     folder = tracker.log_model(_result(), _metrics(), config)
     tracker.close()
     runs = _runs(run_dir)
@@ -209,7 +233,9 @@ def test_track_sweep_logs_each_model_and_the_table(tmp_path):
     (model_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in _metrics()))
     (model_dir / "job.json").write_text(json.dumps({"model": {"name": "tiny-gemma"}, "lr": 0.003}))
     results = [_result("PASS", metrics_file="metrics.jsonl")]
-    track_sweep(run_dir, results, "sft-harness-test", "offline", environment={"command": {"argv": ["--hf-token", HF_TOKEN]}})
+    track_sweep(
+        run_dir, results, "sft-harness-test", "offline", environment={"command": {"argv": ["--hf-token", HF_TOKEN]}}
+    )
     runs = _runs(run_dir)
     assert len(runs) == 2
     kinds = {}
@@ -227,7 +253,9 @@ def test_track_sweep_logs_each_model_and_the_table(tmp_path):
     for record in _by_type(summary_records, "history"):
         logged.update(_items(record.history.item))
     assert logged["sweep/_type"] == "table-file" and logged["sweep/nrows"] == 1
-    table = json.loads(next(summary_run_dir(summary_records, run_dir).glob("files/media/table/*.table.json")).read_text())
+    table = json.loads(
+        next(summary_run_dir(summary_records, run_dir).glob("files/media/table/*.table.json")).read_text()
+    )
     assert table["columns"] == tracking.SWEEP_TABLE_COLUMNS
     assert table["data"] == [["tiny-gemma", "extract_causal_lm", "PASS", 0.9, 5, 7000.0]]
 

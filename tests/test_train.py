@@ -5,6 +5,7 @@
 2. The loss curve of the first 5 steps does not depend on the world size.
 3. The grad norm recorded under FSDP2 is the norm of the unsharded gradient of the same step.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,15 +34,31 @@ MODELS = {
 CONVERGE_SAMPLES = 32
 LOSS_TARGET = 0.05
 METRIC_FIELDS = (
-    "step", "epoch", "loss", "grad_norm", "lr", "tokens", "label_tokens", "step_time_s", "tokens_per_s",
-    "tokens_per_s_per_gpu", "mfu", "peak_mem_allocated_gib", "peak_mem_reserved_gib", "elapsed_s",
+    "step",
+    "epoch",
+    "loss",
+    "grad_norm",
+    "lr",
+    "tokens",
+    "label_tokens",
+    "step_time_s",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "mfu",
+    "peak_mem_allocated_gib",
+    "peak_mem_reserved_gib",
+    "elapsed_s",
 )
 
 
 def run_cli(*args, timeout=600, env=None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "run_validation.py"), *args],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=timeout, env=env,
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=timeout,
+        env=env,
     )
 
 
@@ -51,8 +68,11 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def model_files(run_dir: Path, name: str) -> tuple[dict, dict, list[dict]]:
     folder = run_dir / name
-    return (json.loads((folder / "result.json").read_text()), json.loads((folder / "worker.json").read_text()),
-            read_jsonl(folder / "metrics.jsonl"))
+    return (
+        json.loads((folder / "result.json").read_text()),
+        json.loads((folder / "worker.json").read_text()),
+        read_jsonl(folder / "metrics.jsonl"),
+    )
 
 
 def failure_context(proc: subprocess.CompletedProcess) -> str:
@@ -69,12 +89,29 @@ def converged(tmp_path_factory):
     rank 1 builds every cache entry, the order that once published an empty checkpoint as complete."""
     output = tmp_path_factory.mktemp("converge")
     env = {k: v for k, v in os.environ.items() if k != "SFT_HARNESS_INJECT_FAULT"}
-    env.update(SFT_HARNESS_CACHE=str(output / "cache"), HF_HOME=str(output / "hf"),
-               SFT_HARNESS_INJECT_FAULT="late_cache@0:0")
+    env.update(
+        SFT_HARNESS_CACHE=str(output / "cache"), HF_HOME=str(output / "hf"), SFT_HARNESS_INJECT_FAULT="late_cache@0:0"
+    )
     proc = run_cli(
-        "--models", ",".join(MODELS), "--weights", "tiny", "--device", "cpu", "--nproc-per-node", "2",
-        "--max-samples", str(CONVERGE_SAMPLES), "--output-dir", str(output), "--run-id", "r",
-        "--timeout-per-model", "240", "--wandb-mode", "disabled", env=env,
+        "--models",
+        ",".join(MODELS),
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "--nproc-per-node",
+        "2",
+        "--max-samples",
+        str(CONVERGE_SAMPLES),
+        "--output-dir",
+        str(output),
+        "--run-id",
+        "r",
+        "--timeout-per-model",
+        "240",
+        "--wandb-mode",
+        "disabled",
+        env=env,
     )
     return proc, output / "r"
 
@@ -113,8 +150,13 @@ def test_tiny_model_reaches_its_loss_target(converged, name):
     assert result["reasons"] == []
     assert result["load_path"] == MODELS[name] == worker["load_record"]["load_path"]
     assert result["world_size"] == worker["world_size"] == 2
-    assert result["exit"] == {"returncode": 0, "timed_out": False, "interrupted": False, "node_lost": False,
-                              "stopped_by": None}
+    assert result["exit"] == {
+        "returncode": 0,
+        "timed_out": False,
+        "interrupted": False,
+        "node_lost": False,
+        "stopped_by": None,
+    }
     assert worker["status"] == "finished" and worker["stop_reason"] == "target_reached"
     assert worker["data"]["n_samples"] == CONVERGE_SAMPLES
     assert result["final_loss"] < LOSS_TARGET
@@ -208,11 +250,28 @@ TOKENS_PER_STEP = 4096
 
 def run_curve(tmp_path: Path, nproc: int) -> Path:
     proc = run_cli(
-        "--models", ",".join(CURVE_MODELS), "--weights", "tiny", "--device", "cpu",
-        "--nproc-per-node", str(nproc), "--max-tokens-per-gpu", str(TOKENS_PER_STEP // nproc),
-        "--max-samples", str(CURVE_SAMPLES), "--max-steps", str(CURVE_STEPS),
-        "--output-dir", str(tmp_path), "--run-id", f"ranks{nproc}", "--timeout-per-model", "240",
-        "--wandb-mode", "disabled",
+        "--models",
+        ",".join(CURVE_MODELS),
+        "--weights",
+        "tiny",
+        "--device",
+        "cpu",
+        "--nproc-per-node",
+        str(nproc),
+        "--max-tokens-per-gpu",
+        str(TOKENS_PER_STEP // nproc),
+        "--max-samples",
+        str(CURVE_SAMPLES),
+        "--max-steps",
+        str(CURVE_STEPS),
+        "--output-dir",
+        str(tmp_path),
+        "--run-id",
+        f"ranks{nproc}",
+        "--timeout-per-model",
+        "240",
+        "--wandb-mode",
+        "disabled",
     )
     # 5 steps cannot reach the loss target: the verdict FAILs (exit 1); anything else is a crash.
     assert proc.returncode in (0, 1), failure_context(proc)
@@ -225,9 +284,9 @@ def step_samples(plan) -> list[list[int]]:
 
 def assert_same_samples_per_step(name: str, config: dict, steps: list[dict]) -> None:
     """Rebuild both runs' plans from the trainer's own inputs: same samples in each step."""
+    from harness.gate import registry
     from harness.job import data
     from harness.models import loading
-    from harness.gate import registry
 
     spec = registry.lookup(name)
     conversations = data.load_chat_dataset(Path(config["dataset"]))[: config["max_samples"]]
@@ -254,9 +313,16 @@ def test_loss_curve_does_not_depend_on_world_size(tmp_path):
         assert len(m1) == len(m2) == CURVE_STEPS
         assert_same_samples_per_step(name, worker2["config"], m2)
         for a, b in zip(m1, m2):
-            assert (a["step"], a["epoch"], a["tokens"], a["label_tokens"]) == (b["step"], b["epoch"], b["tokens"], b["label_tokens"])
+            assert (a["step"], a["epoch"], a["tokens"], a["label_tokens"]) == (
+                b["step"],
+                b["epoch"],
+                b["tokens"],
+                b["label_tokens"],
+            )
             assert a["lr"] == b["lr"]
-            assert abs(a["loss"] - b["loss"]) < 1e-4, f"{name} step {a['step']}: 1 rank {a['loss']}, 2 ranks {b['loss']}"
+            assert abs(a["loss"] - b["loss"]) < 1e-4, (
+                f"{name} step {a['step']}: 1 rank {a['loss']}, 2 ranks {b['loss']}"
+            )
             assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"], f"{name} step {a['step']} grad norm"
         # Not a flat curve: the 5 compared steps really trained.
         assert m1[-1]["loss"] < m1[0]["loss"] - 0.1, [m["loss"] for m in m1]
@@ -270,9 +336,22 @@ def grad_norms(tmp_path_factory):
     folder = tmp_path_factory.mktemp("gradnorm")
     output = folder / "grad_norms.json"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        str(REPO_ROOT / "tests" / "dist_train_gradnorm.py"), "--models", ",".join(MODELS),
-        "--output", str(output), "--work-dir", str(folder), "--max-samples", "32", "--max-tokens-per-gpu", "1024",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(REPO_ROOT / "tests" / "dist_train_gradnorm.py"),
+        "--models",
+        ",".join(MODELS),
+        "--output",
+        str(output),
+        "--work-dir",
+        str(folder),
+        "--max-samples",
+        "32",
+        "--max-tokens-per-gpu",
+        "1024",
     ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -296,5 +375,7 @@ def test_recorded_fsdp_grad_norm_equals_the_unsharded_norm(grad_norms, name):
     assert recorded["loss"] == pytest.approx(reference["loss"], rel=1e-5)
     assert reference["grad_norm"] > 0.1
     rel = abs(recorded["grad_norm"] - reference["grad_norm"]) / reference["grad_norm"]
-    assert rel < 1e-5, (f"{name}: FSDP recorded {recorded['grad_norm']}, unsharded {reference['grad_norm']} "
-                        f"(fp32 clip_grad_norm_ {reference['grad_norm_fp32']}), relative difference {rel:.2e}")
+    assert rel < 1e-5, (
+        f"{name}: FSDP recorded {recorded['grad_norm']}, unsharded {reference['grad_norm']} "
+        f"(fp32 clip_grad_norm_ {reference['grad_norm_fp32']}), relative difference {rel:.2e}"
+    )

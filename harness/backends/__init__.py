@@ -8,6 +8,7 @@
 The verdict stays the harness's: for a stack other than native the harness evaluates the checkpoint
 the stack saved itself (harness.backends.checkpoint_eval), and the stack's own loss is recorded, never decisive.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -17,9 +18,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from harness.contract.errors import UsageError, did_you_mean
-
 from harness.contract.model_spec import BACKENDS
-
 
 # What the gate checks only inside its own trainer: for another stack these are "not available", never passed.
 NOT_AVAILABLE_OUTSIDE = (
@@ -60,11 +59,14 @@ def check_usable(name: str, device: str) -> None:
     module = backend(name)
     requirement: Requirement | None = getattr(module, "REQUIREMENT", None)
     if requirement and importlib.util.find_spec(requirement.module) is None:
-        raise UsageError(f"--backend {name} needs {requirement.distribution}, which is not installed: "
-                         f"{requirement.install_command}")
+        raise UsageError(
+            f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"
+        )
     if getattr(module, "CUDA_ONLY", False) and device != "cuda":
-        raise UsageError(f"--backend {name} runs only on CUDA ({requirement.distribution} sets a CUDA device at start); "
-                         "use --device cuda on a GPU machine, or --backend native|trl on CPU")
+        raise UsageError(
+            f"--backend {name} runs only on CUDA ({requirement.distribution} sets a CUDA device at start); "
+            "use --device cuda on a GPU machine, or --backend native|trl on CPU"
+        )
 
 
 def installed_version(requirement: Requirement | None) -> str | None:

@@ -4,6 +4,7 @@ one that kept the VLM saved the VLM), evaluate every sample with the harness's t
 mask, and see whether the towers it saved moved. One process (`python -m harness.backends.checkpoint_eval
 --job job.json`), after the stack's job; it writes checkpoint_eval.json (job.CheckpointCheck).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,11 @@ def result_path(cfg: RunConfig) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="evaluate the checkpoint a training stack saved, the harness's way")
     parser.add_argument("--job", type=Path, required=True)
-    parser.add_argument("--compare-towers", action="store_true",
-                        help="compare the saved towers with those of the input checkpoint the stack read")
+    parser.add_argument(
+        "--compare-towers",
+        action="store_true",
+        help="compare the saved towers with those of the input checkpoint the stack read",
+    )
     args = parser.parse_args(argv)
     cfg = RunConfig.from_json(args.job)
     check = CheckpointCheck(folder=str(cfg.checkpoint_dir))
@@ -40,20 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate_checkpoint(cfg: RunConfig, folder: Path, check: CheckpointCheck, input_checkpoint: Path | None = None) -> None:
+def evaluate_checkpoint(
+    cfg: RunConfig, folder: Path, check: CheckpointCheck, input_checkpoint: Path | None = None
+) -> None:
     import json
 
     import torch
 
     from harness.job import attention as attention_lib
     from harness.job import data as data_lib
-    from harness.models import loading
     from harness.job.distributed import DistContext
     from harness.job.evaluate import evaluate_full_dataset
     from harness.job.generation import generation_check
     from harness.job.metrics import model_flops_per_token
     from harness.job.preflight import end_of_turn_marker
     from harness.job.train import TrainableLM, pad_id, plan_epoch
+    from harness.models import loading
 
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"no checkpoint was saved at {folder} (no config.json)")
@@ -75,11 +81,13 @@ def evaluate_checkpoint(cfg: RunConfig, folder: Path, check: CheckpointCheck, in
     check.flops_per_token = model_flops_per_token(model, dataset)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
     wrapped = TrainableLM(model, varlen=attention == "varlen")
-    check.evaluation = evaluate_full_dataset(wrapped, dataset, plan_epoch(cfg, dataset, ctx, 0), cfg.packing, ctx,
-                                             pad_id(tokenizer))
+    check.evaluation = evaluate_full_dataset(
+        wrapped, dataset, plan_epoch(cfg, dataset, ctx, 0), cfg.packing, ctx, pad_id(tokenizer)
+    )
     # The saved model must answer as it will be used, with the harness's prompt and end-of-turn marker.
-    check.generation = generation_check(wrapped, conversations, dataset, tokenizer,
-                                        end_of_turn_marker(cfg.spec, tokenizer), pad_id(tokenizer), ctx)
+    check.generation = generation_check(
+        wrapped, conversations, dataset, tokenizer, end_of_turn_marker(cfg.spec, tokenizer), pad_id(tokenizer), ctx
+    )
 
 
 def changed_towers(before: Path, after: Path) -> list[str] | None:

@@ -3,6 +3,7 @@
 only: its main() sets a CUDA device at once. The probe calls the stack's own predicates
 (instructlab.training.vlm_utils) on the model's config, so --dry-run says what 0.16.2 will do.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,16 +14,27 @@ import tempfile
 from pathlib import Path
 
 from harness.backends import Requirement, observed_load_path
-from harness.contract.records import BackendProbe, BackendRecord, RunConfig, StepMetrics, TowerCounts, WorkerReport, read_worker_report
+from harness.contract.records import (
+    BackendProbe,
+    BackendRecord,
+    RunConfig,
+    StepMetrics,
+    TowerCounts,
+    WorkerReport,
+    final_loss,
+    read_worker_report,
+)
 from harness.runtime.launch import JobOutcome, Topology
-from harness.contract.records import final_loss
 
-REQUIREMENT = Requirement(module="instructlab.training", distribution="instructlab-training", version="0.16.2",
-                          extra="instructlab")
+REQUIREMENT = Requirement(
+    module="instructlab.training", distribution="instructlab-training", version="0.16.2", extra="instructlab"
+)
 CUDA_ONLY = True
 WORKER = "harness.backends.instructlab_worker"
-RULE = ("instructlab.training.model.CausalLMModel: vlm_utils.is_vlm_with_causal_lm -> extract_causal_lm_from_vlm; "
-        "is_vlm_for_direct_loading -> load_vlm_for_text_training; else AutoModelForCausalLM")
+RULE = (
+    "instructlab.training.model.CausalLMModel: vlm_utils.is_vlm_with_causal_lm -> extract_causal_lm_from_vlm; "
+    "is_vlm_for_direct_loading -> load_vlm_for_text_training; else AutoModelForCausalLM"
+)
 # What its log says when it takes a VLM path (vlm_utils.py); nothing is said for a plain causal LM.
 EXTRACT_LINE = "loading full VLM to extract CausalLM text backbone"
 DIRECT_LINE = "loading VLM directly for text-only training"
@@ -54,10 +66,26 @@ def probe(spec, config) -> BackendProbe:
 def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[str]]:
     job_path = Path(cfg.output_dir) / "job.json"
     shutil.rmtree(stack_dir(cfg), ignore_errors=True)  # its checkpoints and logs of an earlier attempt
-    return [[sys.executable, "-m", "harness.backends.stack_checkpoint", "--job", str(job_path)],
-            [sys.executable, "-m", WORKER, "--job", str(job_path), "--job-index", str(job_index),
-             "--nproc-per-node", str(topology.nproc_per_node), "--nnodes", str(topology.nnodes),
-             "--node-rank", str(topology.node_rank), "--rdzv-endpoint", topology.rdzv_endpoint or ""]]
+    return [
+        [sys.executable, "-m", "harness.backends.stack_checkpoint", "--job", str(job_path)],
+        [
+            sys.executable,
+            "-m",
+            WORKER,
+            "--job",
+            str(job_path),
+            "--job-index",
+            str(job_index),
+            "--nproc-per-node",
+            str(topology.nproc_per_node),
+            "--nnodes",
+            str(topology.nnodes),
+            "--node-rank",
+            str(topology.node_rank),
+            "--rdzv-endpoint",
+            topology.rdzv_endpoint or "",
+        ],
+    ]
 
 
 def steps_for(samples: int, effective_batch_size: int, cfg: RunConfig) -> tuple[int, int]:
@@ -116,11 +144,21 @@ def read_stack_metrics(path: Path, world_size: int = 1) -> list[StepMetrics]:
         throughput, samples = row.get("overall_throughput"), row.get("batch_size")
         step_time = samples / throughput if throughput and samples else None
         per_s = tokens / step_time if tokens and step_time else None
-        metrics.append(StepMetrics(step=int(row["step"]), loss=float(row["avg_loss"]), epoch=row.get("epoch"),
-                                   grad_norm=row.get("gradnorm"), lr=logged_lr, tokens=tokens,
-                                   label_tokens=row.get("num_loss_counted_tokens"), step_time_s=step_time,
-                                   tokens_per_s=per_s, tokens_per_s_per_gpu=per_s / world_size if per_s else None,
-                                   peak_mem_allocated_gib=(row.get("cuda_mem_allocated") or None)))
+        metrics.append(
+            StepMetrics(
+                step=int(row["step"]),
+                loss=float(row["avg_loss"]),
+                epoch=row.get("epoch"),
+                grad_norm=row.get("gradnorm"),
+                lr=logged_lr,
+                tokens=tokens,
+                label_tokens=row.get("num_loss_counted_tokens"),
+                step_time_s=step_time,
+                tokens_per_s=per_s,
+                tokens_per_s_per_gpu=per_s / world_size if per_s else None,
+                peak_mem_allocated_gib=(row.get("cuda_mem_allocated") or None),
+            )
+        )
         # it logs get_last_lr() after the scheduler stepped: the lr of the NEXT step (step 1's is not logged)
         logged_lr = row.get("lr")
     return metrics

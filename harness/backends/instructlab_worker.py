@@ -2,6 +2,7 @@
 masking), then its `run_training`, which starts torchrun on this node's GPUs. Records the recipe as
 instructlab's options; instructlab.collect reads what the stack wrote.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,16 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from harness.contract.records import PROGRESS_PREFIX, BackendRecord, DataStats, RunConfig, Timings, WorkerReport, record_job_error, write_worker_report
+from harness.contract.records import (
+    PROGRESS_PREFIX,
+    BackendRecord,
+    DataStats,
+    RunConfig,
+    Timings,
+    WorkerReport,
+    record_job_error,
+    write_worker_report,
+)
 from harness.runtime.launch import Topology
 
 UNMAPPED = [
@@ -60,8 +70,8 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     from instructlab.training import data_process
 
     from harness.backends import instructlab as backend
-    from harness.contract.dataset_file import load_chat_dataset
     from harness.backends.stack_checkpoint import input_checkpoint_path
+    from harness.contract.dataset_file import load_chat_dataset
 
     started = time.monotonic()
     folder = input_checkpoint_path(cfg)
@@ -71,11 +81,17 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     conversations = load_chat_dataset(cfg.dataset)[: cfg.max_samples]
     messages_path = work / "messages.jsonl"
     messages_path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in conversations))
-    data_process.process_data(data_path=str(messages_path), data_output_path=str(work / "data"),
-                              max_seq_len=cfg.max_seq_len, model_path=str(folder), num_cpu_procs=2)
+    data_process.process_data(
+        data_path=str(messages_path),
+        data_output_path=str(work / "data"),
+        max_seq_len=cfg.max_seq_len,
+        model_path=str(folder),
+        num_cpu_procs=2,
+    )
     lengths = [json.loads(line)["len"] for line in (work / "data" / "data.jsonl").read_text().splitlines() if line]
-    report.data = DataStats(n_samples=len(lengths), n_dropped_too_long=len(conversations) - len(lengths),
-                            total_tokens=sum(lengths))
+    report.data = DataStats(
+        n_samples=len(lengths), n_dropped_too_long=len(conversations) - len(lengths), total_tokens=sum(lengths)
+    )
     world = topology.nnodes * topology.nproc_per_node
     batch = backend.effective_batch_size(lengths, world, cfg)
     steps_per_epoch, epochs = backend.steps_for(len(lengths), batch, cfg)
@@ -85,20 +101,25 @@ def train_with_instructlab(cfg: RunConfig, report: WorkerReport, topology: Topol
     report.backend.recipe = train_args
     write_worker_report(cfg, report, 0)
     prepared = time.monotonic()
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])  # its `torchrun`
+    os.environ["PATH"] = os.pathsep.join(
+        [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    )  # its `torchrun`
     os.environ["COLUMNS"] = "400"  # rich wraps its log lines at 80 columns off a terminal; collect reads them
     with following_progress(work / "ckpt" / backend.METRICS_FILE, report.planned_steps, cfg.log_every):
         try:
-            instructlab.training.run_training(torch_args=instructlab.training.TorchrunArgs(**torch_args),
-                                              train_args=instructlab.training.TrainingArgs(**train_args))
+            instructlab.training.run_training(
+                torch_args=instructlab.training.TorchrunArgs(**torch_args),
+                train_args=instructlab.training.TrainingArgs(**train_args),
+            )
         except Exception as exc:  # it says only "Suffered a failure during distributed training"
             cause = first_rank_error(work / "ckpt" / f"full_logs_global{topology.node_rank}.log")
             if cause is None:
                 raise
             raise RuntimeError(f"instructlab's training failed: {cause}") from exc
     report.status, report.stop_reason = "finished", "step_budget"
-    report.time_s = Timings(load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started,
-                            started_at=started)
+    report.time_s = Timings(
+        load=prepared - started, train=time.monotonic() - prepared, total=time.monotonic() - started, started_at=started
+    )
 
 
 # torchrun prefixes each line of a worker's output with [rankN]:, the exception's last line included.
@@ -148,24 +169,41 @@ def print_new_steps(path: Path, offset: int, planned_steps: int, every: int) -> 
     for line in complete.decode(errors="replace").splitlines():
         row = json.loads(line) if line.strip().startswith("{") else {}
         if "step" in row and "avg_loss" in row and int(row["step"]) % max(1, every) == 0:
-            print(f"{PROGRESS_PREFIX}step {row['step']} (budget {planned_steps}) loss {float(row['avg_loss']):.4f}", flush=True)
+            print(
+                f"{PROGRESS_PREFIX}step {row['step']} (budget {planned_steps}) loss {float(row['avg_loss']):.4f}",
+                flush=True,
+            )
     return offset + len(complete)
 
 
-def arguments(cfg: RunConfig, folder: Path, work: Path, batch: int, epochs: int, topology: Topology,
-              job_index: int) -> tuple[dict, dict]:
+def arguments(
+    cfg: RunConfig, folder: Path, work: Path, batch: int, epochs: int, topology: Topology, job_index: int
+) -> tuple[dict, dict]:
     """The recipe as instructlab's TrainingArgs, the sweep's topology as its TorchrunArgs."""
     train_args = dict(
-        model_path=str(folder), data_path=str(work / "messages.jsonl"), data_output_dir=str(work / "data"),
-        ckpt_output_dir=str(work / "ckpt"), max_seq_len=cfg.max_seq_len,
+        model_path=str(folder),
+        data_path=str(work / "messages.jsonl"),
+        data_output_dir=str(work / "data"),
+        ckpt_output_dir=str(work / "ckpt"),
+        max_seq_len=cfg.max_seq_len,
         max_batch_len=max(cfg.max_tokens_per_gpu, cfg.max_seq_len),
-        num_epochs=epochs, effective_batch_size=batch, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        random_seed=cfg.seed, adamw_weight_decay=cfg.weight_decay, process_data=False, save_samples=0,
-        checkpoint_at_epoch=True, keep_last_checkpoint_only=True, accelerate_full_state_at_epoch=False,
-        disable_flash_attn=True, distributed_backend="fsdp",
+        num_epochs=epochs,
+        effective_batch_size=batch,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        random_seed=cfg.seed,
+        adamw_weight_decay=cfg.weight_decay,
+        process_data=False,
+        save_samples=0,
+        checkpoint_at_epoch=True,
+        keep_last_checkpoint_only=True,
+        accelerate_full_state_at_epoch=False,
+        disable_flash_attn=True,
+        distributed_backend="fsdp",
     )
-    torch_args = dict(nproc_per_node=topology.nproc_per_node, nnodes=topology.nnodes, node_rank=topology.node_rank,
-                      rdzv_id=job_index)
+    torch_args = dict(
+        nproc_per_node=topology.nproc_per_node, nnodes=topology.nnodes, node_rank=topology.node_rank, rdzv_id=job_index
+    )
     if topology.nnodes > 1:  # model k of the sweep meets at port + k, as the native jobs do
         host, _, port = topology.rdzv_endpoint.rpartition(":")
         torch_args.update(master_addr=host, master_port=int(port or 29500) + job_index)

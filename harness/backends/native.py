@@ -1,5 +1,6 @@
 """The harness's own trainer (harness.job.train) under torchrun: the reference the other stacks are
 judged against, and the only one whose internals (preflight, data accounting, sharding) the gate sees."""
+
 from __future__ import annotations
 
 from pathlib import Path

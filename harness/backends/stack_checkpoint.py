@@ -9,6 +9,7 @@ is a VLM: what the stack would download from the hub.
 Built once per model and settings into cache_dir()/stack through cache.build_once, by the job's first
 command (`python -m harness.backends.stack_checkpoint --job job.json`), on every node before the stack starts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
-from harness.runtime.cache import build_once
 from harness.contract.records import RunConfig
+from harness.runtime.cache import build_once
 from harness.runtime.paths import cache_dir
 
 SYNTHETIC_SAVE_DTYPE = "bfloat16"  # what the hub ships; the stack's own dtype choice applies on load
@@ -30,12 +31,17 @@ def input_checkpoint_path(cfg: RunConfig) -> Path:
     """Where the stack's input checkpoint lives: a function of what shapes its content only."""
     import transformers
 
-    from harness.models import loading
     from harness.job.data import tokenizer_fingerprint
+    from harness.models import loading
 
-    key = {"model": {k: v for k, v in cfg.model.items() if k not in ("train", "backend")}, "weights": cfg.weights,
-           "seed": cfg.seed, "init_std": cfg.init_std, "transformers": transformers.__version__,
-           "tokenizer": tokenizer_fingerprint(loading.tokenizer_for(cfg.spec, cfg.weights))}
+    key = {
+        "model": {k: v for k, v in cfg.model.items() if k not in ("train", "backend")},
+        "weights": cfg.weights,
+        "seed": cfg.seed,
+        "init_std": cfg.init_std,
+        "transformers": transformers.__version__,
+        "tokenizer": tokenizer_fingerprint(loading.tokenizer_for(cfg.spec, cfg.weights)),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return cache_dir() / "stack" / f"{cfg.spec.folder_name}-{cfg.weights}-{digest}"
 
@@ -43,8 +49,12 @@ def input_checkpoint_path(cfg: RunConfig) -> Path:
 def input_checkpoint(cfg: RunConfig) -> Path:
     from harness.models.weights import verify_checkpoint
 
-    return build_once(input_checkpoint_path(cfg), lambda folder: write_input_checkpoint(cfg, folder),
-                      verify_checkpoint, f"hub-layout checkpoint of {cfg.spec.name} ({cfg.weights} weights)")
+    return build_once(
+        input_checkpoint_path(cfg),
+        lambda folder: write_input_checkpoint(cfg, folder),
+        verify_checkpoint,
+        f"hub-layout checkpoint of {cfg.spec.name} ({cfg.weights} weights)",
+    )
 
 
 def write_input_checkpoint(cfg: RunConfig, folder: Path) -> None:
@@ -77,8 +87,8 @@ def write_synthetic(cfg: RunConfig, folder: Path) -> None:
     import torch
 
     from harness.models import loading
-    from harness.models.plan import model_class, resolve_load_path
     from harness.models.configs import load_config
+    from harness.models.plan import model_class, resolve_load_path
 
     config = load_config(cfg.spec)
     decision = resolve_load_path(config)

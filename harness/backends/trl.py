@@ -5,6 +5,7 @@ has no multi-process launcher of its own (its --cpu path is mpirun), so torchrun
 accelerate runs them as MULTI_CPU (gloo DDP), as it does for any torchrun-started script.
 The worker (harness.backends.trl_worker) records what TRL built, its per-step logs and its saved model.
 """
+
 from __future__ import annotations
 
 import socket
@@ -56,13 +57,27 @@ def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[st
 
 
 def accelerate_command(config_path: Path, job_path: Path, topology: Topology, job_index: int) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path),
-               "--num_processes", str(topology.nproc_per_node * topology.nnodes),
-               "--num_machines", str(topology.nnodes)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_path),
+        "--num_processes",
+        str(topology.nproc_per_node * topology.nnodes),
+        "--num_machines",
+        str(topology.nnodes),
+    ]
     if topology.nnodes > 1:
         host, _, port = topology.rdzv_endpoint.rpartition(":")
-        command += ["--machine_rank", str(topology.node_rank), "--main_process_ip", host,
-                    "--main_process_port", str(int(port or 29500) + job_index)]
+        command += [
+            "--machine_rank",
+            str(topology.node_rank),
+            "--main_process_ip",
+            host,
+            "--main_process_port",
+            str(int(port or 29500) + job_index),
+        ]
     else:
         command += ["--main_process_port", str(free_port())]  # accelerate's default 29500 may be taken
     return command + ["-m", WORKER, "--job", str(job_path)]
@@ -77,24 +92,30 @@ def free_port() -> int:
 def accelerate_fsdp2_config(cfg: RunConfig, topology: Topology) -> str:
     """TRL's own trl/accelerate_configs/fsdp2.yaml, with the run's resharding choice; activation
     checkpointing is TRL's gradient_checkpointing option (SFTConfig), not FSDP's."""
-    reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else topology.nproc_per_node * topology.nnodes > 1
-    return "\n".join([
-        "compute_environment: LOCAL_MACHINE",
-        "distributed_type: FSDP",
-        "mixed_precision: bf16",
-        "fsdp_config:",
-        "  fsdp_version: 2",
-        "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
-        "  fsdp_cpu_ram_efficient_loading: true",
-        "  fsdp_offload_params: false",
-        f"  fsdp_reshard_after_forward: {'true' if reshard else 'false'}",
-        "  fsdp_state_dict_type: FULL_STATE_DICT",
-        "  fsdp_activation_checkpointing: false",
-        "rdzv_backend: static",
-        "same_network: true",
-        "use_cpu: false",
-        "",
-    ])
+    reshard = (
+        cfg.reshard_after_forward
+        if cfg.reshard_after_forward is not None
+        else topology.nproc_per_node * topology.nnodes > 1
+    )
+    return "\n".join(
+        [
+            "compute_environment: LOCAL_MACHINE",
+            "distributed_type: FSDP",
+            "mixed_precision: bf16",
+            "fsdp_config:",
+            "  fsdp_version: 2",
+            "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP",
+            "  fsdp_cpu_ram_efficient_loading: true",
+            "  fsdp_offload_params: false",
+            f"  fsdp_reshard_after_forward: {'true' if reshard else 'false'}",
+            "  fsdp_state_dict_type: FULL_STATE_DICT",
+            "  fsdp_activation_checkpointing: false",
+            "rdzv_backend: static",
+            "same_network: true",
+            "use_cpu: false",
+            "",
+        ]
+    )
 
 
 def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:

@@ -5,6 +5,7 @@ what the gate needs to observe: the class TRL built and the towers it carries (w
 first step, so a crash still reports them), TRL's per-step logs as metrics.jsonl, and the model TRL
 saves. It decides nothing: the sweep judges, from the harness's own evaluation of that checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,7 @@ def recipe_options(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         padding_free=cfg.packing,
         max_length=cfg.max_tokens_per_gpu if cfg.packing else cfg.max_seq_len,
         assistant_only_loss=True,  # needs {% generation %} markers (the harness's templates carry them); TRL
-                                   # patches a few known templates and refuses the rest (Gemma's own among them)
+        # patches a few known templates and refuses the rest (Gemma's own among them)
         seed=cfg.seed,
         data_seed=cfg.seed,
         weight_decay=cfg.weight_decay,
@@ -95,8 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job", type=Path, required=True)
     cfg = RunConfig.from_json(parser.parse_args(argv).job)
     rank = int(os.environ.get("RANK", 0))
-    report = WorkerReport(world_size=int(os.environ.get("WORLD_SIZE", 1)), rank=rank, config=cfg,
-                          backend=BackendRecord("trl", unmapped=list(UNMAPPED)))
+    report = WorkerReport(
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+        rank=rank,
+        config=cfg,
+        backend=BackendRecord("trl", unmapped=list(UNMAPPED)),
+    )
     try:
         train_with_trl(cfg, report)
         return 0
@@ -112,9 +117,9 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     import trl
     from transformers import AutoConfig, AutoTokenizer
 
+    from harness.backends.stack_checkpoint import input_checkpoint_path
     from harness.contract.dataset_file import load_chat_dataset
     from harness.job.distributed import cap_gpu_memory
-    from harness.backends.stack_checkpoint import input_checkpoint_path
 
     started = time.monotonic()
     folder = input_checkpoint_path(cfg)
@@ -134,10 +139,17 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     report.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     cap_gpu_memory(device, cfg.gpu_memory_gib)
     with recording_the_model_trl_builds(cfg, report, AutoConfig.from_pretrained(folder)):
-        trainer = trl.SFTTrainer(model=str(folder), args=trl.SFTConfig(**options),
-                                 train_dataset=dataset_of(conversations), processing_class=tokenizer, callbacks=[callback])
+        trainer = trl.SFTTrainer(
+            model=str(folder),
+            args=trl.SFTConfig(**options),
+            train_dataset=dataset_of(conversations),
+            processing_class=tokenizer,
+            callbacks=[callback],
+        )
 
-    steps_per_epoch = math.ceil(len(trainer.train_dataset) / (report.world_size * options["per_device_train_batch_size"]))
+    steps_per_epoch = math.ceil(
+        len(trainer.train_dataset) / (report.world_size * options["per_device_train_batch_size"])
+    )
     trainer.args.max_steps = min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     report.steps_per_epoch, report.planned_steps = steps_per_epoch, trainer.args.max_steps
     callback.watch_epochs(steps_per_epoch)
@@ -152,8 +164,13 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     report.non_finite_step = callback.non_finite_step
     report.steps = trainer.state.global_step
     record.reported_final_loss = callback.final_loss
-    report.time_s = Timings(load=load_done - started, first_step=callback.first_step_s, train=train_done - load_done,
-                            total=saved - started, started_at=started)
+    report.time_s = Timings(
+        load=load_done - started,
+        first_step=callback.first_step_s,
+        train=train_done - load_done,
+        total=saved - started,
+        started_at=started,
+    )
 
 
 @contextmanager
@@ -161,9 +178,10 @@ def recording_the_model_trl_builds(cfg: RunConfig, report: WorkerReport, source_
     """Notes the class TRL's own create_model_from_path returns, its towers and vocabulary, and writes
     the report at once: a crash later in SFTTrainer's constructor (its chat-template check, its data
     processing) or in training still leaves what TRL built."""
-    from harness.models import loading
-    from harness.backends import observed_load_path
     from trl.trainer import sft_trainer
+
+    from harness.backends import observed_load_path
+    from harness.models import loading
 
     create = sft_trainer.create_model_from_path
 
@@ -219,10 +237,13 @@ class HarnessCallback(TrainerCallback):
         loss = float(logs["loss"])
         cuda = torch.cuda.is_available() and self.cfg.device == "cuda"
         metrics = StepMetrics(
-            step=state.global_step, loss=loss, epoch=int(state.epoch or 0),
+            step=state.global_step,
+            loss=loss,
+            epoch=int(state.epoch or 0),
             grad_norm=float(logs["grad_norm"]) if logs.get("grad_norm") is not None else None,
             lr=float(logs["learning_rate"]) if "learning_rate" in logs else None,
-            tokens=tokens, step_time_s=step_time,
+            tokens=tokens,
+            step_time_s=step_time,
             tokens_per_s=tokens / step_time if tokens and step_time > 0 else None,
             tokens_per_s_per_gpu=tokens / step_time / self.world_size if tokens and step_time > 0 else None,
             peak_mem_allocated_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
@@ -239,8 +260,11 @@ class HarnessCallback(TrainerCallback):
             return
         self.recent.append(loss)
         threshold = self.cfg.loss_threshold
-        if (len(self.recent) == self.recent.maxlen and max(self.recent) < threshold
-                and sum(self.recent) / len(self.recent) < STOP_MARGIN * threshold):
+        if (
+            len(self.recent) == self.recent.maxlen
+            and max(self.recent) < threshold
+            and sum(self.recent) / len(self.recent) < STOP_MARGIN * threshold
+        ):
             self.stop_reason = "target_reached"
             control.should_training_stop = True
 

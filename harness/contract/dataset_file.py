@@ -4,6 +4,7 @@ A line is `{"messages": [{"role": ..., "content": ...}, ...]}` with at least one
 turn. A bad line is reported as PATH:LINE: why; a binary or non-UTF-8 file is reported the same
 way, never as a UnicodeDecodeError. The job reads the file through the same function.
 """
+
 from __future__ import annotations
 
 import codecs

@@ -1,4 +1,5 @@
 """The one error a user can act on, and the words that help them."""
+
 from __future__ import annotations
 
 import difflib

@@ -1,6 +1,7 @@
 """Every file the harness writes for a reader (result.json, summary.*, junit.xml, the plot, run.json,
 job.json, worker.json) is written atomically: a temp file beside it, fsync, rename. A reader sees the
 old file or the new one, never a part, and an interrupted run leaves no half-written file."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """What the harness knows about a model before loading anything: its ModelSpec (configs/models/*.yaml,
 a hub id or a local folder), shared by the gate and the job. No torch here."""
+
 from __future__ import annotations
 
 import dataclasses

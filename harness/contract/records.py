@@ -8,6 +8,7 @@ Every file is written from one of these and read back into it (`to_json` / `from
 field fails loudly here instead of reading as None somewhere else. SCHEMA_VERSION is bumped when a
 field changes meaning or goes away; adding a field with a default keeps it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,9 @@ def from_plain(cls: type, data: Any, where: str = "") -> Any:
         return {key: from_plain(item, value, f"{where}.{key}") for key, value in (data or {}).items()}
     if dataclasses.is_dataclass(cls):
         if not isinstance(data, dict):
-            raise ContractError(f"{where or cls.__name__}: expected an object for {cls.__name__}, got {type(data).__name__}")
+            raise ContractError(
+                f"{where or cls.__name__}: expected an object for {cls.__name__}, got {type(data).__name__}"
+            )
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - names)
@@ -170,8 +173,17 @@ class RunConfig(JsonRecord):
 
 # Fields the gate decides (which model, where, which data); every other RunConfig field is a training
 # setting that the weights mode's defaults, a model's `train:` section and the command line may set.
-GATE_FIELDS = ("model", "weights", "device", "output_dir", "dataset", "packing", "loss_threshold", "backend",
-               "schema_version")
+GATE_FIELDS = (
+    "model",
+    "weights",
+    "device",
+    "output_dir",
+    "dataset",
+    "packing",
+    "loss_threshold",
+    "backend",
+    "schema_version",
+)
 TRAINING_SETTINGS = tuple(f.name for f in dataclasses.fields(RunConfig) if f.name not in GATE_FIELDS)
 
 
@@ -287,7 +299,9 @@ class CheckpointCheck(JsonRecord):
     load_record: LoadRecord | None = None
     evaluation: Evaluation | None = None
     generation: GenerationCheck | None = None  # greedy decoding of the saved model (harness.job.generation)
-    towers_changed: list[str] | None = None  # tower tensors that differ from the input checkpoint's (None: no towers saved)
+    towers_changed: list[str] | None = (
+        None  # tower tensors that differ from the input checkpoint's (None: no towers saved)
+    )
     # Training FLOPs per token of the saved text model over this dataset (metrics.model_flops_per_token):
     # the stack's MFU, as the native trainer counts it (towers do no work on text-only data)
     flops_per_token: float | None = None
@@ -337,7 +351,7 @@ class DataAccounting(JsonRecord):
     first_inconsistent_epoch: EpochRecord | None = None
 
     @classmethod
-    def of(cls, epochs: list[EpochRecord]) -> "DataAccounting":
+    def of(cls, epochs: list[EpochRecord]) -> DataAccounting:
         bad = [record for record in epochs if not record.consistent]
         return cls(len(epochs), epochs[0] if epochs else None, not bad, bad[0] if bad else None)
 
@@ -588,9 +602,26 @@ class ModelResult(JsonRecord):
 
 
 # The per-model fields summary.json lists (the full record is the model's result.json).
-SUMMARY_FIELDS = ("model", "verdict", "load_path", "expected_load_path", "weights", "world_size", "initial_loss",
-                  "final_loss", "steps", "tokens_per_s", "tokens_per_s_per_gpu", "mfu", "peak_mem_gib",
-                  "time_to_verdict_s", "loss_threshold", "stop_reason", "reasons", "regressions")
+SUMMARY_FIELDS = (
+    "model",
+    "verdict",
+    "load_path",
+    "expected_load_path",
+    "weights",
+    "world_size",
+    "initial_loss",
+    "final_loss",
+    "steps",
+    "tokens_per_s",
+    "tokens_per_s_per_gpu",
+    "mfu",
+    "peak_mem_gib",
+    "time_to_verdict_s",
+    "loss_threshold",
+    "stop_reason",
+    "reasons",
+    "regressions",
+)
 
 
 def summary_row(result: ModelResult) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Command line of run_validation.py: parse, resolve every model up front, then run or report."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,19 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from harness.gate import registry
-
-from harness.gate import validate
-from harness.gate.environment import redact_secrets
-from harness.contract.records import COMPILE_SCOPES, TRAINING_SETTINGS, ModelResult, summary_row
-from harness.runtime.paths import DEFAULT_DATASET, RESULTS_DIR
 from harness.contract.errors import UsageError
-from harness.gate.planning import PlannedModel, interrupted_result, not_run_result, plan_models, planned_result
-from harness.gate.run_lock import run_folder_locked
-from harness.runtime.stop_signals import as_interrupted, signals_deferred, stop_on_signals
 from harness.contract.files import read_json, write_json_atomic
+from harness.contract.records import COMPILE_SCOPES, TRAINING_SETTINGS, ModelResult, summary_row
+from harness.gate import registry, validate
+from harness.gate.environment import redact_secrets
+from harness.gate.planning import PlannedModel, interrupted_result, not_run_result, plan_models, planned_result
 from harness.gate.report import print_table, write_run_reports
+from harness.gate.run_lock import run_folder_locked
 from harness.gate.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
+from harness.runtime.paths import DEFAULT_DATASET, RESULTS_DIR
+from harness.runtime.stop_signals import as_interrupted, signals_deferred, stop_on_signals
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # a stop signal: 128 + its number (stop_signals.Interrupted.exit_code)
 
@@ -44,60 +43,123 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--models", help="comma-separated registry names (--list-models), hub ids (org/name) or local folders")
+    parser.add_argument(
+        "--models", help="comma-separated registry names (--list-models), hub ids (org/name) or local folders"
+    )
     parser.add_argument("--list-models", action="store_true", help="print the registry and exit")
     parser.add_argument("--dry-run", action="store_true", help="resolve load paths and report; no training")
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR, help="where run folders go")
     parser.add_argument("--run-id", help="name of the run folder (default: a timestamp)")
-    parser.add_argument("--backend", help="the stack that trains: native (the harness's trainer), trl (TRL SFTTrainer) or "
-                        "instructlab (instructlab-training, CUDA only); default: each model's registry backend:, else native")
-    train = parser.add_argument_group("training (unset options take the weights mode's defaults and the registry's train: section)")
-    train.add_argument("--weights", choices=("real", "synthetic", "tiny"), default="real",
-                       help="real: hub/local checkpoint; synthetic: full-size random; tiny: scaled-down random (CPU)")
+    parser.add_argument(
+        "--backend",
+        help="the stack that trains: native (the harness's trainer), trl (TRL SFTTrainer) or "
+        "instructlab (instructlab-training, CUDA only); default: each model's registry backend:, else native",
+    )
+    train = parser.add_argument_group(
+        "training (unset options take the weights mode's defaults and the registry's train: section)"
+    )
+    train.add_argument(
+        "--weights",
+        choices=("real", "synthetic", "tiny"),
+        default="real",
+        help="real: hub/local checkpoint; synthetic: full-size random; tiny: scaled-down random (CPU)",
+    )
     train.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available, else cpu")
-    train.add_argument("--nproc-per-node", type=int, default=None, help="ranks per node (default: every visible GPU; 1 on CPU)")
-    train.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run (start the same command on each)")
-    train.add_argument("--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1; node 0 makes the verdict")
+    train.add_argument(
+        "--nproc-per-node", type=int, default=None, help="ranks per node (default: every visible GPU; 1 on CPU)"
+    )
+    train.add_argument(
+        "--nnodes", type=int, default=1, help="nodes of a multi-node run (start the same command on each)"
+    )
+    train.add_argument(
+        "--node-rank", type=int, default=0, help="this node's rank, 0..nnodes-1; node 0 makes the verdict"
+    )
     train.add_argument("--rdzv-endpoint", help="host:port of node 0, for multi-node runs")
-    train.add_argument("--dataset", type=Path, default=DEFAULT_DATASET, help="chat JSONL, one {\"messages\": [...]} per line (the default is the 1000-sample overfit set)")
+    train.add_argument(
+        "--dataset",
+        type=Path,
+        default=DEFAULT_DATASET,
+        help='chat JSONL, one {"messages": [...]} per line (the default is the 1000-sample overfit set)',
+    )
     train.add_argument("--max-samples", type=int, default=None, help="train on the first N samples (tiny default: 200)")
-    train.add_argument("--max-seq-len", type=int, default=None, help="longer samples are dropped and counted (default: 2048)")
-    train.add_argument("--max-tokens-per-gpu", type=int, default=None, help="token budget of one packed micro-batch per rank")
+    train.add_argument(
+        "--max-seq-len", type=int, default=None, help="longer samples are dropped and counted (default: 2048)"
+    )
+    train.add_argument(
+        "--max-tokens-per-gpu", type=int, default=None, help="token budget of one packed micro-batch per rank"
+    )
     train.add_argument("--no-packing", action="store_true", help="padded batches instead of padding-free packing")
     train.add_argument("--epochs", type=int, default=None, help="at most this many passes over the data")
     train.add_argument("--max-steps", type=int, default=None, help="at most this many optimizer steps")
     train.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW)")
-    train.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="learning-rate schedule after the warm-up")
+    train.add_argument(
+        "--schedule", choices=("constant", "cosine"), default=None, help="learning-rate schedule after the warm-up"
+    )
     train.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up steps")
-    train.add_argument("--seed", type=int, default=None, help="seed of the init, the data order and the synthetic weights")
-    train.add_argument("--activation-checkpointing", choices=("auto", "on", "off"), default="auto",
-                       help="auto: on where the estimated memory without it would not fit the GPU (CPU: above ~1B parameters)")
-    train.add_argument("--attention", choices=("auto", "sdpa", "varlen"), default="auto",
-                       help="auto: varlen flash kernel for packed rows on CUDA, sdpa otherwise")
-    train.add_argument("--reshard-after-forward", choices=("auto", "on", "off"), default="auto",
-                       help="FSDP2: free gathered weights after each layer's forward (auto: with several ranks)")
+    train.add_argument(
+        "--seed", type=int, default=None, help="seed of the init, the data order and the synthetic weights"
+    )
+    train.add_argument(
+        "--activation-checkpointing",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="auto: on where the estimated memory without it would not fit the GPU (CPU: above ~1B parameters)",
+    )
+    train.add_argument(
+        "--attention",
+        choices=("auto", "sdpa", "varlen"),
+        default="auto",
+        help="auto: varlen flash kernel for packed rows on CUDA, sdpa otherwise",
+    )
+    train.add_argument(
+        "--reshard-after-forward",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="FSDP2: free gathered weights after each layer's forward (auto: with several ranks)",
+    )
     train.add_argument("--init-std", type=float, default=None, help="synthetic weights: std of the random init")
-    train.add_argument("--gpu-memory-gib", type=float, default=None,
-                       help="cap what PyTorch's allocator may take on each rank's GPU (e.g. 80 to run as an 80 GB card "
-                            "would on a larger one); the memory plan (activation checkpointing) uses the cap (native, trl). "
-                            "The CUDA context and NCCL buffers are outside it and an '80 GB' card has ~79.3 GiB: "
-                            "leave 1-3 GiB of margin")
-    train.add_argument("--compile", nargs="?", const="pointwise", choices=COMPILE_SCOPES, default=None,
-                       help="torch.compile each MLP and norm (pointwise, the bare flag) or each whole decoder layer "
-                            "(layers); faster steps for ~20 s (pointwise) or ~40 s (layers; ~240 s on gemma-3n) of "
-                            "compilation, kept under the harness cache for the next run (default off)")
-    train.add_argument("--save-checkpoint", action="store_true",
-                       help="native: save the trained model under <model>/checkpoint and evaluate it as an external stack's")
+    train.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="cap what PyTorch's allocator may take on each rank's GPU (e.g. 80 to run as an 80 GB card "
+        "would on a larger one); the memory plan (activation checkpointing) uses the cap (native, trl). "
+        "The CUDA context and NCCL buffers are outside it and an '80 GB' card has ~79.3 GiB: "
+        "leave 1-3 GiB of margin",
+    )
+    train.add_argument(
+        "--compile",
+        nargs="?",
+        const="pointwise",
+        choices=COMPILE_SCOPES,
+        default=None,
+        help="torch.compile each MLP and norm (pointwise, the bare flag) or each whole decoder layer "
+        "(layers); faster steps for ~20 s (pointwise) or ~40 s (layers; ~240 s on gemma-3n) of "
+        "compilation, kept under the harness cache for the next run (default off)",
+    )
+    train.add_argument(
+        "--save-checkpoint",
+        action="store_true",
+        help="native: save the trained model under <model>/checkpoint and evaluate it as an external stack's",
+    )
     train.add_argument("--timeout-per-model", type=float, default=3600.0, help="seconds before a job is ended as hung")
     gate = parser.add_argument_group("release gate")
     gate.add_argument("--resume", type=Path, help="a run folder: skip the models finished there, run the rest into it")
     gate.add_argument("--compare", type=Path, help="a baseline run folder: flag regressions per model")
-    gate.add_argument("--no-regressions-fail", dest="regressions_fail", action="store_false",
-                      help="record regressions without failing the gate")
+    gate.add_argument(
+        "--no-regressions-fail",
+        dest="regressions_fail",
+        action="store_false",
+        help="record regressions without failing the gate",
+    )
     gate.add_argument("--wandb-project", default="sft-harness", help="wandb project of the per-model runs")
-    gate.add_argument("--wandb-mode", dest="wandb", choices=("online", "offline", "disabled"),
-                      default=os.environ.get("WANDB_MODE", "online"),
-                      help="online falls back to offline without an API key or network")
+    gate.add_argument(
+        "--wandb-mode",
+        dest="wandb",
+        choices=("online", "offline", "disabled"),
+        default=os.environ.get("WANDB_MODE", "online"),
+        help="online falls back to offline without an API key or network",
+    )
     return parser
 
 
@@ -175,7 +237,9 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> list[Planned
     lines = read_chat_lines(settings.dataset)
     for cfg in configs:
         check_job_inputs(cfg, lines)
-    return [dataclasses.replace(item, refusal=gpu_fit_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)]
+    return [
+        dataclasses.replace(item, refusal=gpu_fit_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)
+    ]
 
 
 def gpu_fit_refusal(item: PlannedModel, cfg, settings) -> str | None:
@@ -216,15 +280,29 @@ def dry_run_into(run_dir: Path, planned: list[PlannedModel]) -> int:
     for result in results:
         result.to_json(run_dir / result.folder / "result.json")
     exit_code = EXIT_FAIL if any(r.verdict == FAIL for r in results) else EXIT_PASS
-    write_json_atomic(run_dir / "summary.json", {
-        "run_id": run_dir.name,
-        "mode": "dry-run",
-        "command": " ".join(redact_secrets(sys.argv)),
-        "exit_code": exit_code,
-        "models": [{k: getattr(r, k) for k in ("model", "verdict", "load_path", "expected_load_path")} for r in results],
-    })
-    rows = [[r.model, r.backend.name if r.backend else "native", r.load_path, r.expected_load_path or "-",
-             r.classes["model"], r.verdict] for r in results]
+    write_json_atomic(
+        run_dir / "summary.json",
+        {
+            "run_id": run_dir.name,
+            "mode": "dry-run",
+            "command": " ".join(redact_secrets(sys.argv)),
+            "exit_code": exit_code,
+            "models": [
+                {k: getattr(r, k) for k in ("model", "verdict", "load_path", "expected_load_path")} for r in results
+            ],
+        },
+    )
+    rows = [
+        [
+            r.model,
+            r.backend.name if r.backend else "native",
+            r.load_path,
+            r.expected_load_path or "-",
+            r.classes["model"],
+            r.verdict,
+        ]
+        for r in results
+    ]
     print_table(f"Dry run {run_dir.name}", ["model", "backend", "load path", "expected", "class", "verdict"], rows)
     for r in results:
         print(f"{r.model}: {r.load_path_reason}")
@@ -246,7 +324,9 @@ def resolve_training_args(args) -> None:
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc-per-node must be at least 1, got {args.nproc_per_node}")
     if args.device == "cuda" and args.nproc_per_node > torch.cuda.device_count():
-        raise UsageError(f"--nproc-per-node {args.nproc_per_node} but only {torch.cuda.device_count()} GPUs are visible")
+        raise UsageError(
+            f"--nproc-per-node {args.nproc_per_node} but only {torch.cuda.device_count()} GPUs are visible"
+        )
     if args.nnodes > 1 and not args.rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (node 0)")
 
@@ -296,12 +376,17 @@ def train_into(run_dir: Path, planned: list[PlannedModel], settings, args) -> in
     finished = finished_results(run_dir) if args.resume else {}
     environment = environment_lock(sys.argv)
     write_json_atomic(run_dir / "environment.json", environment)
-    write_json_atomic(run_dir / "run.json", {
-        "models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id for p in planned],
-        "command": environment["command"]["line"],
-        "settings": {key: str(v) if isinstance(v := getattr(args, key), Path) else v
-                     for key in resumable_options(build_parser())},
-    })
+    write_json_atomic(
+        run_dir / "run.json",
+        {
+            "models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id for p in planned],
+            "command": environment["command"]["line"],
+            "settings": {
+                key: str(v) if isinstance(v := getattr(args, key), Path) else v
+                for key in resumable_options(build_parser())
+            },
+        },
+    )
     sweep = SweepContext(settings, run_dir, args.command_started, baseline_results(args.compare), args.regressions_fail)
     swept = run_sweep(planned, sweep, finished)
     with signals_deferred():  # a stop signal now waits: the reports are what it would lose
@@ -313,8 +398,10 @@ def train_into(run_dir: Path, planned: list[PlannedModel], settings, args) -> in
             ran = [r for r in results if r.verdict != NOT_RUN]
             track_sweep(run_dir, ran, args.wandb_project, args.wandb, environment=environment)
         except KeyboardInterrupt as stop:  # the files are written; only the dashboard is left unfinished
-            print(f"wandb: {as_interrupted(stop).words}: the dashboard was not finished; the results are in {run_dir}",
-                  file=sys.stderr)
+            print(
+                f"wandb: {as_interrupted(stop).words}: the dashboard was not finished; the results are in {run_dir}",
+                file=sys.stderr,
+            )
     print_run_table(planned, results, run_dir, why)
     return exit_code
 
@@ -327,7 +414,7 @@ def write_run_files(planned: list[PlannedModel], swept, settings, run_dir: Path,
         ran = ran + [interrupted_result(swept.in_flight, settings.weights, run_dir, swept.stop.words)]
     node_lost = bool(ran) and ran[-1].exit.node_lost
     why = f"interrupted ({swept.stop.words})" if swept.stop else "stopped after a node was lost"
-    not_started = [not_run_result(item, settings.weights, run_dir, why) for item in planned[len(ran):]]
+    not_started = [not_run_result(item, settings.weights, run_dir, why) for item in planned[len(ran) :]]
     results = ran + not_started  # every model asked for, in order
     if swept.stop:
         exit_code = swept.stop.exit_code
@@ -350,9 +437,24 @@ def write_run_files(planned: list[PlannedModel], swept, settings, run_dir: Path,
 def print_run_table(planned: list[PlannedModel], results: list[ModelResult], run_dir: Path, why: str) -> None:
     from harness.gate.sweep import fmt
 
-    rows = [[r.model, r.load_path, r.weights, r.world_size or "-", fmt(r.initial_loss), fmt(r.final_loss), r.steps, r.verdict]
-            for r in results]
-    print_table(f"Run {run_dir.name}", ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"], rows)
+    rows = [
+        [
+            r.model,
+            r.load_path,
+            r.weights,
+            r.world_size or "-",
+            fmt(r.initial_loss),
+            fmt(r.final_loss),
+            r.steps,
+            r.verdict,
+        ]
+        for r in results
+    ]
+    print_table(
+        f"Run {run_dir.name}",
+        ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"],
+        rows,
+    )
     refusals = {item.spec.name: item.refusal for item in planned if item.refusal}
     for result in results:
         if result.model in refusals:
@@ -370,8 +472,10 @@ def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
     followed = follow(planned, settings, run_dir)
     clean = sum(1 for _, outcome in followed.outcomes if outcome.clean_exit)
     jobs = sum(1 for item in planned if not item.refusal)
-    print(f"node {settings.node_rank}: {clean} of {jobs} job(s) ended cleanly here; the verdicts are on node 0 "
-          f"({settings.rdzv_endpoint.rpartition(':')[0]}), in its results folder {run_dir.name}")
+    print(
+        f"node {settings.node_rank}: {clean} of {jobs} job(s) ended cleanly here; the verdicts are on node 0 "
+        f"({settings.rdzv_endpoint.rpartition(':')[0]}), in its results folder {run_dir.name}"
+    )
     if followed.stop:
         return followed.stop.exit_code
     return EXIT_PASS if clean == jobs else EXIT_FAIL

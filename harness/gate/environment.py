@@ -3,6 +3,7 @@ commit, host, command line), recorded beside its results so a verdict can be rep
 
 Secrets never reach it: the command line goes through redact_secrets, and nothing here copies
 os.environ (only named versions and facts are collected)."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -135,8 +136,11 @@ def gpu_info() -> dict:
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     except Exception as exc:  # noqa: BLE001 - a broken CUDA setup is a fact to record, not a crash
         return {"count": 0, "model": None, "names": [], "error": f"{type(exc).__name__}: {exc}"}
-    return {"count": len(names), "model": names[0] if len(set(names)) == 1 else ", ".join(sorted(set(names))),
-            "names": names}
+    return {
+        "count": len(names),
+        "model": names[0] if len(set(names)) == 1 else ", ".join(sorted(set(names))),
+        "names": names,
+    }
 
 
 def cuda_versions() -> dict:
@@ -160,8 +164,13 @@ def driver_version() -> str | None:
     if not exe:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15, check=True).stdout
+        out = subprocess.run(
+            [exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=True,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     lines = [line.strip() for line in out.splitlines() if line.strip()]
@@ -187,9 +196,11 @@ def package_versions() -> dict:
 def git_state(root: Path) -> dict | None:
     """{"commit", "dirty"} of the harness checkout; None when root is not the top of a git checkout
     (an installed package inside some other repository does not count)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
-                              timeout=15, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=15, check=True
+        ).stdout.strip()
 
     try:
         if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():

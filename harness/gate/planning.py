@@ -1,5 +1,6 @@
 """The plan: every model looked up and resolved before any work (load path, the stack's own prediction),
 and the records of models known without training them: a dry run's PLANNED, NOT RUN, INTERRUPTED."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,10 @@ class PlannedModel:
         expected = self.spec.expected_load_path
         if expected and expected != self.load_path:
             if self.backend != "native":
-                return (f"{self.backend} will build {self.probe.class_name} (load path {self.load_path}) for a "
-                        f"text-only run; the registry expects {expected} ({self.probe.rule})")
+                return (
+                    f"{self.backend} will build {self.probe.class_name} (load path {self.load_path}) for a "
+                    f"text-only run; the registry expects {expected} ({self.probe.rule})"
+                )
             return f"load path is {self.load_path}, the registry expects {expected}"
         return None
 
@@ -67,8 +70,9 @@ def probe_backend(name: str, spec: ModelSpec, config) -> BackendProbe:
     module = backends.backend(name)
     requirement = getattr(module, "REQUIREMENT", None)
     if requirement and backends.installed_version(requirement) is None:
-        raise UsageError(f"--backend {name} needs {requirement.distribution}, which is not installed: "
-                         f"{requirement.install_command}")
+        raise UsageError(
+            f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"
+        )
     return module.probe(spec, config)
 
 
@@ -79,11 +83,17 @@ def planned_result(item: PlannedModel, verdict: str = PLANNED, reasons: list[str
     if item.probe:
         classes["model"] = item.probe.class_name
     return ModelResult(
-        model=item.spec.name, source=item.spec.source, hf_id=item.spec.hf_id,
-        load_path=item.load_path, load_path_reason=item.decision.reason,
-        expected_load_path=item.spec.expected_load_path, classes=classes,
-        verdict=FAIL if mismatch else verdict, reasons=mismatch or list(reasons or []),
-        model_dir=item.spec.folder_name, loss_threshold=item.spec.loss_threshold,
+        model=item.spec.name,
+        source=item.spec.source,
+        hf_id=item.spec.hf_id,
+        load_path=item.load_path,
+        load_path_reason=item.decision.reason,
+        expected_load_path=item.spec.expected_load_path,
+        classes=classes,
+        verdict=FAIL if mismatch else verdict,
+        reasons=mismatch or list(reasons or []),
+        model_dir=item.spec.folder_name,
+        loss_threshold=item.spec.loss_threshold,
         backend=BackendRecord(item.backend, probe=item.probe) if item.probe else None,
     )
 
@@ -98,8 +108,14 @@ def not_run_result(item: PlannedModel, weights: str, run_dir: Path, why: str = "
 
 def interrupted_result(item: PlannedModel, weights: str, run_dir: Path, signal_words: str) -> ModelResult:
     """The record of a model a stop signal caught outside its training job: listed, not judged."""
-    result = planned_result(item, INTERRUPTED, [f"interrupted ({signal_words}) before its verdict; every process "
-                                                "of the job was ended; finish the run with --resume"])
+    result = planned_result(
+        item,
+        INTERRUPTED,
+        [
+            f"interrupted ({signal_words}) before its verdict; every process "
+            "of the job was ended; finish the run with --resume"
+        ],
+    )
     result.weights, result.exit.interrupted, result.exit.stopped_by = weights, True, signal_words
     result.to_json(run_dir / result.folder / "result.json")
     return result
@@ -111,4 +127,3 @@ def refused_result(item: PlannedModel, weights: str, run_dir: Path) -> ModelResu
     result.weights = weights
     result.to_json(run_dir / result.folder / "result.json")
     return result
-

@@ -3,6 +3,7 @@
 One YAML file per model under configs/models/. A registry model's architecture config ships under
 configs/architectures/<name>.json, so resolving its load path needs no hub access.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,6 +1,7 @@
 """Run outputs: result.json per model, summary.json, the console table, and the run reports
 (junit.xml, summary.md, loss_curves.png). Every file is written atomically (temp file + rename), so
 an interrupted run never leaves a half-written file."""
+
 from __future__ import annotations
 
 import io
@@ -57,7 +58,10 @@ def write_run_reports(run_dir: Path, results: list[ModelResult], summary: dict) 
     makers = (
         (JUNIT_FILE, lambda: junit_xml(results, summary).encode("utf-8")),
         (SUMMARY_MD_FILE, lambda: summary_markdown(results, summary).encode("utf-8")),
-        (LOSS_PLOT_FILE, lambda: loss_curves_png(run_dir, results, title=f"Run {summary.get('run_id') or run_dir.name}")),
+        (
+            LOSS_PLOT_FILE,
+            lambda: loss_curves_png(run_dir, results, title=f"Run {summary.get('run_id') or run_dir.name}"),
+        ),
     )
     written = []
     for name, make in makers:
@@ -108,18 +112,33 @@ def junit_xml(results: list[ModelResult], summary: dict) -> str:
     skipped = sum(1 for r in results if r.verdict in NOT_JUDGED)
     failures = sum(1 for r in results if r.verdict != PASS) - skipped
     total_time = sum(_case_time(r) for r in results)
-    suites = ET.Element("testsuites", name=JUNIT_CLASSNAME, tests=str(len(results)), failures=str(failures),
-                        errors="0", skipped=str(skipped), time=f"{total_time:.3f}")
-    suite = ET.SubElement(suites, "testsuite", name=f"{JUNIT_CLASSNAME}.{summary.get('run_id', 'run')}",
-                          tests=str(len(results)), failures=str(failures), errors="0", skipped=str(skipped),
-                          time=f"{total_time:.3f}")
+    suites = ET.Element(
+        "testsuites",
+        name=JUNIT_CLASSNAME,
+        tests=str(len(results)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+        time=f"{total_time:.3f}",
+    )
+    suite = ET.SubElement(
+        suites,
+        "testsuite",
+        name=f"{JUNIT_CLASSNAME}.{summary.get('run_id', 'run')}",
+        tests=str(len(results)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+        time=f"{total_time:.3f}",
+    )
     suite_props = ET.SubElement(suite, "properties")
     for key in ("run_id", "mode", "command", "exit_code"):
         if summary.get(key) is not None:
             ET.SubElement(suite_props, "property", name=key, value=str(summary[key]))
     for result in results:
-        case = ET.SubElement(suite, "testcase", classname=JUNIT_CLASSNAME, name=str(result.model),
-                             time=f"{_case_time(result):.3f}")
+        case = ET.SubElement(
+            suite, "testcase", classname=JUNIT_CLASSNAME, name=str(result.model), time=f"{_case_time(result):.3f}"
+        )
         props = ET.SubElement(case, "properties")
         for key, value in _case_properties(result).items():
             ET.SubElement(props, "property", name=key, value=value)
@@ -161,8 +180,22 @@ def _case_properties(result: ModelResult) -> dict[str, str]:
 
 # ---- summary.md
 
-SUMMARY_COLUMNS = ["model", "load path", "expected", "weights", "ranks", "initial loss", "final loss", "replies reproduced",
-                   "steps", "tokens/s per GPU", "MFU", "peak GiB", "time to verdict (from command start)", "verdict"]
+SUMMARY_COLUMNS = [
+    "model",
+    "load path",
+    "expected",
+    "weights",
+    "ranks",
+    "initial loss",
+    "final loss",
+    "replies reproduced",
+    "steps",
+    "tokens/s per GPU",
+    "MFU",
+    "peak GiB",
+    "time to verdict (from command start)",
+    "verdict",
+]
 
 
 def summary_markdown(results: list[ModelResult], summary: dict) -> str:
@@ -172,16 +205,24 @@ def summary_markdown(results: list[ModelResult], summary: dict) -> str:
             value = summary[key]
             lines.append(f"- {label}: `{value}`" if key == "command" else f"- {label}: {value}")
     counts = {v: sum(1 for r in results if r.verdict == v) for v in (PASS, FAIL, *NOT_JUDGED)}
-    lines += [f"- models: {len(results)}, " + ", ".join(f"{v} {n}" for v, n in counts.items() if n or v in (PASS, FAIL)), ""]
+    lines += [
+        f"- models: {len(results)}, " + ", ".join(f"{v} {n}" for v, n in counts.items() if n or v in (PASS, FAIL)),
+        "",
+    ]
     columns = [throughput_label(results) if c == "tokens/s per GPU" else c for c in SUMMARY_COLUMNS]
     lines.append("| " + " | ".join(columns) + " |")
     lines.append("|" + "|".join(" --- " for _ in SUMMARY_COLUMNS) + "|")
     for r in results:
         mfu = r.mfu
         row = [
-            r.model, r.load_path, r.expected_load_path or "-", r.weights or "-",
+            r.model,
+            r.load_path,
+            r.expected_load_path or "-",
+            r.weights or "-",
             r.world_size if r.world_size is not None else "-",
-            _num(r.initial_loss), _num(r.final_loss), replies_reproduced(r.generation),
+            _num(r.initial_loss),
+            _num(r.final_loss),
+            replies_reproduced(r.generation),
             r.steps,
             _num(r.tokens_per_s_per_gpu, ",.0f"),
             "-" if mfu is None else _num(100 * mfu, ".1f") + "%",
@@ -215,18 +256,26 @@ def generation_markdown(results: list[ModelResult]) -> list[str]:
     checked = [r for r in results if r.generation is not None]
     if not checked:
         return []
-    lines = ["## Generation check", "",
-             "Greedy decoding with the KV cache from the prompts of training samples, after training "
-             "(harness/job/generation.py).", ""]
+    lines = [
+        "## Generation check",
+        "",
+        "Greedy decoding with the KV cache from the prompts of training samples, after training "
+        "(harness/job/generation.py).",
+        "",
+    ]
     for r in checked:
         check = r.generation
-        lines.append(f"- {r.model}: {check.exact_matches}/{check.samples} replies exact, {check.token_accuracy:.1%} of "
-                     f"{check.expected_tokens} tokens, {check.no_end_of_turn} without end-of-turn, "
-                     f"{check.prompts_unlike_training} prompts unlike training's")
+        lines.append(
+            f"- {r.model}: {check.exact_matches}/{check.samples} replies exact, {check.token_accuracy:.1%} of "
+            f"{check.expected_tokens} tokens, {check.no_end_of_turn} without end-of-turn, "
+            f"{check.prompts_unlike_training} prompts unlike training's"
+        )
         for worst in check.worst:
-            lines.append(f"  - sample {worst.sample} ({worst.token_accuracy:.0%} of tokens): "
-                         f"prompt ...{_md_text(repr(worst.prompt[-60:]))}, "
-                         f"expected {_md_text(repr(worst.expected))}, got {_md_text(repr(worst.got))}")
+            lines.append(
+                f"  - sample {worst.sample} ({worst.token_accuracy:.0%} of tokens): "
+                f"prompt ...{_md_text(repr(worst.prompt[-60:]))}, "
+                f"expected {_md_text(repr(worst.expected))}, got {_md_text(repr(worst.got))}"
+            )
     return lines + [""]
 
 
@@ -251,7 +300,9 @@ def loss_curves(run_dir: Path, results: list[ModelResult]) -> tuple[list[tuple[s
     for result in results:
         name = str(result.model)
         rows = read_metrics(metrics_path(run_dir, result))
-        points = [(m.step, m.loss) for m in rows if isinstance(m.loss, (int, float)) and math.isfinite(m.loss) and m.loss > 0]
+        points = [
+            (m.step, m.loss) for m in rows if isinstance(m.loss, (int, float)) and math.isfinite(m.loss) and m.loss > 0
+        ]
         if points:
             steps, losses = (list(v) for v in zip(*points))
             curves.append((f"{name} ({result.verdict})", steps, losses))

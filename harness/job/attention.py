@@ -10,6 +10,7 @@ mask, cannot be used). Registered under VARLEN as a transformers attention funct
 - a padded batch (a 2-D attention_mask, e.g. the preflight's padded reference): transformers' own
   sdpa mask and kernel, unchanged.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -61,7 +62,9 @@ def apply_attention(model: torch.nn.Module, choice: str) -> None:
     """Point every config of the model at the chosen implementation (sub-configs included)."""
     register()
     name = VARLEN if choice == "varlen" else choice
-    configs = {id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    configs = {
+        id(m.config): m.config for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
     for config in configs.values():
         config._attn_implementation = name
 
@@ -101,23 +104,45 @@ def sequence_boundaries(position_ids: torch.Tensor | None, batch: int, length: i
     return cu_seqlens, int((ends - starts).max())
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                             sliding_window=None, softcap=None, **kwargs):
+def varlen_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling=None,
+    sliding_window=None,
+    softcap=None,
+    **kwargs,
+):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None), as transformers expects."""
     if attention_mask is not None or not getattr(module, "is_causal", True):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **kwargs,
+        )
     if softcap is not None or dropout or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("varlen attention: attention-logit softcapping, dropout and attention sinks are not supported; "
-                                  "use --attention sdpa")
+        raise NotImplementedError(
+            "varlen attention: attention-logit softcapping, dropout and attention sinks are not supported; "
+            "use --attention sdpa"
+        )
     batch, heads, length, head_dim = query.shape
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     if cu_seqlens is None:
         cu_seqlens, max_len = sequence_boundaries(kwargs.get("position_ids"), batch, length, query.device)
-    scale = scaling if scaling is not None else head_dim ** -0.5
+    scale = scaling if scaling is not None else head_dim**-0.5
     # [B, H, T, D] -> [B*T, H, D], the kernel's token-major layout
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim) for t in (query, key, value))
     if query.is_cuda and VARLEN_KERNEL is not None:
@@ -154,7 +179,9 @@ def _varlen_cuda(kernel, q, k, v, cu_seqlens, max_len: int, scale: float, slidin
         kwargs["window_size"] = (sliding_window - 1, 0) if sliding_window else (-1, 0)
     else:
         if sliding_window and max_len > sliding_window:
-            raise NotImplementedError(f"this torch's varlen attention has no sliding window and a sample has {max_len} > {sliding_window} tokens")
+            raise NotImplementedError(
+                f"this torch's varlen attention has no sliding window and a sample has {max_len} > {sliding_window} tokens"
+            )
         kwargs["is_causal"] = True
     cu = cu_seqlens.to(q.device, torch.int32)
     return kernel(q, k, v, cu, cu, max_len, max_len, **kwargs)

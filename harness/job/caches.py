@@ -7,6 +7,7 @@ another rank comes out empty. Before init_process_group every rank can write, an
 lock lets the first rank build each entry while the others wait and then reuse it. train() asks for
 the same entries afterwards and finds them complete.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -15,16 +16,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from harness.contract.errors import UsageError
 from harness.job import data as data_lib
 from harness.models import loading
-from harness.contract.errors import UsageError
 from harness.runtime.cache import CacheError
 
 if TYPE_CHECKING:
     from harness.contract.records import RunConfig
 
 
-def prepare_caches(cfg: "RunConfig") -> None:
+def prepare_caches(cfg: RunConfig) -> None:
     """The checkpoint folder (tiny or real weights), the tokenizer and the tokenised dataset of the job."""
     spec = cfg.spec
     if cfg.weights != "synthetic":  # synthetic weights are built on the meta device: no folder
@@ -34,7 +35,7 @@ def prepare_caches(cfg: "RunConfig") -> None:
     data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
 
 
-def check_job_inputs(cfg: "RunConfig", lines: list[tuple[int, list[dict]]]) -> None:
+def check_job_inputs(cfg: RunConfig, lines: list[tuple[int, list[dict]]]) -> None:
     """What only the model's own files can tell, checked in the parent before any job starts, so that a
     usage error exits 2 instead of failing the model: a tiny variant exists; its chat template renders
     every conversation it trains on; the longest sample it keeps fits --max-tokens-per-gpu. The
@@ -59,9 +60,11 @@ def check_job_inputs(cfg: "RunConfig", lines: list[tuple[int, list[dict]]]) -> N
     longest = max(range(len(dataset.samples)), key=lambda index: dataset.samples[index].num_tokens)
     tokens = dataset.samples[longest].num_tokens
     if tokens > cfg.max_tokens_per_gpu:
-        raise UsageError(f"--max-tokens-per-gpu {cfg.max_tokens_per_gpu} is below the longest sample {spec.name} trains "
-                         f"on ({cfg.dataset}:{kept[longest]}, {tokens} tokens); give at least {tokens}, or a lower "
-                         "--max-seq-len to leave such samples out")
+        raise UsageError(
+            f"--max-tokens-per-gpu {cfg.max_tokens_per_gpu} is below the longest sample {spec.name} trains "
+            f"on ({cfg.dataset}:{kept[longest]}, {tokens} tokens); give at least {tokens}, or a lower "
+            "--max-seq-len to leave such samples out"
+        )
 
 
 def check_template_renders(model: str, dataset: str, lines: list[tuple[int, list[dict]]], tokenizer) -> None:
@@ -76,8 +79,10 @@ def check_template_renders(model: str, dataset: str, lines: list[tuple[int, list
     if refused:
         line, why = refused[0]
         more = f" ({len(refused) - 1} more line(s) likewise)" if len(refused) > 1 else ""
-        raise UsageError(f"--dataset {dataset}:{line}: {model}'s chat template refuses this conversation ({why}); "
-                         f"fix the line or leave it out{more}")
+        raise UsageError(
+            f"--dataset {dataset}:{line}: {model}'s chat template refuses this conversation ({why}); "
+            f"fix the line or leave it out{more}"
+        )
 
 
 @contextmanager
@@ -93,7 +98,7 @@ def quiet_progress_bars():
             datasets_logging.enable_progress_bar()
 
 
-def capacity_refusal(cfg: "RunConfig", ranks: int, gpu_memory_bytes: int) -> str | None:
+def capacity_refusal(cfg: RunConfig, ranks: int, gpu_memory_bytes: int) -> str | None:
     """Why the job cannot fit its GPUs, or None. The plan's estimate (models.plan, less the ~8% it runs
     above measured peaks) with activation checkpointing, the most memory-saving plan the trainer has, on the text model the
     load path builds (on the meta device: no weights read). Over the GPU's memory, the job would only run
@@ -111,8 +116,9 @@ def capacity_refusal(cfg: "RunConfig", ranks: int, gpu_memory_bytes: int) -> str
     if needed <= gpu_memory_bytes * plan.ESTIMATE_ABOVE_PEAK:  # refuse only what cannot fit even at the measured peaks
         return None
     fewest = plan.gpus_needed(text_config, n_params, cfg.max_tokens_per_gpu, gpu_memory_bytes, checkpointing)
-    return (f"not run: it needs an estimated {needed / 2**30:.0f} GiB per GPU on {ranks} GPU(s) of "
-            f"{gpu_memory_bytes / 2**30:.0f} GiB (activation checkpointing {'on' if checkpointing else 'off'}, "
-            f"{cfg.max_tokens_per_gpu} tokens per GPU, {n_params / 1e9:.1f}B parameters); "
-            f"{fewest or 'more than 4096'} such GPUs would fit it")
-
+    return (
+        f"not run: it needs an estimated {needed / 2**30:.0f} GiB per GPU on {ranks} GPU(s) of "
+        f"{gpu_memory_bytes / 2**30:.0f} GiB (activation checkpointing {'on' if checkpointing else 'off'}, "
+        f"{cfg.max_tokens_per_gpu} tokens per GPU, {n_params / 1e9:.1f}B parameters); "
+        f"{fewest or 'more than 4096'} such GPUs would fit it"
+    )

@@ -8,13 +8,14 @@ the module run eagerly around it. Only the training step runs compiled (compiled
 preflight's padded batches, the evaluation without grad and the KV-cache decode would each compile
 another graph.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -28,10 +29,12 @@ def checkpointed(forward):
     Compiled around it, the checkpoint is part of the compiled graph (its recompute replays compiled
     code); compiled inside transformers' checkpoint instead, the recompute did not replay the
     compiled graph (CheckpointError on gemma-3n, transformers 5.17)."""
+
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation and decoding: nothing to recompute
             return forward(*args, **kwargs)
         return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
     return run
 
 
@@ -57,6 +60,7 @@ def tracing_checkpoint_side_effects(compiled):
     def run(*args, **kwargs):
         with torch._dynamo.config.patch(**{CHECKPOINT_SIDE_EFFECTS: True}):
             return compiled(*args, **kwargs)
+
     return run
 
 
@@ -74,7 +78,8 @@ def compile_modules(lm: nn.Module, scope: str, activation_checkpointing: bool = 
         for layer in chosen:
             if activation_checkpointing:
                 layer.forward = tracing_checkpoint_side_effects(
-                    torch.compile(checkpointed(layer.forward), dynamic=True, backend=backend))
+                    torch.compile(checkpointed(layer.forward), dynamic=True, backend=backend)
+                )
             else:
                 layer.forward = torch.compile(layer.forward, dynamic=True, backend=backend)
     elif scope == "pointwise":
@@ -109,8 +114,11 @@ def hoist_coefficient_clamps(lm: nn.Module) -> Callable[[], None]:
     coefficients: the same values as transformers'. Correction coefficients (transformers clamps
     them functionally, not in storage): the same forward values; the gradient differs only for a
     coefficient beyond the clip (+-120 on gemma-3n), which transformers masks and this does not."""
-    modules = [m for m in lm.modules()
-               if hasattr(m, "prediction_coefs") and getattr(getattr(m, "config", None), "altup_coef_clip", None) is not None]
+    modules = [
+        m
+        for m in lm.modules()
+        if hasattr(m, "prediction_coefs") and getattr(getattr(m, "config", None), "altup_coef_clip", None) is not None
+    ]
     if not modules:
         return lambda: None
     clip = modules[0].config.altup_coef_clip
@@ -123,4 +131,5 @@ def hoist_coefficient_clamps(lm: nn.Module) -> Callable[[], None]:
         for module in modules:
             module.prediction_coefs.weight.clamp_(-clip, clip)
             module.correction_coefs.weight.clamp_(-clip, clip)
+
     return clamp

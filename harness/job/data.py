@@ -20,6 +20,7 @@ varlen boundaries. That detection only runs when the model has no cache: call th
 use_cache=False (model_inputs() does), or packed samples see each other. tests/test_data.py checks
 the packed loss and gradients against the samples run alone (Llama sdpa/eager, Gemma 3 sliding window).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,12 +35,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from harness.runtime.cache import CacheError, build_once
 from harness.contract.dataset_file import DatasetError, load_chat_dataset  # noqa: F401  (the job reads the file this way)
 from harness.contract.records import EpochRecord
 from harness.job.loss import IGNORE_INDEX  # noqa: F401  (labels use it; tests read it from here)
-from harness.runtime.paths import cache_dir as default_cache_dir
 from harness.models.tokenizers import END_OF_TURN_MARKERS
+from harness.runtime.cache import CacheError, build_once
+from harness.runtime.paths import cache_dir as default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +226,9 @@ def save_tokenized(tokenized, folder: Path) -> None:
     for name in TOKENIZED_COLUMNS:
         rows = tokenized[name] if name in tokenized.column_names else []  # datasets' map of 0 rows has no columns
         arrays[f"{name}_lengths"] = np.array([len(row) for row in rows], dtype=np.int64)
-        arrays[name] = np.fromiter((token for row in rows for token in row), dtype=np.int32,
-                                   count=int(arrays[f"{name}_lengths"].sum()))
+        arrays[name] = np.fromiter(
+            (token for row in rows for token in row), dtype=np.int32, count=int(arrays[f"{name}_lengths"].sum())
+        )
     np.savez(Path(folder) / TOKENIZED_FILE, **arrays)
 
 
@@ -271,12 +273,17 @@ def _select_by_length(all_input_ids, all_shift_labels, max_seq_len: int) -> Toke
         else:
             samples.append(TokenizedSample(list(input_ids), list(shift_labels)))
     if dropped and not samples:  # nothing left to train on: say so, not an IndexError later
-        raise DatasetError(f"all {len(dropped)} samples are longer than --max-seq-len {max_seq_len} tokens "
-                           f"(the shortest has {min(len(ids) for ids in all_input_ids)}); raise --max-seq-len or shorten them")
+        raise DatasetError(
+            f"all {len(dropped)} samples are longer than --max-seq-len {max_seq_len} tokens "
+            f"(the shortest has {min(len(ids) for ids in all_input_ids)}); raise --max-seq-len or shorten them"
+        )
     if dropped:
         log.warning(
             "dropped %d of %d samples longer than --max-seq-len %d (first: %s)",
-            len(dropped), len(all_input_ids), max_seq_len, dropped[:10],
+            len(dropped),
+            len(all_input_ids),
+            max_seq_len,
+            dropped[:10],
         )
     return TokenizedDataset(
         samples=samples,
@@ -337,7 +344,9 @@ def plan_steps(
     pending = order
     while pending:
         chosen, pending = _take_up_to(pending, lengths, step_budget)
-        bins, left_over = _place_longest_first(chosen, lengths, world_size, micro_batches_per_step, max_tokens_per_gpu, packing)
+        bins, left_over = _place_longest_first(
+            chosen, lengths, world_size, micro_batches_per_step, max_tokens_per_gpu, packing
+        )
         pending = left_over + pending  # what did not fit opens the next step
         steps.append(_make_step(len(steps), _drop_empty_micro_steps(bins), samples))
     return steps
@@ -508,7 +517,9 @@ def rank_micro_batches(step: StepPlan, rank: int, samples: list[TokenizedSample]
     """This rank's collated micro-batches for one step (the same count on every rank). A rank with
     nothing to do runs a real sample of the step with every label masked: it takes part in FSDP's
     collectives and adds zero loss and zero gradient (a one-token pad batch gave Gemma 3n NaN grads)."""
-    stand_in = unlabelled_copy(samples[next(i for rank_bins in step.micro_batches for micro in rank_bins for i in micro)])
+    stand_in = unlabelled_copy(
+        samples[next(i for rank_bins in step.micro_batches for micro in rank_bins for i in micro)]
+    )
     return [
         collate_micro_batch([samples[i] for i in members] or [stand_in], packing, pad_token_id)
         for members in step.for_rank(rank)

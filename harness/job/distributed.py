@@ -1,4 +1,5 @@
 """torch.distributed set-up and FSDP2 sharding for one training job (torchrun starts the ranks)."""
+
 from __future__ import annotations
 
 import datetime
@@ -50,8 +51,10 @@ def agree_on_job(identity: str) -> None:
         for rank, seen in enumerate(identities):
             first_rank.setdefault(seen, rank)
         said = "; ".join(f"rank {rank} trains {seen}" for seen, rank in first_rank.items())
-        raise RuntimeError(f"the nodes were started with different jobs ({said}): start every node with the same "
-                           "--models, in the same order, and the same settings")
+        raise RuntimeError(
+            f"the nodes were started with different jobs ({said}): start every node with the same "
+            "--models, in the same order, and the same settings"
+        )
 
 
 def close_distributed(clean: bool = True) -> None:
@@ -112,8 +115,9 @@ def local_parameter_bytes(model: nn.Module) -> int:
     return total
 
 
-def shard_read_by_rank0(model: nn.Module, ctx: DistContext, *, read_by_rank0: bool, bf16: bool,
-                        reshard_after_forward: bool = True) -> int:
+def shard_read_by_rank0(
+    model: nn.Module, ctx: DistContext, *, read_by_rank0: bool, bf16: bool, reshard_after_forward: bool = True
+) -> int:
     """shard_model; where rank 0 alone read a checkpoint (the other ranks built the model on meta),
     rank 0's model goes to meta first and every rank then receives its shard of rank 0's weights and
     rank 0's generation config. Returns the FSDP unit count."""
@@ -136,7 +140,9 @@ def weights_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
         for key, param in module._parameters.items():
             if param is not None:
                 if id(param) not in meta_of:
-                    meta_of[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=param.requires_grad)
+                    meta_of[id(param)] = nn.Parameter(
+                        torch.empty_like(param, device="meta"), requires_grad=param.requires_grad
+                    )
                 module._parameters[key] = meta_of[id(param)]
         for key, buffer in module._buffers.items():
             if buffer is not None:
@@ -176,11 +182,15 @@ def broadcast_weights(model: nn.Module, kept: dict[str, torch.Tensor] | None, ct
 
 
 def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, torch.Tensor]]:
-    return [*model.named_parameters(remove_duplicate=remove_duplicate), *model.named_buffers(remove_duplicate=remove_duplicate)]
+    return [
+        *model.named_parameters(remove_duplicate=remove_duplicate),
+        *model.named_buffers(remove_duplicate=remove_duplicate),
+    ]
 
 
-def check_same_tensors(built: list[tuple[str, torch.Tensor]], kept: dict[str, torch.Tensor] | None,
-                       ctx: DistContext) -> None:
+def check_same_tensors(
+    built: list[tuple[str, torch.Tensor]], kept: dict[str, torch.Tensor] | None, ctx: DistContext
+) -> None:
     """Before any broadcast, on every rank: each rank must have built the same tensors (names, shapes,
     dtypes, requires_grad, in the same order) and rank 0 must have read each of them, or the
     broadcasts would pair the wrong tensors (or wait forever on a rank that raised)."""
@@ -190,15 +200,19 @@ def check_same_tensors(built: list[tuple[str, torch.Tensor]], kept: dict[str, to
     dist.all_gather_object(layouts, (layout, unread))
     expected, unread = layouts[0]
     if unread:
-        raise RuntimeError(f"rank 0 read no value for {len(unread)} tensors of the model it built: {unread[:5]}; "
-                           "this is a harness bug")
+        raise RuntimeError(
+            f"rank 0 read no value for {len(unread)} tensors of the model it built: {unread[:5]}; this is a harness bug"
+        )
     for rank, (other, _) in enumerate(layouts):
         if other != expected:
-            differing = next((f"{a} vs {b}" for a, b in zip(expected, other) if a != b),
-                             f"{len(expected)} vs {len(other)} tensors")
-            raise RuntimeError(f"the model rank 0 read and the one rank {rank} built on the meta device differ "
-                               f"(first difference: {differing}); this is a harness bug: the two must come "
-                               "from the same class and config")
+            differing = next(
+                (f"{a} vs {b}" for a, b in zip(expected, other) if a != b), f"{len(expected)} vs {len(other)} tensors"
+            )
+            raise RuntimeError(
+                f"the model rank 0 read and the one rank {rank} built on the meta device differ "
+                f"(first difference: {differing}); this is a harness bug: the two must come "
+                "from the same class and config"
+            )
 
 
 def broadcast_generation_configs(model: nn.Module, ctx: DistContext) -> None:

@@ -4,13 +4,14 @@ mask, after training (and, for the stop rule, whenever the training loss looks c
 It decides convergence, not the training loss: a model can fit the last steps' batches and still
 miss samples of the set.
 """
+
 from __future__ import annotations
 
 import torch
 
+from harness.contract.records import Evaluation
 from harness.job import data as data_lib
 from harness.job import distributed as dist_lib
-from harness.contract.records import Evaluation
 
 
 @torch.no_grad()
@@ -25,7 +26,9 @@ def evaluate_full_dataset(model, dataset, step_plans, packing: bool, ctx, pad_to
             inputs = data_lib.device_inputs(batch, ctx.device)
             token_losses = model(**inputs, per_token=True)
             labelled = inputs["shift_labels"] != data_lib.IGNORE_INDEX
-            for index, (loss_sum, count) in zip(members, per_sample_sums(token_losses, labelled, members, dataset, packing)):
+            for index, (loss_sum, count) in zip(
+                members, per_sample_sums(token_losses, labelled, members, dataset, packing)
+            ):
                 sums[index, 0] += loss_sum
                 sums[index, 1] += count
     model.train()

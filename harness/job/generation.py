@@ -16,6 +16,7 @@ Under FSDP2 every rank decodes the same prompts in lockstep (`generate(synced_gp
 parameters (embeddings, final norm, lm_head) once around the whole decode, and each decoder layer
 gathers its own as in training. All ranks get the same tokens; rank 0's score is the one recorded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -87,17 +88,25 @@ def generation_cases(conversations, dataset, tokenizer, count: int = GENERATION_
     dropped = set(dataset.dropped_indices)
     kept = [i for i in range(len(conversations)) if i not in dropped][: len(dataset.samples)]
     replies = [last_reply(sample.shift_labels) for sample in dataset.samples]
-    kinds = [(sum(m["role"] == "assistant" for m in conversations[i]) > 1, conversations[i][0]["role"] == "system")
-             for i in kept]
+    kinds = [
+        (sum(m["role"] == "assistant" for m in conversations[i]) > 1, conversations[i][0]["role"] == "system")
+        for i in kept
+    ]
     cases = []
     for position in spread_of_samples(kinds, [len(expected) for _, expected in replies], count):
         messages = conversations[kept[position]]
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = generation_prompt_ids(messages[:last], tokenizer)
         start, expected = replies[position]
-        cases.append({"sample": position, "prompt": prompt, "expected": expected[:MAX_REPLY_TOKENS],
-                      "whole": len(expected) <= MAX_REPLY_TOKENS,
-                      "prompt_is_training_prefix": prompt == dataset.samples[position].input_ids[:start]})
+        cases.append(
+            {
+                "sample": position,
+                "prompt": prompt,
+                "expected": expected[:MAX_REPLY_TOKENS],
+                "whole": len(expected) <= MAX_REPLY_TOKENS,
+                "prompt_is_training_prefix": prompt == dataset.samples[position].input_ids[:start],
+            }
+        )
     return cases
 
 
@@ -135,7 +144,9 @@ def cache_friendly_attention(lm):
     KV cache: decode with sdpa, then put back what each config had."""
     from harness.job import attention
 
-    configs = {id(m.config): m.config for m in lm.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
+    configs = {
+        id(m.config): m.config for m in lm.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")
+    }
     before = {key: config._attn_implementation for key, config in configs.items()}
     if attention.VARLEN not in before.values():
         yield
@@ -153,8 +164,8 @@ def left_padded(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Te
     input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt):] = 1
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
@@ -169,8 +180,16 @@ def unreadable_token_ids(config) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_replies(model, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int, pad_id: int,
-                   device, synced: bool, with_logits: bool = False):
+def greedy_replies(
+    model,
+    prompts: list[list[int]],
+    stop_ids: list[int],
+    max_new_tokens: int,
+    pad_id: int,
+    device,
+    synced: bool,
+    with_logits: bool = False,
+):
     """Greedy tokens after each prompt, through the first stop token: one left-padded batch through
     `model.lm.generate` with the KV cache (the model builds position ids from the attention mask).
     model: the trainer's TrainableLM (FSDP root or plain). synced: keep every rank stepping until all
@@ -181,15 +200,29 @@ def greedy_replies(model, prompts: list[list[int]], stop_ids: list[int], max_new
     from harness.models.loading import extra_forward_inputs
 
     input_ids, attention_mask = left_padded(prompts, pad_id, device)
-    config = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
-                              eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True,
-                              suppress_tokens=unreadable_token_ids(model.lm.config) or None,
-                              output_logits=with_logits, return_dict_in_generate=True)
+    config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        num_beams=1,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+        suppress_tokens=unreadable_token_ids(model.lm.config) or None,
+        output_logits=with_logits,
+        return_dict_in_generate=True,
+    )
     with cache_friendly_attention(model.lm):
-        out = generate_as_forward(model, input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                  synced_gpus=synced, **extra_forward_inputs(model.lm, input_ids))
+        out = generate_as_forward(
+            model,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=config,
+            synced_gpus=synced,
+            **extra_forward_inputs(model.lm, input_ids),
+        )
     replies = []
-    for row in out.sequences[:, input_ids.shape[1]:].tolist():
+    for row in out.sequences[:, input_ids.shape[1] :].tolist():
         end = next((i + 1 for i, token in enumerate(row) if token in stop_ids), len(row))
         replies.append(row[:end])
     return (replies, torch.stack(out.logits)) if with_logits else replies
@@ -198,8 +231,9 @@ def greedy_replies(model, prompts: list[list[int]], stop_ids: list[int], max_new
 # ---------------------------------------------------------------- the check
 
 
-def generation_check(model, conversations, dataset, tokenizer, marker: str | None, pad_id: int, ctx,
-                     count: int = GENERATION_SAMPLES) -> GenerationCheck:
+def generation_check(
+    model, conversations, dataset, tokenizer, marker: str | None, pad_id: int, ctx, count: int = GENERATION_SAMPLES
+) -> GenerationCheck:
     """Decode the chosen samples' prompts with the trainer's model (TrainableLM: FSDP root or plain)
     and score the replies against the training labels."""
     cases = generation_cases(conversations, dataset, tokenizer, count)
@@ -208,35 +242,47 @@ def generation_check(model, conversations, dataset, tokenizer, marker: str | Non
     was_training = model.training
     model.eval()
     try:
-        got = greedy_replies(model, [c["prompt"] for c in cases], stop_ids, max_new, pad_id, ctx.device,
-                             synced=ctx.world_size > 1)
+        got = greedy_replies(
+            model, [c["prompt"] for c in cases], stop_ids, max_new, pad_id, ctx.device, synced=ctx.world_size > 1
+        )
     finally:
         model.train(was_training)
     return score(cases, got, stop_ids, max_new, tokenizer)
 
 
-def score(cases: list[dict], got: list[list[int]], stop_ids: list[int], max_new_tokens: int, tokenizer) -> GenerationCheck:
+def score(
+    cases: list[dict], got: list[list[int]], stop_ids: list[int], max_new_tokens: int, tokenizer
+) -> GenerationCheck:
     """Exact matches (a cut reply: its first tokens), token accuracy (position by position over the
     expected tokens), whole replies that never ended their turn, the worst mismatches as text."""
     got = [reply if case["whole"] else reply[: len(case["expected"])] for case, reply in zip(cases, got)]
     matched = [sum(g == e for g, e in zip(reply, case["expected"])) for case, reply in zip(cases, got)]
     exact = [reply == case["expected"] for case, reply in zip(cases, got)]
     expected_tokens = sum(len(case["expected"]) for case in cases)
-    mismatches = sorted((m / len(c["expected"]), c["sample"], c, reply)
-                        for c, reply, m, ok in zip(cases, got, matched, exact) if not ok)
+    mismatches = sorted(
+        (m / len(c["expected"]), c["sample"], c, reply) for c, reply, m, ok in zip(cases, got, matched, exact) if not ok
+    )
     return GenerationCheck(
         samples=len(cases),
         exact_matches=sum(exact),
         exact_match_rate=sum(exact) / max(len(cases), 1),
         token_accuracy=sum(matched) / max(expected_tokens, 1),
         expected_tokens=expected_tokens,
-        no_end_of_turn=sum(case["whole"] and (not reply or reply[-1] not in stop_ids) for case, reply in zip(cases, got)),
+        no_end_of_turn=sum(
+            case["whole"] and (not reply or reply[-1] not in stop_ids) for case, reply in zip(cases, got)
+        ),
         prompts_unlike_training=sum(not case["prompt_is_training_prefix"] for case in cases),
         max_new_tokens=max_new_tokens,
-        worst=[GenerationMismatch(sample=sample, token_accuracy=accuracy,
-                                  prompt=decoded(tokenizer, case["prompt"], tail=True),
-                                  expected=decoded(tokenizer, case["expected"]), got=decoded(tokenizer, reply))
-               for accuracy, sample, case, reply in mismatches[:WORST_KEPT]],
+        worst=[
+            GenerationMismatch(
+                sample=sample,
+                token_accuracy=accuracy,
+                prompt=decoded(tokenizer, case["prompt"], tail=True),
+                expected=decoded(tokenizer, case["expected"]),
+                got=decoded(tokenizer, reply),
+            )
+            for accuracy, sample, case, reply in mismatches[:WORST_KEPT]
+        ],
     )
 
 

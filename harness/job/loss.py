@@ -9,6 +9,7 @@ Normalisation: the step loss is sum(token losses) / (label tokens of the whole s
 micro-batches). Each rank backpropagates local_sum / global_label_tokens per micro-batch, so the
 sum over ranks and micro-batches is the step loss whatever the world size, packing or micro-batching.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,13 +42,16 @@ def _flatten_labelled(hidden_states: torch.Tensor, shift_labels: torch.Tensor):
     return hidden, labels, (labels != IGNORE_INDEX).nonzero().squeeze(1)
 
 
-def _chunk_loss_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _chunk_loss_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None
+) -> torch.Tensor:
     """Sum of one chunk's token losses."""
     return _token_cross_entropy(_chunk_logits(hidden, weight, cap), labels).sum()
 
 
-def _chunk_logit_grad(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None,
-                      grad_total: torch.Tensor) -> torch.Tensor:
+def _chunk_logit_grad(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None, grad_total: torch.Tensor
+) -> torch.Tensor:
     """d(loss sum)/d(hidden @ W^T) of one chunk, in the weight's dtype. Eagerly, at most the fp32
     logits and one fp32 buffer live at once (the bf16 product is freed by the upcast)."""
     logits = _chunk_logits(hidden, weight, cap)
@@ -119,7 +123,12 @@ def chunked_cross_entropy_sum(
     hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
     # index_select's backward scatters the gradient back to the labelled positions, zeros elsewhere.
     return _ChunkedLinearCrossEntropy.apply(
-        hidden.index_select(0, labelled), lm_head_weight, labels[labelled], chunk_tokens, final_logit_softcapping, compiled
+        hidden.index_select(0, labelled),
+        lm_head_weight,
+        labels[labelled],
+        chunk_tokens,
+        final_logit_softcapping,
+        compiled,
     )
 
 
@@ -184,8 +193,9 @@ def chunked_token_losses(
 ) -> torch.Tensor:
     """Per-token cross-entropy (fp32, shaped like shift_labels, 0 where not labelled), chunk by
     chunk; for evaluation, where each sample's own loss is wanted."""
-    return _per_labelled_token(_token_cross_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens,
-                               final_logit_softcapping)
+    return _per_labelled_token(
+        _token_cross_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens, final_logit_softcapping
+    )
 
 
 @torch.no_grad()
@@ -199,5 +209,6 @@ def chunked_token_entropy(
     """Per-token entropy (nats) of the predicted distribution over the vocabulary (fp32, shaped like
     shift_labels, 0 where not labelled), chunk by chunk. Random weights predict near-uniformly
     (close to ln(vocab)); a pretrained model is far more certain, even where it is wrong."""
-    return _per_labelled_token(_token_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens,
-                               final_logit_softcapping)
+    return _per_labelled_token(
+        _token_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens, final_logit_softcapping
+    )

@@ -1,4 +1,5 @@
 """Model FLOPs, MFU and memory of a training step (the step record itself is harness.contract.records.StepMetrics)."""
+
 from __future__ import annotations
 
 import math
@@ -58,9 +59,9 @@ def model_flops_per_token(lm: nn.Module, dataset) -> float:
     text_config = lm.config.get_text_config(decoder=True)
     embeddings = {id(m.weight) for m in lm.modules() if isinstance(m, nn.Embedding)}
     head = lm.get_output_embeddings()
-    matmul_params = sum(
-        p.numel() for p in lm.parameters() if p.requires_grad and id(p) not in embeddings
-    ) + (head.weight.numel() if id(head.weight) in embeddings else 0)
+    matmul_params = sum(p.numel() for p in lm.parameters() if p.requires_grad and id(p) not in embeddings) + (
+        head.weight.numel() if id(head.weight) in embeddings else 0
+    )
     lengths = [sample.num_tokens for sample in dataset.samples]
     effective_len = sum(n * n for n in lengths) / max(1, sum(lengths))
     heads = getattr(text_config, "num_attention_heads", 0)

@@ -22,6 +22,7 @@ in worker.json["preflight"] and the verdict names every failed one.
 - vocab: the vocabulary size the loss rules use equals the LM head's rows. Catches a vocabulary
   size read from a VLM's top-level config instead of text_config (verl #1013).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,10 @@ from harness.models import loading
 from harness.models.tokenizers import END_OF_TURN_MARKERS
 
 # Relative tolerances: (bf16 on GPU, fp32 on CPU).
-PACKING_TOL = {"cuda": 5e-2, "cpu": 1e-4}  # relative L2; bf16: the FINAL states of healthy gemma-3-4b-it differed by 2e-2 on H200
+PACKING_TOL = {
+    "cuda": 5e-2,
+    "cpu": 1e-4,
+}  # relative L2; bf16: the FINAL states of healthy gemma-3-4b-it differed by 2e-2 on H200
 STEP_LOSS_TOL = {"cuda": 1e-3, "cpu": 1e-5}
 GRAD_NORM_TOL = {"cuda": 5e-3, "cpu": 1e-4}
 LOGITS_TOL = 1e-4  # fp32 on CPU, relative to the largest reference logit (at least 1)
@@ -83,8 +87,10 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) ->
     worst = float(dist_lib.all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
     compared = int(dist_lib.all_reduce(torch.tensor(float(len(samples)), device=ctx.device)))
     tol = tolerance(PACKING_TOL, ctx.device)
-    detail = (f"packed vs padded first-layer outputs of {compared} samples: worst relative L2 difference {worst:.2e} "
-              f"(tolerance {tol:.0e})")
+    detail = (
+        f"packed vs padded first-layer outputs of {compared} samples: worst relative L2 difference {worst:.2e} "
+        f"(tolerance {tol:.0e})"
+    )
     if worst > tol:
         detail += ": packed samples see each other or their position ids do not restart at 0"
     return result(worst <= tol, detail, worst_rel_diff=worst, samples=compared)
@@ -146,10 +152,17 @@ def label_check(conversations, dataset, tokenizer, marker: str | None) -> dict:
         decoded = tokenizer.decode(labelled, skip_special_tokens=False)
         expected = "".join(m["content"].strip() + marker for m in conversations[index] if m["role"] == "assistant")
         if _squash(decoded) != _squash(expected):
-            why = "end-of-turn marker not labelled" if _squash(decoded) == _squash(expected.replace(marker, "")) else (
-                "prompt tokens labelled" if len(_squash(decoded)) > len(_squash(expected)) else "labels differ")
-            return result(False, f"sample {index}: labelled tokens decode to {decoded[:120]!r}, expected the assistant "
-                                  f"replies + {marker!r}: {expected[:120]!r} ({why})", sample=index)
+            why = (
+                "end-of-turn marker not labelled"
+                if _squash(decoded) == _squash(expected.replace(marker, ""))
+                else ("prompt tokens labelled" if len(_squash(decoded)) > len(_squash(expected)) else "labels differ")
+            )
+            return result(
+                False,
+                f"sample {index}: labelled tokens decode to {decoded[:120]!r}, expected the assistant "
+                f"replies + {marker!r}: {expected[:120]!r} ({why})",
+                sample=index,
+            )
     n = min(LABEL_SAMPLES, len(kept))
     return result(True, f"the labelled tokens of {n} samples are exactly their assistant replies + {marker!r}")
 
@@ -167,7 +180,9 @@ def extraction_parity(spec, weights: str, loaded, prompt_ids: list[int]) -> dict
         return skipped("synthetic weights: random by design, nothing to compare with")
     total = record.params.get("checkpoint_total") or 0
     if total > PARITY_MAX_PARAMS:
-        return skipped(f"the full VLM has {total:,} parameters, above the {PARITY_MAX_PARAMS:,} loaded on CPU for this check")
+        return skipped(
+            f"the full VLM has {total:,} parameters, above the {PARITY_MAX_PARAMS:,} loaded on CPU for this check"
+        )
     try:
         from transformers import AutoModelForImageTextToText
 
@@ -262,20 +277,26 @@ def first_step_reference(model, step_plan, dataset, ctx, pad_id: int, packing: b
 def first_step_checks(reference: dict, loss: float, grad_norm: float, device: torch.device, world_size: int) -> dict:
     loss_tol, norm_tol = tolerance(STEP_LOSS_TOL, device), tolerance(GRAD_NORM_TOL, device)
     loss_diff = abs(loss - reference["loss"]) / max(abs(reference["loss"]), 1e-12)
-    loss_detail = (f"train_step reported {loss:.6f} for step 1; per-token losses summed over ranks / "
-                   f"{reference['label_tokens']} global label tokens give {reference['loss']:.6f} "
-                   f"(relative difference {loss_diff:.1e}, tolerance {loss_tol:.0e})")
+    loss_detail = (
+        f"train_step reported {loss:.6f} for step 1; per-token losses summed over ranks / "
+        f"{reference['label_tokens']} global label tokens give {reference['loss']:.6f} "
+        f"(relative difference {loss_diff:.1e}, tolerance {loss_tol:.0e})"
+    )
     if not loss_diff <= loss_tol:
         loss_detail += ": the step loss is not normalised by the global label-token count (averaged per rank?)"
     norm_diff = abs(grad_norm - reference["grad_norm"]) / max(abs(reference["grad_norm"]), 1e-12)
-    norm_detail = (f"step-1 grad norm {grad_norm:.6f} with the data split over {world_size} rank(s), "
-                   f"{reference['grad_norm']:.6f} with all of it on rank 0 (relative difference {norm_diff:.1e}, "
-                   f"tolerance {norm_tol:.0e})")
+    norm_detail = (
+        f"step-1 grad norm {grad_norm:.6f} with the data split over {world_size} rank(s), "
+        f"{reference['grad_norm']:.6f} with all of it on rank 0 (relative difference {norm_diff:.1e}, "
+        f"tolerance {norm_tol:.0e})"
+    )
     if not norm_diff <= norm_tol:
         norm_detail += ": gradients are not reduced across ranks (or not normalised like the loss)"
     return {
         "step_loss": result(loss_diff <= loss_tol, loss_detail, reported=loss, recomputed=reference["loss"]),
-        "grad_reduction": result(norm_diff <= norm_tol, norm_detail, reported=grad_norm, reference=reference["grad_norm"]),
+        "grad_reduction": result(
+            norm_diff <= norm_tol, norm_detail, reported=grad_norm, reference=reference["grad_norm"]
+        ),
         "inputs": reference["inputs"],
     }
 
@@ -307,8 +328,10 @@ def forward_inputs_check(model, seen: set[str]) -> dict:
     if not needed:
         return skipped(f"{type(model.lm).__name__} takes no token-type inputs")
     missing = [name for name in needed if name not in seen]
-    detail = (f"{type(model.lm).__name__}.forward takes {', '.join(needed)}; the first step's batches passed "
-              f"{', '.join(sorted(seen)) or 'nothing'} to its backbone")
+    detail = (
+        f"{type(model.lm).__name__}.forward takes {', '.join(needed)}; the first step's batches passed "
+        f"{', '.join(sorted(seen)) or 'nothing'} to its backbone"
+    )
     if missing:
         detail += f": token-type inputs not passed ({', '.join(missing)}; zeros mark text tokens)"
     return result(not missing, detail, missing=missing)
@@ -323,11 +346,13 @@ def vocab_check(vocab_size: int | None, model) -> dict:
         return skipped(f"{type(model).__name__} has no output embeddings to compare with")
     rows = int(head.weight.shape[0])
     text_vocab = getattr(model.config.get_text_config(decoder=True), "vocab_size", None)
-    detail = (f"vocabulary size {vocab_size:,} used for the loss rules; the LM head has {rows:,} output rows "
-              f"(text_config.vocab_size {text_vocab:,})" if vocab_size is not None and text_vocab is not None else
-              f"vocabulary size {vocab_size} used for the loss rules; the LM head has {rows:,} output rows")
+    detail = (
+        f"vocabulary size {vocab_size:,} used for the loss rules; the LM head has {rows:,} output rows "
+        f"(text_config.vocab_size {text_vocab:,})"
+        if vocab_size is not None and text_vocab is not None
+        else f"vocabulary size {vocab_size} used for the loss rules; the LM head has {rows:,} output rows"
+    )
     ok = vocab_size == rows
     if not ok:
         detail += ": the vocabulary size was read from the wrong config (the top-level config instead of text_config?)"
     return result(ok, detail, vocab_size=vocab_size, head_rows=rows)
-

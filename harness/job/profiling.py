@@ -1,5 +1,6 @@
 """Optional torch.profiler window over a few training steps (SFT_HARNESS_PROFILE=first:count, e.g.
 5:3): rank 0 writes profile.txt (ops and kernels by device time) next to the metrics. Off by default."""
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,10 @@ class StepProfiler:
         averages = self.profiler.key_averages()
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         steps = self.last - self.first + 1
-        self.path.write_text(f"steps {self.first}-{self.last} ({steps} steps)\n" + averages.table(sort_by=sort, row_limit=45, max_name_column_width=70))
+        self.path.write_text(
+            f"steps {self.first}-{self.last} ({steps} steps)\n"
+            + averages.table(sort_by=sort, row_limit=45, max_name_column_width=70)
+        )
         self.first = 0
 
 

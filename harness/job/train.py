@@ -4,6 +4,7 @@ Run by launch.py as `python -m torch.distributed.run ... -m harness.job.train --
 to bottom: load -> data -> shard -> loop (step, metrics, early stop) -> worker.json. Everything it
 uses is a small component elsewhere (loading, data, loss, distributed, metrics).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,20 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from harness.job import attention as attention_lib
-from harness.job import compiling
-from harness.job import data as data_lib
-from harness.job import distributed as dist_lib
-from harness.testing import faults
-from harness.job import generation as generation_lib
-from harness.job import caches as job_caches
-from harness.models import loading
-from harness.testing import mutations
-from harness.models import plan as plan_lib
-from harness.job import preflight
-from harness.job import profiling
-from harness.job.loss import GlobalMean, chunked_cross_entropy_sum, chunked_token_entropy, chunked_token_losses
-from harness.job.evaluate import evaluate_full_dataset
 from harness.contract.records import (
     PROGRESS_PREFIX,
     DataAccounting,
@@ -47,6 +34,14 @@ from harness.contract.records import (
     record_job_error,
     write_worker_report,
 )
+from harness.job import attention as attention_lib
+from harness.job import caches as job_caches
+from harness.job import compiling, preflight, profiling
+from harness.job import data as data_lib
+from harness.job import distributed as dist_lib
+from harness.job import generation as generation_lib
+from harness.job.evaluate import evaluate_full_dataset
+from harness.job.loss import GlobalMean, chunked_cross_entropy_sum, chunked_token_entropy, chunked_token_losses
 from harness.job.metrics import (
     gpu_name,
     mfu,
@@ -54,6 +49,9 @@ from harness.job.metrics import (
     peak_bf16_flops,
     peak_memory_gib,
 )
+from harness.models import loading
+from harness.models import plan as plan_lib
+from harness.testing import faults, mutations
 
 # Checksums go over parameters in slices: a float64 copy of Gemma 3n's 2.3B-entry per-layer
 # embedding would take 17.5 GiB.
@@ -74,8 +72,16 @@ class TrainableLM(nn.Module):
         self.chunk_tokens = chunk_tokens
         self.compiled_loss = False  # the loss chunks' softmax work compiled (set with --compile)
 
-    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None, per_token: bool = False, hidden: bool = False,
-                entropy: bool = False):
+    def forward(
+        self,
+        input_ids,
+        position_ids,
+        shift_labels,
+        attention_mask=None,
+        per_token: bool = False,
+        hidden: bool = False,
+        entropy: bool = False,
+    ):
         extra = loading.extra_forward_inputs(self.lm, input_ids)
         if self.varlen and attention_mask is None:
             cu_seqlens, longest = attention_lib.sequence_boundaries(position_ids, *input_ids.shape, input_ids.device)
@@ -92,10 +98,20 @@ class TrainableLM(nn.Module):
         head = self.lm.get_output_embeddings()
         if entropy or per_token:
             return (chunked_token_entropy if entropy else chunked_token_losses)(
-                outputs.last_hidden_state, head.weight, shift_labels, chunk_tokens=self.chunk_tokens,
-                final_logit_softcapping=self.softcap)
-        return chunked_cross_entropy_sum(outputs.last_hidden_state, head.weight, shift_labels, chunk_tokens=self.chunk_tokens,
-                                         final_logit_softcapping=self.softcap, compiled=self.compiled_loss)
+                outputs.last_hidden_state,
+                head.weight,
+                shift_labels,
+                chunk_tokens=self.chunk_tokens,
+                final_logit_softcapping=self.softcap,
+            )
+        return chunked_cross_entropy_sum(
+            outputs.last_hidden_state,
+            head.weight,
+            shift_labels,
+            chunk_tokens=self.chunk_tokens,
+            final_logit_softcapping=self.softcap,
+            compiled=self.compiled_loss,
+        )
 
 
 @dataclass
@@ -144,13 +160,19 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     # A checkpoint is read by rank 0 only; the other ranks build it on meta and get their shards
     # broadcast after sharding (host memory: one fp32 copy per node, not one per rank).
     from_rank0 = cfg.weights != "synthetic" and ctx.world_size > 1
-    loaded = loading.load_model(spec, cfg.weights, on_meta=cfg.weights == "synthetic" or (from_rank0 and not ctx.is_main))
+    loaded = loading.load_model(
+        spec, cfg.weights, on_meta=cfg.weights == "synthetic" or (from_rank0 and not ctx.is_main)
+    )
     text_config = loaded.model.config.get_text_config(decoder=True)
     report.load_record, report.vocab_size = loaded.record, loading.vocab_size(loaded.model)
     tokenizer = loading.tokenizer_for(spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
     dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
-    checks = {"labels": preflight.label_check(conversations, dataset, tokenizer, preflight.end_of_turn_marker(spec, tokenizer))}
+    checks = {
+        "labels": preflight.label_check(
+            conversations, dataset, tokenizer, preflight.end_of_turn_marker(spec, tokenizer)
+        )
+    }
     checks["vocab"] = preflight.vocab_check(report.vocab_size, loaded.model)
     if ctx.is_main:  # before sharding: the plain extracted model against the full VLM
         checks["extraction"] = preflight.extraction_parity(spec, cfg.weights, loaded, dataset.samples[0].input_ids)
@@ -162,13 +184,19 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     model = TrainableLM(loaded.model, varlen=attention == "varlen")
     n_params = loaded.record.params.get("model_total", 0)
     gpu_memory = dist_lib.cap_gpu_memory(ctx.device, cfg.gpu_memory_gib)
-    use_ac = plan_lib.wants_activation_checkpointing(cfg.activation_checkpointing, n_params, text_config, ctx.world_size,
-                                                     cfg.max_tokens_per_gpu, gpu_memory)
+    use_ac = plan_lib.wants_activation_checkpointing(
+        cfg.activation_checkpointing, n_params, text_config, ctx.world_size, cfg.max_tokens_per_gpu, gpu_memory
+    )
     report.activation_checkpointing = use_ac
     if ctx.is_main:
-        print(f"[setup] activation checkpointing {'on' if use_ac else 'off'} "
-              f"({'auto' if cfg.activation_checkpointing is None else 'asked'})", flush=True)
-        warning = plan_lib.memory_warning(text_config, n_params, ctx.world_size, cfg.max_tokens_per_gpu, use_ac, gpu_memory)
+        print(
+            f"[setup] activation checkpointing {'on' if use_ac else 'off'} "
+            f"({'auto' if cfg.activation_checkpointing is None else 'asked'})",
+            flush=True,
+        )
+        warning = plan_lib.memory_warning(
+            text_config, n_params, ctx.world_size, cfg.max_tokens_per_gpu, use_ac, gpu_memory
+        )
         if warning:
             print(f"[setup] {warning}", flush=True)
     if use_ac and cfg.compile != "layers":  # layers checkpoints inside each compiled layer
@@ -178,17 +206,23 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     clamp_coefficients = compiling.hoist_coefficient_clamps(loaded.model) if cfg.compile == "layers" else (lambda: None)
     bf16 = ctx.device.type == "cuda"
     reshard = cfg.reshard_after_forward if cfg.reshard_after_forward is not None else ctx.world_size > 1
-    fsdp_units = dist_lib.shard_read_by_rank0(model, ctx, read_by_rank0=from_rank0, bf16=bf16, reshard_after_forward=reshard)
+    fsdp_units = dist_lib.shard_read_by_rank0(
+        model, ctx, read_by_rank0=from_rank0, bf16=bf16, reshard_after_forward=reshard
+    )
     if cfg.weights == "synthetic":
         if cfg.init_std is not None:
             set_initializer_range(loaded.model, cfg.init_std)
         loading.materialize(model.lm, ctx.device, seed=cfg.seed)
     model.train()
-    frozen_before, trainable_before = parameter_checksum(model, trainable=False), parameter_checksum(model, trainable=True)
+    frozen_before, trainable_before = (
+        parameter_checksum(model, trainable=False),
+        parameter_checksum(model, trainable=True),
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     # fused: one kernel for all parameters instead of a loop of small ones (CUDA only)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95),
-                                  fused=ctx.device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95), fused=ctx.device.type == "cuda"
+    )
     shard_done = time.monotonic()
 
     steps_per_epoch = len(plan_epoch(cfg, dataset, ctx, 0))
@@ -200,7 +234,9 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     state = TrainState(recent_losses=deque(maxlen=cfg.patience))
     faults.install(sys.modules[__name__], ctx.rank, spec.name, checkpointing=use_ac)  # test-only; none when unset
     profiler = profiling.StepProfiler(Path(cfg.output_dir), ctx.is_main)
-    evaluate = lambda: evaluate_full_dataset(model, dataset, plan_epoch(cfg, dataset, ctx, 0), cfg.packing, ctx, pad_id(tokenizer))
+    evaluate = lambda: evaluate_full_dataset(
+        model, dataset, plan_epoch(cfg, dataset, ctx, 0), cfg.packing, ctx, pad_id(tokenizer)
+    )
     train_started = time.monotonic()
     epoch_records: list[EpochRecord] = []
     evaluation, evaluated_at = None, None
@@ -215,13 +251,18 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
         for step_index, step_plan in enumerate(epoch_plan):
             clamp_coefficients()
             if state.step == 0:  # preflight on the first step's data, before its parameters change
-                checks["packing"] = preflight.packing_check(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
-                reference = preflight.first_step_reference(model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing)
+                checks["packing"] = preflight.packing_check(
+                    model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing
+                )
+                reference = preflight.first_step_reference(
+                    model, step_plan, dataset, ctx, pad_id(tokenizer), cfg.packing
+                )
                 report.initial_entropy = reference["entropy"]
             step_start = time.monotonic()
             with profiler.around(state.step + 1), compiling.compiled_stance(compiled_modules):
                 loss, grad_norm, tokens, label_tokens = train_step(
-                    model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=accounting)
+                    model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=accounting
+                )
             if reference is not None:
                 checks.update(preflight.first_step_checks(reference, loss, grad_norm, ctx.device, ctx.world_size))
                 reference = None
@@ -230,7 +271,19 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
             state.first_step_at = state.first_step_at or time.monotonic()
             step_time = time.monotonic() - step_start
             state.tokens_seen += tokens
-            metrics = build_metrics(state, loss, grad_norm, lr_now, tokens, label_tokens, step_time, ctx, flops_per_token, peak_flops, started)
+            metrics = build_metrics(
+                state,
+                loss,
+                grad_norm,
+                lr_now,
+                tokens,
+                label_tokens,
+                step_time,
+                ctx,
+                flops_per_token,
+                peak_flops,
+                started,
+            )
             writer.write(metrics)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 state.stop_reason, state.non_finite_step = "non_finite", state.step
@@ -253,18 +306,27 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
         state.epoch += 1
 
     finished = time.monotonic()
-    frozen_after, trainable_after = parameter_checksum(model, trainable=False), parameter_checksum(model, trainable=True)
+    frozen_after, trainable_after = (
+        parameter_checksum(model, trainable=False),
+        parameter_checksum(model, trainable=True),
+    )
     if state.step and evaluated_at != state.step:
         evaluation = evaluate()
     evaluated = time.monotonic()
     if cfg.save_checkpoint:  # the harness then evaluates it as it does an external stack's (cross-check)
         save_trained_model(model, tokenizer, cfg, ctx)
     # The model must answer as it will be used: greedy decoding with the KV cache reproduces its replies.
-    generation = generation_lib.generation_check(model, conversations, dataset, tokenizer,
-                                                 preflight.end_of_turn_marker(spec, tokenizer), pad_id(tokenizer), ctx)
+    generation = generation_lib.generation_check(
+        model, conversations, dataset, tokenizer, preflight.end_of_turn_marker(spec, tokenizer), pad_id(tokenizer), ctx
+    )
     generated = time.monotonic()
     report.status, report.stop_reason, report.non_finite_step = "finished", state.stop_reason, state.non_finite_step
-    report.steps, report.epochs_started, report.steps_per_epoch, report.planned_steps = state.step, state.epoch, steps_per_epoch, total_steps
+    report.steps, report.epochs_started, report.steps_per_epoch, report.planned_steps = (
+        state.step,
+        state.epoch,
+        steps_per_epoch,
+        total_steps,
+    )
     report.device, report.gpu, report.data = str(ctx.device.type), gpu_name(ctx.device), dataset_stats(dataset)
     report.attention, report.reshard_after_forward = loaded.model.config._attn_implementation, reshard
     report.compiled_modules, report.towers = compiled_modules, loading.tower_counts(model.lm)
@@ -273,15 +335,22 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     report.trainable_params = ParamChange(trainable_before[0], trainable_before[1] != trainable_after[1])
     report.preflight, report.evaluation, report.generation = checks, evaluation, generation
     report.data_accounting, report.flops_per_token = DataAccounting.of(epoch_records), flops_per_token
-    report.time_s = Timings(load=load_done - started, shard=shard_done - load_done,
-                            first_step=(state.first_step_at or finished) - started, train=finished - train_started,
-                            evaluate=evaluated - finished, generate=generated - evaluated, total=generated - started,
-                            started_at=started)
+    report.time_s = Timings(
+        load=load_done - started,
+        shard=shard_done - load_done,
+        first_step=(state.first_step_at or finished) - started,
+        train=finished - train_started,
+        evaluate=evaluated - finished,
+        generate=generated - evaluated,
+        total=generated - started,
+        started_at=started,
+    )
     return report
 
 
-def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=None,
-               loss_normalisation=GlobalMean):
+def train_step(
+    model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=None, loss_normalisation=GlobalMean
+):
     """One optimizer step over this rank's micro-batches. The loss is the sum of token losses over
     the global label-token count of the step, so it does not depend on world size or packing."""
     local_loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
@@ -308,8 +377,12 @@ def train_step(model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokeni
 def plan_epoch(cfg: RunConfig, dataset, ctx, epoch: int):
     """The same plan on every rank (no communication): seeded by epoch."""
     return data_lib.plan_steps(
-        dataset.samples, world_size=ctx.world_size, max_tokens_per_gpu=cfg.max_tokens_per_gpu,
-        packing=cfg.packing, seed=cfg.seed, epoch=epoch,
+        dataset.samples,
+        world_size=ctx.world_size,
+        max_tokens_per_gpu=cfg.max_tokens_per_gpu,
+        packing=cfg.packing,
+        seed=cfg.seed,
+        epoch=epoch,
     )
 
 
@@ -349,25 +422,37 @@ def lr_lambda(cfg: RunConfig, total_steps: int):
     return factor
 
 
-def build_metrics(state, loss, grad_norm, lr, tokens, label_tokens, step_time, ctx, flops_per_token, peak_flops, started) -> StepMetrics:
+def build_metrics(
+    state, loss, grad_norm, lr, tokens, label_tokens, step_time, ctx, flops_per_token, peak_flops, started
+) -> StepMetrics:
     tokens_per_s = tokens / max(step_time, 1e-9)
     allocated, reserved = peak_memory_gib(ctx.device)
     return StepMetrics(
-        step=state.step, epoch=state.epoch, loss=loss, grad_norm=grad_norm, lr=lr,
-        tokens=tokens, label_tokens=label_tokens, step_time_s=step_time,
-        tokens_per_s=tokens_per_s, tokens_per_s_per_gpu=tokens_per_s / ctx.world_size,
+        step=state.step,
+        epoch=state.epoch,
+        loss=loss,
+        grad_norm=grad_norm,
+        lr=lr,
+        tokens=tokens,
+        label_tokens=label_tokens,
+        step_time_s=step_time,
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_gpu=tokens_per_s / ctx.world_size,
         mfu=mfu(tokens_per_s / ctx.world_size, flops_per_token, peak_flops),
-        peak_mem_allocated_gib=allocated, peak_mem_reserved_gib=reserved,
+        peak_mem_allocated_gib=allocated,
+        peak_mem_reserved_gib=reserved,
         elapsed_s=time.monotonic() - started,
     )
 
 
 def target_reached(state: TrainState, cfg: RunConfig) -> bool:
-    window = list(state.recent_losses)[-cfg.patience:]
+    window = list(state.recent_losses)[-cfg.patience :]
     return len(window) >= cfg.patience and sum(window) / len(window) < cfg.loss_threshold
 
 
-def report_progress(ctx, state: TrainState, metrics: StepMetrics, total_steps: int, every: int, train_started: float) -> None:
+def report_progress(
+    ctx, state: TrainState, metrics: StepMetrics, total_steps: int, every: int, train_started: float
+) -> None:
     """Every `every` steps: the step against the budget (training stops earlier once the loss target is
     reached, so the budget and its ETA are upper bounds) and the rate of the steps after the first."""
     if not ctx.is_main or (state.step % max(every, 1) and state.step not in (1, total_steps)):
@@ -404,8 +489,13 @@ def sharding_record(model: nn.Module, ctx, fsdp_units: int) -> Sharding:
     """FSDP really shards: each rank holds about total / world size of the parameter bytes."""
     local = dist_lib.local_parameter_bytes(model)
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Sharding(fsdp_units=fsdp_units, param_bytes_this_rank=local, param_bytes_total=total,
-                    world_size=ctx.world_size, fraction_this_rank=local / max(total, 1))
+    return Sharding(
+        fsdp_units=fsdp_units,
+        param_bytes_this_rank=local,
+        param_bytes_total=total,
+        world_size=ctx.world_size,
+        fraction_this_rank=local / max(total, 1),
+    )
 
 
 def dataset_stats(dataset) -> DataStats:

@@ -5,6 +5,7 @@ layouts exist in the wild (`language_model.model.*` on the hub, `model.language_
 writes Gemma 3n), idefics3/smolvlm use `model.text_model.*`: rather than hard-coding them we pick
 the prefix under which most of the text model's expected keys are found.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def detect_text_prefix(checkpoint_keys, body_keys: set[str]) -> tuple[str, int]:
     for key in checkpoint_keys:
         start = 0
         while (dot := key.find(".", start)) != -1:
-            if key[dot + 1:] in body_keys:
+            if key[dot + 1 :] in body_keys:
                 counts[key[: dot + 1]] += 1
             start = dot + 1
         if key in body_keys:
@@ -95,7 +96,7 @@ def map_text_keys(model_keys: list[str], checkpoint_keys) -> tuple[dict[str, str
     """model key -> checkpoint key for a text-only causal LM (`model.*`, `lm_head.*`) reading a
     checkpoint that may hold it under any prefix. Keys with no match are left out of the map."""
     checkpoint_keys = set(checkpoint_keys)
-    body = {key[len("model."):]: key for key in model_keys if key.startswith("model.")}
+    body = {key[len("model.") :]: key for key in model_keys if key.startswith("model.")}
     prefix, _ = detect_text_prefix(checkpoint_keys, set(body))
     mapping = {model_key: prefix + rest for rest, model_key in body.items() if prefix + rest in checkpoint_keys}
     # Heads and other top-level keys (lm_head.weight) sit beside the backbone: the prefix's ancestors.

@@ -1,4 +1,5 @@
 """A model's transformers config, from the registry's shipped architecture file or the hub."""
+
 from __future__ import annotations
 
 import json

@@ -15,6 +15,7 @@ returns it on the meta device so each rank can shard first and `materialize` aft
 but the config: under FSDP only rank 0 reads the weights and `distributed.broadcast_weights` gives
 each other rank its shard, so a node holds one fp32 copy whatever its number of ranks.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,6 +30,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from harness.contract.errors import UsageError
+from harness.contract.model_spec import ModelSpec
+from harness.contract.records import LoadRecord, TowerCounts
 from harness.models.checkpoints import (
     CheckpointKeyError,
     ancestor_prefixes,
@@ -37,11 +41,8 @@ from harness.models.checkpoints import (
     read_index,
     read_tensors,
 )
-from harness.contract.records import LoadRecord, TowerCounts
-from harness.models.plan import LoadPathDecision, UnsupportedModelError, model_class, resolve_load_path
-from harness.contract.errors import UsageError
-from harness.contract.model_spec import ModelSpec
 from harness.models.configs import load_config
+from harness.models.plan import LoadPathDecision, UnsupportedModelError, model_class, resolve_load_path
 
 WEIGHTS_MODES = ("real", "synthetic", "tiny")
 # Where 5.x VLM classes keep their text backbone (facts file): tried in this order.
@@ -226,8 +227,15 @@ def extract_causal_lm(folder: Path, config, decision: LoadPathDecision, dtype: t
     mapping, prefix = map_text_keys(expected, index.shapes)
     missing = [key for key in expected if key not in mapping]
     if missing:
-        return extract_with_key_conversion(folder, config, decision, dtype, index, expected,
-                                           missing_keys_error(missing, index, prefix, decision.model_class))
+        return extract_with_key_conversion(
+            folder,
+            config,
+            decision,
+            dtype,
+            index,
+            expected,
+            missing_keys_error(missing, index, prefix, decision.model_class),
+        )
     check_shapes(model, mapping, index, decision.model_class)
     tensors = read_tensors(index, mapping, dtype)
     model.load_state_dict(tensors, strict=False, assign=True)  # completeness was checked above
@@ -237,8 +245,15 @@ def extract_causal_lm(folder: Path, config, decision: LoadPathDecision, dtype: t
     return model, sum(t.numel() for t in tensors.values()), index.numel()
 
 
-def extract_with_key_conversion(folder: Path, config, decision: LoadPathDecision, dtype: torch.dtype, index,
-                                expected: list[str], first_error: CheckpointKeyError):
+def extract_with_key_conversion(
+    folder: Path,
+    config,
+    decision: LoadPathDecision,
+    dtype: torch.dtype,
+    index,
+    expected: list[str],
+    first_error: CheckpointKeyError,
+):
     """The text weights where no key prefix maps them (blocks renamed, per-expert tensors that 5.x
     fuses, text layers under another parent than the embeddings): transformers' own loader of the
     text-only class (it applies the class's weight merges), given first the detected prefix ->
@@ -250,20 +265,32 @@ def extract_with_key_conversion(folder: Path, config, decision: LoadPathDecision
     attempts = []
     for key_mapping in (by_prefix, vlm_key_mapping(config, decision)):
         try:
-            model, info = cls.from_pretrained(folder, config=extraction_text_config(config), dtype=dtype,
-                                              key_mapping=key_mapping, output_loading_info=True)
+            model, info = cls.from_pretrained(
+                folder,
+                config=extraction_text_config(config),
+                dtype=dtype,
+                key_mapping=key_mapping,
+                output_loading_info=True,
+            )
         except Exception as exc:  # transformers raises many kinds on a checkpoint it cannot map
             attempts.append(f"{type(exc).__name__}: {str(exc)[:300]}")
             continue
         missing = missing_after_load(info)
         if not missing:
-            print(f"[load] {decision.model_class}: text weights read through transformers' {config.model_type} "
-                  "checkpoint key conversion (the key prefix alone did not map them)", flush=True)
+            print(
+                f"[load] {decision.model_class}: text weights read through transformers' {config.model_type} "
+                "checkpoint key conversion (the key prefix alone did not map them)",
+                flush=True,
+            )
             return model, count_unique(model.parameters()), index.numel()
-        attempts.append(f"{len(missing)} still missing: " + ", ".join(missing[:8])
-                        + (f" ... ({len(missing)} in all)" if len(missing) > 8 else ""))
-    raise CheckpointKeyError(f"{first_error} Through transformers' {config.model_type} key conversion: "
-                             + "; then ".join(attempts))
+        attempts.append(
+            f"{len(missing)} still missing: "
+            + ", ".join(missing[:8])
+            + (f" ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        )
+    raise CheckpointKeyError(
+        f"{first_error} Through transformers' {config.model_type} key conversion: " + "; then ".join(attempts)
+    )
 
 
 def vlm_key_mapping(config, decision: LoadPathDecision) -> dict[str, str]:
@@ -301,7 +328,10 @@ def state_keys(model: nn.Module) -> list[str]:
 
 
 def check_shapes(model: nn.Module, mapping: dict[str, str], index, class_name: str) -> None:
-    shapes = {**{n: tuple(p.shape) for n, p in model.named_parameters()}, **{n: tuple(b.shape) for n, b in model.named_buffers()}}
+    shapes = {
+        **{n: tuple(p.shape) for n, p in model.named_parameters()},
+        **{n: tuple(b.shape) for n, b in model.named_buffers()},
+    }
     wrong = [
         f"{key} (model {shapes[key]}, checkpoint {index.shapes[ckpt]} at {ckpt})"
         for key, ckpt in mapping.items()
@@ -582,7 +612,9 @@ def tokenizer_for(spec: ModelSpec, weights: str = "real", with_weights: bool = T
     if weights == "tiny":
         return tokenizers.tiny_tokenizer(spec.chat_family)
     if weights == "synthetic":
-        return tokenizers.gemma_tokenizer() if spec.chat_family == "gemma" else tokenizers.tiny_tokenizer(spec.chat_family)
+        return (
+            tokenizers.gemma_tokenizer() if spec.chat_family == "gemma" else tokenizers.tiny_tokenizer(spec.chat_family)
+        )
     from transformers import AutoTokenizer
 
     on_hub = spec.hf_id and not spec.real_weights and spec.source != "local" and not Path(spec.hf_id).is_dir()

@@ -1,4 +1,5 @@
 """transformers' auto-class mappings the load paths are decided from (model_type -> class name)."""
+
 from __future__ import annotations
 
 from transformers.models.auto import modeling_auto

@@ -23,6 +23,7 @@ line, before any job starts). The rules, each with the kind of reason it gives:
 Classes whose backbone sits at their base_model_prefix instead of `.model` (GitForCausalLM: `.git`)
 are trained: loading.text_backbone finds it.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -37,17 +38,30 @@ from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM
 
 # What a text-only batch carries (and what the trainer may add: loading.extra_forward_inputs).
 TEXT_INPUTS = {
-    "self", "input_ids", "attention_mask", "position_ids", "labels", "inputs_embeds", "cache", "past_key_values",
-    "use_cache", "logits_to_keep", "cache_position", "token_type_ids", "mm_token_type_ids", "return_dict",
-    "output_attentions", "output_hidden_states",
+    "self",
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "labels",
+    "inputs_embeds",
+    "cache",
+    "past_key_values",
+    "use_cache",
+    "logits_to_keep",
+    "cache_position",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
 }
 # Forwards that declare their non-text inputs optional but raise without them (observed on transformers
 # 5.24 with tiny configs; tests/test_model_types.py fails when an entry starts training on text alone).
 NEEDS_NON_TEXT_INPUTS = {
     "idefics": "pixel_values, image_encoder_embeddings or perceiver_embeddings (IdeficsForVisionText2Text raises "
-               "'Exactly 1 of pixel_values, image_encoder_embeddings or perceiver_embeddings has to be not-None')",
+    "'Exactly 1 of pixel_values, image_encoder_embeddings or perceiver_embeddings has to be not-None')",
     "voxtral_realtime": "input_features or encoder_inputs_embeds (the realtime decoder is driven by the audio "
-                        "stream: 'You must specify exactly one of input_features or encoder_inputs_embeds')",
+    "stream: 'You must specify exactly one of input_features or encoder_inputs_embeds')",
 }
 CODEBOOK_FIELDS = ("num_codebooks", "codebook_vocab_size", "audio_vocab_size")
 DRAFTER_FIELDS = ("backbone_hidden_size",)  # the hidden size of the model whose states it reads
@@ -60,8 +74,10 @@ class Unsupported:
     why: str
 
     def message(self, model_type: str) -> str:
-        return (f"model_type {model_type!r} cannot be trained on text-only input ids ({self.kind}): {self.why}. "
-                "The harness trains decoder-only models on chat text; see harness/models/model_support.py")
+        return (
+            f"model_type {model_type!r} cannot be trained on text-only input ids ({self.kind}): {self.why}. "
+            "The harness trains decoder-only models on chat text; see harness/models/model_support.py"
+        )
 
 
 def refusal(config, decision) -> Unsupported | None:
@@ -78,7 +94,9 @@ def refusal(config, decision) -> Unsupported | None:
 
 
 def _own_class_names(model_type: str) -> list[str]:
-    return [n for n in (IMAGE_TEXT_TO_TEXT.get(model_type), MULTIMODAL_LM.get(model_type), CAUSAL_LM.get(model_type)) if n]
+    return [
+        n for n in (IMAGE_TEXT_TO_TEXT.get(model_type), MULTIMODAL_LM.get(model_type), CAUSAL_LM.get(model_type)) if n
+    ]
 
 
 def _defines_forward(cls: type) -> bool:
@@ -88,16 +106,22 @@ def _defines_forward(cls: type) -> bool:
 
 def _no_forward(model_type, config, decision, trained, own) -> Unsupported | None:
     if trained is not None and not _defines_forward(trained):
-        return Unsupported("no_forward", f"{trained.__name__} has no forward of its own (it generates through its "
-                                         "sub-models only), so there is nothing to compute a training loss with")
+        return Unsupported(
+            "no_forward",
+            f"{trained.__name__} has no forward of its own (it generates through its "
+            "sub-models only), so there is nothing to compute a training loss with",
+        )
     return None
 
 
 def _diffusion(model_type, config, decision, trained, own) -> Unsupported | None:
     named = [cls.__name__ for cls in own if "Diffusion" in cls.__name__]
     if named or "diffusion" in model_type:
-        return Unsupported("diffusion", f"{named[0] if named else model_type} is a diffusion model: it denoises blocks "
-                                        "of tokens, it does not predict the next token")
+        return Unsupported(
+            "diffusion",
+            f"{named[0] if named else model_type} is a diffusion model: it denoises blocks "
+            "of tokens, it does not predict the next token",
+        )
     return None
 
 
@@ -106,8 +130,11 @@ def _drafter(model_type, config, decision, trained, own) -> Unsupported | None:
     inputs = [(cls.__name__, p) for cls in own for p in DRAFTER_INPUTS if p in _parameters(cls)]
     if fields or inputs:
         what = f"{fields[0]}={getattr(config, fields[0])}" if fields else f"{inputs[0][0]}.forward takes {inputs[0][1]}"
-        return Unsupported("drafter", f"it is a drafter (assistant) for speculative decoding that reads another "
-                                      f"model's states ({what}); it cannot run on its own")
+        return Unsupported(
+            "drafter",
+            f"it is a drafter (assistant) for speculative decoding that reads another "
+            f"model's states ({what}); it cannot run on its own",
+        )
     return None
 
 
@@ -116,8 +143,9 @@ def _codebooks(model_type, config, decision, trained, own) -> Unsupported | None
     for cfg in configs:
         fields = [f"{f}={getattr(cfg, f)}" for f in CODEBOOK_FIELDS if getattr(cfg, f, None)]
         if fields:
-            return Unsupported("audio_codebooks", f"its inputs are audio codec codebooks ({', '.join(fields)}), "
-                                                  "not text tokens alone")
+            return Unsupported(
+                "audio_codebooks", f"its inputs are audio codec codebooks ({', '.join(fields)}), not text tokens alone"
+            )
     return None
 
 
@@ -130,8 +158,11 @@ def _non_text_inputs(model_type, config, decision, trained, own) -> Unsupported 
     backbone = _backbone_class(trained)  # what train.TrainableLM calls, with the text inputs alone
     required = _required_inputs(backbone) if backbone is not None else []
     if required:
-        return Unsupported("non_text_inputs", f"{backbone.__name__}.forward, the backbone of {trained.__name__} that "
-                                              f"the trainer calls for hidden states, requires {', '.join(required)}")
+        return Unsupported(
+            "non_text_inputs",
+            f"{backbone.__name__}.forward, the backbone of {trained.__name__} that "
+            f"the trainer calls for hidden states, requires {', '.join(required)}",
+        )
     if model_type in NEEDS_NON_TEXT_INPUTS and decision.load_path != "extract_causal_lm":
         return Unsupported("non_text_inputs", f"{trained.__name__}.forward needs {NEEDS_NON_TEXT_INPUTS[model_type]}")
     return None
@@ -143,9 +174,13 @@ def _required_inputs(cls: type) -> list[str]:
         parameters = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return []
-    return [name for name, p in parameters.items()
-            if p.default is inspect.Parameter.empty and name not in TEXT_INPUTS
-            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return [
+        name
+        for name, p in parameters.items()
+        if p.default is inspect.Parameter.empty
+        and name not in TEXT_INPUTS
+        and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
 
 
 def _backbone_class(trained: type) -> type | None:
@@ -173,11 +208,16 @@ def _no_text_backbone(model_type, config, decision, trained, own) -> Unsupported
     if "self.model =" in source or (prefix and f"self.{prefix} =" in source):
         return None
     assigned = [match.group(1) for match in re.finditer(r"^\s*self\.(\w+)\s*=\s*\w+\(", source, re.MULTILINE)]
-    text = [name for name in assigned if ("text" in name or "language" in name) and ("model" in name or "decoder" in name)]
+    text = [
+        name for name in assigned if ("text" in name or "language" in name) and ("model" in name or "decoder" in name)
+    ]
     where = ", ".join(f".{name}" for name in text) or "an attribute of its own"
-    return Unsupported("no_text_backbone", f"{trained.__name__} keeps its text model at {where}, not at .model or at "
-                                           f"its base_model_prefix {prefix!r}: the trainer has no backbone to call for "
-                                           "hidden states")
+    return Unsupported(
+        "no_text_backbone",
+        f"{trained.__name__} keeps its text model at {where}, not at .model or at "
+        f"its base_model_prefix {prefix!r}: the trainer has no backbone to call for "
+        "hidden states",
+    )
 
 
 def _parameters(cls: type) -> set[str]:

@@ -5,6 +5,7 @@ mapping too, resolving to the full multimodal class. So "is it in the causal-LM 
 wrong question; we ask what the resolved class actually holds (its config's sub-configs: vision,
 audio, text) and whether the text side has a text-only causal-LM class of its own.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,6 @@ from transformers import CONFIG_MAPPING
 from harness.contract.errors import UsageError
 from harness.models import model_support
 from harness.models.mappings import CAUSAL_LM, IMAGE_TEXT_TO_TEXT, MULTIMODAL_LM
-
 
 
 class UnsupportedModelError(UsageError):
@@ -49,8 +49,24 @@ def model_class(name: str | None) -> type | None:
 # text_config, qformer_config, thinker_config, ...). Internal ones (dbrx's attn_config/ffn_config,
 # BLT's patcher/encoder/decoder) do not make a class multimodal.
 MODALITY_WORDS = (
-    "text", "vision", "visual", "image", "video", "audio", "speech", "vq", "qformer", "perceiver",
-    "projector", "thinker", "talker", "protein", "codec", "vlm", "adapter", "adaptor",
+    "text",
+    "vision",
+    "visual",
+    "image",
+    "video",
+    "audio",
+    "speech",
+    "vq",
+    "qformer",
+    "perceiver",
+    "projector",
+    "thinker",
+    "talker",
+    "protein",
+    "codec",
+    "vlm",
+    "adapter",
+    "adaptor",
 )
 
 
@@ -186,8 +202,9 @@ ACTIVATION_BYTES_PER_HIDDEN = 40
 ACTIVATION_BYTES_PER_INTERMEDIATE = 7
 
 
-def wants_activation_checkpointing(asked: bool | None, n_params: int, text_config, world_size: int, tokens: int,
-                                   gpu_memory_bytes: int | None) -> bool:
+def wants_activation_checkpointing(
+    asked: bool | None, n_params: int, text_config, world_size: int, tokens: int, gpu_memory_bytes: int | None
+) -> bool:
     """Recomputing activations costs a third more compute: only where they would not fit. On GPU
     the estimate is fp32 weights + grads + two Adam moments (16 bytes a parameter, sharded), the
     bf16 weights gathered for compute, the logits of one loss chunk and the saved activations."""
@@ -199,8 +216,9 @@ def wants_activation_checkpointing(asked: bool | None, n_params: int, text_confi
     return needed > MEMORY_HEADROOM * gpu_memory_bytes
 
 
-def memory_warning(text_config, n_params: int, world_size: int, tokens: int, checkpointing: bool,
-                   gpu_memory_bytes: int | None) -> str | None:
+def memory_warning(
+    text_config, n_params: int, world_size: int, tokens: int, checkpointing: bool, gpu_memory_bytes: int | None
+) -> str | None:
     """A line for the log where even the chosen plan's estimate exceeds the GPU: within the ~8% the
     estimate runs above measured peaks it may still fit (the gate refuses only beyond that, before the
     job: job.caches.capacity_refusal); sharding over more ranks or a smaller token budget is what would fit."""
@@ -209,9 +227,11 @@ def memory_warning(text_config, n_params: int, world_size: int, tokens: int, che
     needed = estimated_training_bytes(text_config, n_params, world_size, tokens, checkpointing)
     if needed <= gpu_memory_bytes:
         return None
-    return (f"estimated {needed / 2**30:.1f} GiB per GPU (activation checkpointing {'on' if checkpointing else 'off'}, "
-            f"{world_size} rank(s), {tokens} tokens) > {gpu_memory_bytes / 2**30:.1f} GiB: expect out-of-memory; "
-            "more GPUs shard the weights and optimizer states")
+    return (
+        f"estimated {needed / 2**30:.1f} GiB per GPU (activation checkpointing {'on' if checkpointing else 'off'}, "
+        f"{world_size} rank(s), {tokens} tokens) > {gpu_memory_bytes / 2**30:.1f} GiB: expect out-of-memory; "
+        "more GPUs shard the weights and optimizer states"
+    )
 
 
 def estimated_training_bytes(text_config, n_params: int, world_size: int, tokens: int, checkpointing: bool) -> int:
@@ -228,10 +248,16 @@ def estimated_training_bytes(text_config, n_params: int, world_size: int, tokens
     return int(states + gathered + loss_chunk + activations)
 
 
-def gpus_needed(text_config, n_params: int, tokens: int, gpu_memory_bytes: int, checkpointing: bool = True,
-                most: int = 4096) -> int | None:
+def gpus_needed(
+    text_config, n_params: int, tokens: int, gpu_memory_bytes: int, checkpointing: bool = True, most: int = 4096
+) -> int | None:
     """The fewest ranks (of GPUs with gpu_memory_bytes each) whose estimate fits; None past `most`."""
     fits = gpu_memory_bytes * ESTIMATE_ABOVE_PEAK
-    return next((ranks for ranks in range(1, most + 1)
-                 if estimated_training_bytes(text_config, n_params, ranks, tokens, checkpointing) <= fits), None)
-
+    return next(
+        (
+            ranks
+            for ranks in range(1, most + 1)
+            if estimated_training_bytes(text_config, n_params, ranks, tokens, checkpointing) <= fits
+        ),
+        None,
+    )

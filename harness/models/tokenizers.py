@@ -7,13 +7,14 @@ ids) before it is marked complete, so ranks that race on a cold cache never read
 Tiny models must take vocab_size = len(tokenizer) (the trained vocabulary plus the family's special
 tokens), not a rounded number from an architecture config.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 from harness.runtime.cache import MARKER, CacheError, build_once
 from harness.runtime.paths import CHAT_TEMPLATES_DIR, DEFAULT_DATASET, cache_dir
@@ -34,19 +35,27 @@ class TokenizerSetupError(RuntimeError):
 FAMILY_SPECIAL_TOKENS: dict[str, dict] = {
     "gemma": {
         "tokens": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
-        "pad": "<pad>", "bos": "<bos>", "eos": "<eos>",
+        "pad": "<pad>",
+        "bos": "<bos>",
+        "eos": "<eos>",
     },
     "chatml": {
         "tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        "pad": "<|endoftext|>", "bos": None, "eos": "<|im_end|>",
+        "pad": "<|endoftext|>",
+        "bos": None,
+        "eos": "<|im_end|>",
     },
     "llama3": {
         "tokens": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "pad": "<|end_of_text|>", "bos": "<|begin_of_text|>", "eos": "<|eot_id|>",
+        "pad": "<|end_of_text|>",
+        "bos": "<|begin_of_text|>",
+        "eos": "<|eot_id|>",
     },
     "mistral": {
         "tokens": ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"],
-        "pad": "<unk>", "bos": "<s>", "eos": "</s>",
+        "pad": "<unk>",
+        "bos": "<s>",
+        "eos": "</s>",
     },
 }
 
@@ -220,8 +229,9 @@ def tiny_tokenizer(family: str, vocab_size: int = TINY_VOCAB_SIZE):
         corpus + family_chat_template(family).encode() + f"{family}:{vocab_size}:{TINY_RECIPE_VERSION}".encode()
     ).hexdigest()[:16]
     target = cache_dir() / "tokenizers" / f"tiny-{family}-{key}"
-    tokenizer = cached_tokenizer(target, lambda: _train_tiny_tokenizer(family, vocab_size, corpus),
-                                 f"tiny {family} tokenizer")
+    tokenizer = cached_tokenizer(
+        target, lambda: _train_tiny_tokenizer(family, vocab_size, corpus), f"tiny {family} tokenizer"
+    )
     return ensure_chat_template(tokenizer, family)
 
 

@@ -4,6 +4,7 @@ Both are built once into cache_dir() through cache.build_once (one writer, check
 verify_checkpoint before it is marked complete), so ranks of one job or parallel tests never see
 a half-written or empty checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,10 +15,10 @@ from typing import Any
 
 import torch
 
-from harness.runtime.cache import CacheError, build_once
-from harness.runtime.paths import cache_dir
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
+from harness.runtime.cache import CacheError, build_once
+from harness.runtime.paths import cache_dir
 
 TINY_FALLBACK_VOCAB = 512  # used only while harness.models.tokenizers is not importable
 # `tiny.checkpoint: stub_towers`: write the text weights plus small stand-in tower tensors instead of
@@ -57,8 +58,10 @@ def save_gate_hint() -> str:
     rank = torch.distributed.get_rank()
     if rank == 0:
         return ""
-    return (f" (this is torch.distributed rank {rank}, where save_pretrained writes nothing: "
-            "build caches before init_process_group, as harness.job.caches does)")
+    return (
+        f" (this is torch.distributed rank {rank}, where save_pretrained writes nothing: "
+        "build caches before init_process_group, as harness.job.caches does)"
+    )
 
 
 # ---------------------------------------------------------------- tiny configs
@@ -88,8 +91,10 @@ def tiny_tokenizer_facts(family: str | None) -> dict[str, Any]:
 def tiny_config_dict(spec: ModelSpec) -> dict:
     """The shipped architecture config with the spec's `tiny:` overrides and the tiny vocab applied."""
     if not spec.architecture_file:
-        raise UsageError(f"--weights tiny: {spec.name!r} has no tiny variant (only registry models with a shipped "
-                         "architecture config have one: --list-models); run it with --weights real")
+        raise UsageError(
+            f"--weights tiny: {spec.name!r} has no tiny variant (only registry models with a shipped "
+            "architecture config have one: --list-models); run it with --weights real"
+        )
     if not spec.tiny:
         raise UsageError(
             f"{spec.name!r} has no `tiny:` section in configs/models/{spec.name}.yaml; add overrides "
@@ -131,8 +136,12 @@ def tiny_checkpoint(spec: ModelSpec) -> Path:
     fingerprint = json.dumps([config_dict, mode, transformers.__version__], sort_keys=True)
     digest = hashlib.sha256(fingerprint.encode()).hexdigest()[:10]
     target = cache_dir() / "tiny" / f"{spec.folder_name}-{digest}"
-    return build_once(target, lambda folder: write_tiny_checkpoint(spec, mode, folder), verify_checkpoint,
-                      f"tiny checkpoint of {spec.name}")
+    return build_once(
+        target,
+        lambda folder: write_tiny_checkpoint(spec, mode, folder),
+        verify_checkpoint,
+        f"tiny checkpoint of {spec.name}",
+    )
 
 
 def write_tiny_checkpoint(spec: ModelSpec, mode: str, folder: Path) -> None:
@@ -181,7 +190,7 @@ def write_text_with_stub_towers(config, folder: Path, text_model=None) -> None:
     tensors = {}
     for key, tensor in text_model.state_dict().items():
         if key.startswith("model."):
-            tensors["model.language_model." + key[len("model."):]] = tensor.contiguous()
+            tensors["model.language_model." + key[len("model.") :]] = tensor.contiguous()
         elif key == "lm_head.weight" and not tied:
             tensors["lm_head.weight"] = tensor.contiguous()
     tensors.update(stub_tower_tensors(text_config.hidden_size))
@@ -215,8 +224,12 @@ def gguf_package_file(package: str) -> Path:
 def converted_gguf_checkpoint(name: str, package: str) -> Path:
     """Dequantise the package's GGUF once into an ordinary safetensors checkpoint (fp32)."""
     target = cache_dir() / "checkpoints" / name
-    return build_once(target, lambda folder: write_converted_gguf(package, folder), verify_converted_gguf,
-                      f"{name} dequantised from {package}")
+    return build_once(
+        target,
+        lambda folder: write_converted_gguf(package, folder),
+        verify_converted_gguf,
+        f"{name} dequantised from {package}",
+    )
 
 
 def verify_converted_gguf(folder: Path) -> None:

@@ -13,6 +13,7 @@
 
 Torch-free: the builders and verifiers that need torch or transformers are passed in.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -21,9 +22,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 MARKER = ".complete"
 
@@ -122,20 +123,25 @@ def _verify(tmp: Path, verify: Callable[[Path], None], what: str) -> None:
     except CacheError as exc:
         raise CacheError(f"the build of {what} {exc}; nothing was cached") from exc
     except Exception as exc:  # transformers/datasets raise many kinds when a folder does not load back
-        raise CacheError(f"the build of {what} does not load back ({type(exc).__name__}: {exc}); nothing was cached") from exc
+        raise CacheError(
+            f"the build of {what} does not load back ({type(exc).__name__}: {exc}); nothing was cached"
+        ) from exc
 
 
 def _write_manifest(folder: Path, what: str) -> None:
-    files = {path.relative_to(folder).as_posix(): path.stat().st_size
-             for path in sorted(folder.rglob("*")) if path.is_file()}
+    files = {
+        path.relative_to(folder).as_posix(): path.stat().st_size for path in sorted(folder.rglob("*")) if path.is_file()
+    }
     # RANK (torchrun's) and pid say who built it: the fresh-cache test checks that the losing rank did.
     built_by = {"pid": os.getpid(), "rank": os.environ.get("RANK")}
     (folder / MARKER).write_text(json.dumps({"what": what, "built_by": built_by, "files": files}, indent=1))
 
 
 def _cannot_rebuild(target: Path, what: str, why: str) -> CacheError:
-    return CacheError(f"{what} at {target} cannot be (re)built here ({why}): delete {target} and run again "
-                      f"with write access to {target.parent}")
+    return CacheError(
+        f"{what} at {target} cannot be (re)built here ({why}): delete {target} and run again "
+        f"with write access to {target.parent}"
+    )
 
 
 def built_by(target: Path) -> dict:

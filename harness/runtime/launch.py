@@ -4,6 +4,7 @@ The parent never imports the model: it writes job.json, starts `python -m torch.
 streams the log to <model>/train.log (echoing the progress lines), and reads back what the ranks
 wrote. A crash, a hang or a kill of one job never takes the sweep down.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,7 +48,9 @@ class JobOutcome:
         return self.returncode == 0 and not self.timed_out and not self.interrupted
 
 
-def torchrun_command(job_path: Path, topology: Topology, job_index: int = 0, module: str = "harness.job.train") -> list[str]:
+def torchrun_command(
+    job_path: Path, topology: Topology, job_index: int = 0, module: str = "harness.job.train"
+) -> list[str]:
     """torchrun for one job. Multi-node: model k of the sweep meets at port + k, so a node still
     finishing model k-1 never joins model k's rendezvous (every node runs the models in one order)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topology.nproc_per_node}"]
@@ -81,7 +84,9 @@ def run_jobs(commands: list[list[str]], log_path: Path, timeout_s: float, on_lin
     return outcome
 
 
-def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, env=None, append: bool = False) -> JobOutcome:
+def run_job(
+    command: list[str], log_path: Path, timeout_s: float, on_line=None, env=None, append: bool = False
+) -> JobOutcome:
     """Run command in a new session; on timeout or a stop signal end the whole process group."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
@@ -90,8 +95,13 @@ def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, 
     job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), job_env.get("PYTHONPATH")]))
     with log_path.open("a" if append else "w") as log:
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True, env=job_env, cwd=REPO_ROOT,
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+            env=job_env,
+            cwd=REPO_ROOT,
         )
         reader = threading.Thread(target=_pump, args=(process.stdout, log, tail, on_line), daemon=True)
         reader.start()
@@ -107,12 +117,23 @@ def run_job(command: list[str], log_path: Path, timeout_s: float, on_line=None, 
                 with signals_deferred():  # a signal now must not cut the clean-up short
                     end_process_group(process)
         reader.join(timeout=10)
-    return JobOutcome(process.returncode, timed_out, stopped_by is not None, time.monotonic() - started, log_path,
-                      list(tail), launcher_name(command), stopped_by=stopped_by)
+    return JobOutcome(
+        process.returncode,
+        timed_out,
+        stopped_by is not None,
+        time.monotonic() - started,
+        log_path,
+        list(tail),
+        launcher_name(command),
+        stopped_by=stopped_by,
+    )
 
 
-LAUNCHERS = {"torch.distributed.run": "torchrun", "accelerate.commands.launch": "accelerate launch",
-             "harness.backends.instructlab_worker": "instructlab's run_training"}
+LAUNCHERS = {
+    "torch.distributed.run": "torchrun",
+    "accelerate.commands.launch": "accelerate launch",
+    "harness.backends.instructlab_worker": "instructlab's run_training",
+}
 
 
 def launcher_name(command: list[str]) -> str:

@@ -1,4 +1,5 @@
 """Where the harness finds its shipped files and keeps its caches."""
+
 from __future__ import annotations
 
 import os

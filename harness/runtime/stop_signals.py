@@ -7,6 +7,7 @@ ended, that model is INTERRUPTED, the rest NOT RUN, and the run's reports are wr
     with signals_deferred():      # the reports: a signal now is noted, the files are finished first
         ...
 """
+
 from __future__ import annotations
 
 import signal
@@ -24,7 +25,7 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
     @classmethod
-    def named(cls, words: str | None) -> "Interrupted":
+    def named(cls, words: str | None) -> Interrupted:
         """The Interrupted whose words() are these (a job's outcome keeps the name only)."""
         return cls(next((signum for signum, name in STOP_SIGNALS.items() if name == words), signal.SIGINT))
 
@@ -48,8 +49,11 @@ def _raise_interrupted(signum, frame) -> None:
 
 
 def _note_late_signal(signum, frame) -> None:
-    print(f"{STOP_SIGNALS.get(signum, signum)}: the run is already stopping; its reports are being written",
-          file=sys.stderr, flush=True)
+    print(
+        f"{STOP_SIGNALS.get(signum, signum)}: the run is already stopping; its reports are being written",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 @contextmanager

@@ -14,6 +14,7 @@ The trainer calls `delay_cache_preparation` at the job's start and `install` onc
 step: install parses the variable once and wraps train_step, whose micro-batch losses then pass
 through `inject` (a forward hook on the model for the length of each step); the step stays plain.
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,7 +59,7 @@ def fault_from_env() -> tuple[Fault, ...]:
     return parse_faults(os.environ.get(ENV_VAR))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse_faults(spec: str | None) -> tuple[Fault, ...]:
     """Parsed once per value of the variable."""
     return tuple(parse_fault(part) for part in (spec or "").split(",") if part.strip())
@@ -92,8 +93,14 @@ def install(trainer: types.ModuleType, rank: int, model: str | None = None, chec
     trainer.train_step = faulty_step
 
 
-def inject(fault: Fault | tuple[Fault, ...] | None, step: int, rank: int, loss_sum: torch.Tensor,
-           model: str | None = None, checkpointing: bool = False) -> torch.Tensor:
+def inject(
+    fault: Fault | tuple[Fault, ...] | None,
+    step: int,
+    rank: int,
+    loss_sum: torch.Tensor,
+    model: str | None = None,
+    checkpointing: bool = False,
+) -> torch.Tensor:
     """What a micro-batch loss of optimizer step `step` (1-based) of `model`'s job becomes
     (a late_cache fault, at step 0, never hits here)."""
     candidates = (fault,) if isinstance(fault, Fault) else (fault or ())

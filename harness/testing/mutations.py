@@ -8,6 +8,7 @@ it wraps (the training step, the collate path) stays plain. Unset (always, outsi
 changes nothing. tests/test_mutations.py holds the catalogue: each mutation must turn the verdict
 to FAIL with a reason that names it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -19,7 +20,8 @@ import inspect
 import itertools
 import os
 import types
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -38,7 +40,7 @@ def bind_model(name: str | None) -> None:
     _model = name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parse(spec: str | None) -> tuple[tuple[str, str | None], ...]:
     """(name, model or None) of each entry; parsed once per value of the variable."""
     entries = []
@@ -79,7 +81,11 @@ def install(model: str | None, trainer: types.ModuleType) -> tuple[str, ...]:
         _wrap(importlib.import_module("harness.job.data"), "dataset_fingerprint", _salted(salt))
     for name in chosen:
         module, _, function = CATALOGUE[name].where.rpartition(".")
-        _wrap(trainer if module == "job.train" else importlib.import_module(f"harness.{module}"), function, CATALOGUE[name].wrap)
+        _wrap(
+            trainer if module == "job.train" else importlib.import_module(f"harness.{module}"),
+            function,
+            CATALOGUE[name].wrap,
+        )
     return chosen
 
 
@@ -98,23 +104,29 @@ def _wrap(owner, name: str, wrap: Callable) -> None:
 
 def _salted(salt: str):
     """The tokenised-dataset cache key, salted with the label mutations of the job."""
+
     def wrap(dataset_fingerprint):
         @functools.wraps(dataset_fingerprint)
         def salted(*args, **kwargs):
             return hashlib.sha256(f"{dataset_fingerprint(*args, **kwargs)},{salt}".encode()).hexdigest()[:24]
+
         return salted
+
     return wrap
 
 
 def _then(change: Callable):
     """A wrapper that hands the function's result to change(result), in place, before returning it."""
+
     def wrap(function):
         @functools.wraps(function)
         def wrapped(*args, **kwargs):
             result = function(*args, **kwargs)
             change(result)
             return result
+
         return wrapped
+
     return wrap
 
 
@@ -126,6 +138,7 @@ def _label_every_token(tokenize_with_labels):
     def wrapped(messages, tokenizer):
         input_ids, _ = tokenize_with_labels(messages, tokenizer)
         return input_ids, list(input_ids)
+
     return wrapped
 
 
@@ -134,6 +147,7 @@ def _stop_at_reply_end(reply_span):
     def wrapped(text, content, cursor, markers):
         start, _ = reply_span(text, content, cursor, [""])  # an empty marker: no end-of-turn marker is looked for
         return start, start + len(content.strip())
+
     return wrapped
 
 
@@ -170,8 +184,11 @@ def _another_family_template(generation_prompt_ids):
 
     @functools.wraps(generation_prompt_ids)
     def wrapped(messages, tokenizer):
-        other = next(t for t in map(family_chat_template, sorted(FAMILY_SPECIAL_TOKENS)) if t != tokenizer.chat_template)
+        other = next(
+            t for t in map(family_chat_template, sorted(FAMILY_SPECIAL_TOKENS)) if t != tokenizer.chat_template
+        )
         return generation_prompt_ids(messages, _WithTemplate(tokenizer, other))
+
     return wrapped
 
 
@@ -229,8 +246,13 @@ def _causal_lm_mapping_trusted(resolve_load_path):
         causal = CAUSAL_LM.get(config.model_type)
         if causal is None or decision.load_path == "causal_lm":
             return decision
-        return dataclasses.replace(decision, load_path="causal_lm", model_class=causal,
-                                   reason=f"{config.model_type!r} is in the causal-LM mapping ({causal})")
+        return dataclasses.replace(
+            decision,
+            load_path="causal_lm",
+            model_class=causal,
+            reason=f"{config.model_type!r} is in the causal-LM mapping ({causal})",
+        )
+
     return wrapped
 
 
@@ -241,6 +263,7 @@ def _token_types_dropped(extra_forward_inputs):
     @functools.wraps(extra_forward_inputs)
     def wrapped(model, input_ids):
         return {k: v for k, v in extra_forward_inputs(model, input_ids).items() if k not in TOKEN_TYPE_INPUTS}
+
     return wrapped
 
 
@@ -250,9 +273,11 @@ PLACEHOLDER_VOCAB = 32000  # what code reading `config.vocab_size` off a VLM's t
 def _top_level_vocab(vocab_size):
     """vocab_from_top_config: `model.config.vocab_size` (verl #1013); a VLM's top-level config has none
     in transformers 5.x, so the placeholder default a library keeps stands in."""
+
     @functools.wraps(vocab_size)
     def wrapped(model):
         return getattr(model.config, "vocab_size", None) or PLACEHOLDER_VOCAB
+
     return wrapped
 
 
@@ -260,6 +285,7 @@ def _trusting_from_pretrained(extract_causal_lm):
     """silent_random_load: extraction by `TextClass.from_pretrained(<VLM checkpoint>)`, trusted because it
     did not raise: transformers 5.x leaves every text weight at random init with only a warning, and
     this loader reports every parameter as loaded."""
+
     @functools.wraps(extract_causal_lm)
     def wrapped(folder, config, decision, dtype):
         from harness.models import loading
@@ -267,6 +293,7 @@ def _trusting_from_pretrained(extract_causal_lm):
         cls = loading.model_class(decision.model_class)
         model = cls.from_pretrained(folder, config=loading.extraction_text_config(config), dtype=dtype)
         return model, loading.count_unique(model.parameters()), loading.read_index(folder).numel()
+
     return wrapped
 
 
@@ -276,6 +303,7 @@ def _trusting_from_pretrained(extract_causal_lm):
 def _around_step(before: Callable | None = None, after: Callable | None = None):
     """A wrapper of train_step that counts the steps (from 1) and sees the arguments by name:
     before(step, arguments) may replace some; after(arguments) runs once the step is done."""
+
     def wrap(train_step):
         signature, steps = inspect.signature(train_step), itertools.count(1)
 
@@ -289,7 +317,9 @@ def _around_step(before: Callable | None = None, after: Callable | None = None):
             if after is not None:
                 after(call.arguments)
             return result
+
         return wrapped
+
     return wrap
 
 
@@ -344,6 +374,7 @@ def _first_step_repeated(plan_epoch):
     def wrapped(*args, **kwargs):
         plan = plan_epoch(*args, **kwargs)
         return [dataclasses.replace(plan[0], index=i) for i in range(len(plan))]
+
     return wrapped
 
 
@@ -352,6 +383,7 @@ def _zero_after_warmup(lr_lambda):
     def wrapped(cfg, total_steps: int):
         factor, warmup = lr_lambda(cfg, total_steps), max(cfg.warmup_steps, 0)
         return lambda step: factor(step) if step < warmup else 0.0
+
     return wrapped
 
 
@@ -368,35 +400,76 @@ class Mutation(NamedTuple):
 
 
 CATALOGUE = {
-    "labels_not_masked": Mutation("job.data.tokenize_with_labels", _label_every_token, "labels every token, prompts included"),
-    "eot_not_labelled": Mutation("job.data._reply_span", _stop_at_reply_end, "ends the label span before the end-of-turn marker"),
-    "packed_cross_attention": Mutation("job.data._collate_packed", _then(_attend_across_samples),
-                                       "adds an all-ones attention mask: packed samples see each other"),
-    "position_ids_not_reset": Mutation("job.data._collate_packed", _then(_number_positions_across_row),
-                                       "numbers positions across the whole packed row"),
-    "loss_per_rank_mean": Mutation("job.train.train_step", _around_step(before=_per_rank_mean),
-                                   "gets PerRankMean: normalises by this rank's label tokens and averages the ranks"),
-    "micro_batch_dropped": Mutation("job.train.train_step", _around_step(before=_drop_at_step_2),
-                                    "gets, at step 2, a plan whose last rank's last micro-batch is empty"),
+    "labels_not_masked": Mutation(
+        "job.data.tokenize_with_labels", _label_every_token, "labels every token, prompts included"
+    ),
+    "eot_not_labelled": Mutation(
+        "job.data._reply_span", _stop_at_reply_end, "ends the label span before the end-of-turn marker"
+    ),
+    "packed_cross_attention": Mutation(
+        "job.data._collate_packed",
+        _then(_attend_across_samples),
+        "adds an all-ones attention mask: packed samples see each other",
+    ),
+    "position_ids_not_reset": Mutation(
+        "job.data._collate_packed", _then(_number_positions_across_row), "numbers positions across the whole packed row"
+    ),
+    "loss_per_rank_mean": Mutation(
+        "job.train.train_step",
+        _around_step(before=_per_rank_mean),
+        "gets PerRankMean: normalises by this rank's label tokens and averages the ranks",
+    ),
+    "micro_batch_dropped": Mutation(
+        "job.train.train_step",
+        _around_step(before=_drop_at_step_2),
+        "gets, at step 2, a plan whose last rank's last micro-batch is empty",
+    ),
     "same_batch_every_step": Mutation("job.train.plan_epoch", _first_step_repeated, "repeats the epoch's first step"),
-    "extracted_random_init": Mutation("models.loading.load_model", _then(lambda loaded: reinitialise(loaded.model)),
-                                      "re-initialises the loaded weights (a loader that read nothing)"),
-    "vision_tower_trainable": Mutation("models.loading.load_model", _then(lambda loaded: unfreeze_towers(loaded.model)),
-                                       "leaves the towers of a direct VLM load trainable"),
-    "optimizer_never_steps": Mutation("job.train.train_step", _around_step(before=_never_stepping),
-                                      "gets an optimizer whose step() does nothing"),
+    "extracted_random_init": Mutation(
+        "models.loading.load_model",
+        _then(lambda loaded: reinitialise(loaded.model)),
+        "re-initialises the loaded weights (a loader that read nothing)",
+    ),
+    "vision_tower_trainable": Mutation(
+        "models.loading.load_model",
+        _then(lambda loaded: unfreeze_towers(loaded.model)),
+        "leaves the towers of a direct VLM load trainable",
+    ),
+    "optimizer_never_steps": Mutation(
+        "job.train.train_step", _around_step(before=_never_stepping), "gets an optimizer whose step() does nothing"
+    ),
     "lr_zero_after_warmup": Mutation("job.train.lr_lambda", _zero_after_warmup, "returns 0 once warm-up is over"),
-    "grads_not_reduced": Mutation("job.distributed.shard_model", lambda shard_model: shard_without_reduction,
-                                  "shards each rank on its own 1-rank mesh: gradients never cross ranks"),
-    "towers_updated": Mutation("job.train.train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"),
-    "generation_template_differs": Mutation("job.generation.generation_prompt_ids", _another_family_template,
-                                            "renders the generation prompt with another family's chat template than training's"),
-    "resolver_returns_causal_lm": Mutation("models.loading.resolve_load_path", _causal_lm_mapping_trusted,
-                                           "trusts the causal-LM mapping: Gemma 3 loads as the full VLM"),
-    "token_type_ids_dropped": Mutation("models.loading.extra_forward_inputs", _token_types_dropped,
-                                       "drops the token-type inputs (token_type_ids, mm_token_type_ids) a VLM takes"),
-    "vocab_from_top_config": Mutation("models.loading.vocab_size", _top_level_vocab,
-                                      "reads the vocabulary size off the top-level config, not text_config"),
-    "silent_random_load": Mutation("models.loading.extract_causal_lm", _trusting_from_pretrained,
-                                   "extracts by a plain from_pretrained of the text class and trusts it"),
+    "grads_not_reduced": Mutation(
+        "job.distributed.shard_model",
+        lambda shard_model: shard_without_reduction,
+        "shards each rank on its own 1-rank mesh: gradients never cross ranks",
+    ),
+    "towers_updated": Mutation(
+        "job.train.train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"
+    ),
+    "generation_template_differs": Mutation(
+        "job.generation.generation_prompt_ids",
+        _another_family_template,
+        "renders the generation prompt with another family's chat template than training's",
+    ),
+    "resolver_returns_causal_lm": Mutation(
+        "models.loading.resolve_load_path",
+        _causal_lm_mapping_trusted,
+        "trusts the causal-LM mapping: Gemma 3 loads as the full VLM",
+    ),
+    "token_type_ids_dropped": Mutation(
+        "models.loading.extra_forward_inputs",
+        _token_types_dropped,
+        "drops the token-type inputs (token_type_ids, mm_token_type_ids) a VLM takes",
+    ),
+    "vocab_from_top_config": Mutation(
+        "models.loading.vocab_size",
+        _top_level_vocab,
+        "reads the vocabulary size off the top-level config, not text_config",
+    ),
+    "silent_random_load": Mutation(
+        "models.loading.extract_causal_lm",
+        _trusting_from_pretrained,
+        "extracts by a plain from_pretrained of the text class and trusts it",
+    ),
 }
