@@ -45,7 +45,6 @@ def test_models_the_kernel_cannot_run_keep_sdpa():
 
 def block_diagonal_reference(q, k, v, lengths, scale, window):
     """Dense attention over the packed row with an explicit block-diagonal causal (windowed) mask."""
-    total = sum(lengths)
     sample = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     pos = torch.cat([torch.arange(n) for n in lengths])
     keep = (sample[:, None] == sample[None, :]) & (pos[None, :] <= pos[:, None])

@@ -190,7 +190,8 @@ def test_instructlab_steps_follow_the_step_budget():
 
 def test_instructlab_data_conversion_on_the_overfit_set(tmp_path):
     """instructlab's own process_data on the 1000-sample set, with the tiny Gemma 3 VLM checkpoint an
-    external stack reads: every sample kept, labels only on assistant replies (not their end-of-turn marker: see below)."""
+    external stack reads: every sample kept, labels only on assistant replies (not their end-of-turn
+    marker: see below)."""
     pytest.importorskip("instructlab.training")
     from instructlab.training import data_process
 

@@ -221,7 +221,8 @@ def test_steps_under_compile_feed_rows_of_one_length_with_the_same_loss_and_grad
         model = TrainableLM(copy.deepcopy(lm).train())
         lengths = []
         model.register_forward_pre_hook(
-            lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+            lambda module, args, kwargs, lengths=lengths: lengths.append(kwargs["input_ids"].shape[1]),
+            with_kwargs=True,
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         cfg = types.SimpleNamespace(packing=True, grad_clip=1.0, compile=scope, max_tokens_per_gpu=64)

@@ -190,7 +190,10 @@ def test_tokenize_counts_drops_and_caches(conversations, tmp_path):
     assert full.n_samples == 100 and full.n_dropped_too_long == 0
     assert full.total_tokens == sum(s.num_tokens for s in full.samples)
     assert 0 < full.total_label_tokens < full.total_tokens
-    entries = lambda: [p for p in tmp_path.iterdir() if not p.name.startswith(".")]  # not the cache's lock files
+
+    def entries():  # not the cache's lock files
+        return [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+
     assert len(entries()) == 1  # cached by fingerprint
     limit = sorted(s.num_tokens for s in full.samples)[89]
     cut = data.tokenize_conversations(conversations[:100], tokenizer, limit, tmp_path)

@@ -86,7 +86,7 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, float]:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         out, _ = process.communicate()
-        raise AssertionError(f"node did not end within {timeout}s:\n{out[-3000:]}")
+        raise AssertionError(f"node did not end within {timeout}s:\n{out[-3000:]}") from None
     return process.returncode, out, time.monotonic()
 
 

@@ -28,7 +28,8 @@ from harness.contract.records import (
 from harness.runtime.launch import Topology
 
 UNMAPPED = [
-    "step budget: instructlab trains whole epochs; epochs = the fewest that reach max_steps (at most the recipe's epochs)",
+    "step budget: instructlab trains whole epochs; epochs = the fewest that reach max_steps "
+    "(at most the recipe's epochs)",
     "stop rule: none (no early stop at the target); the harness evaluates the last epoch's checkpoint",
     "token budget: effective_batch_size = samples per step for ~max_tokens_per_gpu tokens per GPU; "
     "max_batch_len = max(max_tokens_per_gpu, max_seq_len) (instructlab refuses a batch shorter than a sample)",

@@ -21,7 +21,10 @@ CUDA_ONLY = False
 WORKER = "harness.backends.trl_worker"
 ACCELERATE_CONFIG = "accelerate_fsdp2.yaml"
 # The rule of trl/trainer/utils.py create_model_from_path (TRL 1.16), which a model id goes through.
-RULE = "trl.trainer.utils.create_model_from_path: getattr(transformers, config.architectures[0]), else AutoModelForCausalLM"
+RULE = (
+    "trl.trainer.utils.create_model_from_path: getattr(transformers, config.architectures[0]), "
+    "else AutoModelForCausalLM"
+)
 
 
 def probe(spec, config) -> BackendProbe:

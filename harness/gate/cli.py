@@ -29,7 +29,7 @@ EXAMPLES = """examples:
   run_validation.py --models gemma-3-4b-it --weights synthetic             full size, random weights, no download
   run_validation.py --models gemma-3-4b-it,gemma-3n-E4B-it --weights tiny --device cpu --nproc-per-node 2
   run_validation.py --models gemma-3-4b-it --dry-run                       the load path only
-  run_validation.py --models gemma-3-4b-it --backend trl                   gate TRL's SFTTrainer (pip install -e '.[trl]')
+  run_validation.py --models gemma-3-4b-it --backend trl                   gate TRL's SFTTrainer (extra: trl)
   run_validation.py --resume results/20261202-101500                       finish an interrupted run
 
 exit codes: 0 every model PASS, 1 a model FAIL, 2 bad usage (one line on stderr), interrupted: 130 (Ctrl-C),

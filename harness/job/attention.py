@@ -180,7 +180,8 @@ def _varlen_cuda(kernel, q, k, v, cu_seqlens, max_len: int, scale: float, slidin
     else:
         if sliding_window and max_len > sliding_window:
             raise NotImplementedError(
-                f"this torch's varlen attention has no sliding window and a sample has {max_len} > {sliding_window} tokens"
+                f"this torch's varlen attention has no sliding window and a sample has {max_len} > "
+                f"{sliding_window} tokens"
             )
         kwargs["is_causal"] = True
     cu = cu_seqlens.to(q.device, torch.int32)

@@ -100,10 +100,11 @@ def quiet_progress_bars():
 
 def capacity_refusal(cfg: RunConfig, ranks: int, gpu_memory_bytes: int) -> str | None:
     """Why the job cannot fit its GPUs, or None. The plan's estimate (models.plan, less the ~8% it runs
-    above measured peaks) with activation checkpointing, the most memory-saving plan the trainer has, on the text model the
-    load path builds (on the meta device: no weights read). Over the GPU's memory, the job would only run
-    out of it: a card too small is not the model's failure, so the model is NOT RUN, with the GPU count
-    that fits. Measured: gemma-3n-E4B-it on one 80 GB H100 ran out of memory at its first steps."""
+    above measured peaks) with activation checkpointing, the most memory-saving plan the trainer has,
+    on the text model the load path builds (on the meta device: no weights read). Over the GPU's memory,
+    the job would only run out of it: a card too small is not the model's failure, so the model is NOT
+    RUN, with the GPU count that fits. Measured: gemma-3n-E4B-it on one 80 GB H100 ran out of memory
+    in its first steps."""
     from harness.models import plan
     from harness.models.configs import load_config
     from harness.models.loading import build_along_path

@@ -178,7 +178,8 @@ def broadcast_weights(model: nn.Module, kept: dict[str, torch.Tensor] | None, ct
     if kept is not None:
         kept.clear()  # aliases (a tied lm_head) would keep their tensors alive for the caller's lifetime
     if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()  # the largest full tensor (Gemma 3n's per-layer embedding: 9 GB) stays reserved otherwise
+        # the largest full tensor (Gemma 3n's per-layer embedding: 9 GB) stays reserved otherwise
+        torch.cuda.empty_cache()
 
 
 def named_tensors(model: nn.Module, remove_duplicate: bool = True) -> list[tuple[str, torch.Tensor]]:

@@ -202,7 +202,10 @@ def extraction_parity(spec, weights: str, loaded, prompt_ids: list[int]) -> dict
         model.train(was_training)
     scale = max(1.0, float(reference.abs().max()))
     diff = float((ours - reference).abs().max()) / scale
-    detail = f"extracted vs full-VLM logits on a {ids.shape[1]}-token prompt: max relative difference {diff:.2e} (tolerance {LOGITS_TOL:.0e})"
+    detail = (
+        f"extracted vs full-VLM logits on a {ids.shape[1]}-token prompt: max relative difference {diff:.2e} "
+        f"(tolerance {LOGITS_TOL:.0e})"
+    )
     if diff > LOGITS_TOL:
         detail += ": the extracted weights are not the checkpoint's (left at random init?)"
     return result(diff <= LOGITS_TOL, detail, max_rel_diff=diff)

@@ -234,9 +234,11 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
     state = TrainState(recent_losses=deque(maxlen=cfg.patience))
     faults.install(sys.modules[__name__], ctx.rank, spec.name, checkpointing=use_ac)  # test-only; none when unset
     profiler = profiling.StepProfiler(Path(cfg.output_dir), ctx.is_main)
-    evaluate = lambda: evaluate_full_dataset(
-        model, dataset, plan_epoch(cfg, dataset, ctx, 0), cfg.packing, ctx, pad_id(tokenizer)
-    )
+
+    def evaluate():
+        first_epoch = plan_epoch(cfg, dataset, ctx, 0)
+        return evaluate_full_dataset(model, dataset, first_epoch, cfg.packing, ctx, pad_id(tokenizer))
+
     train_started = time.monotonic()
     epoch_records: list[EpochRecord] = []
     evaluation, evaluated_at = None, None
@@ -248,7 +250,7 @@ def train(cfg: RunConfig, ctx: dist_lib.DistContext, report: WorkerReport | None
             break
         accounting = data_lib.EpochAccounting(len(dataset.samples))
         epoch_plan = plan_epoch(cfg, dataset, ctx, state.epoch)
-        for step_index, step_plan in enumerate(epoch_plan):
+        for step_index, step_plan in enumerate(epoch_plan):  # noqa: B007 - read after the loop: a complete epoch?
             clamp_coefficients()
             if state.step == 0:  # preflight on the first step's data, before its parameters change
                 checks["packing"] = preflight.packing_check(

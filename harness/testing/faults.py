@@ -2,7 +2,8 @@
 
 SFT_HARNESS_INJECT_FAULT=KIND@STEP[:RANK][/MODEL] (rank 0 by default) makes the trainer, at that
 optimizer step: `raise` an exception, `hang` forever, `kill` its own process with SIGKILL, turn
-the loss `nan`, or raise `oom` (torch.OutOfMemoryError) when activation checkpointing is off. With /MODEL only the job of that model (its registry name) is hit, so one sweep can
+the loss `nan`, or raise `oom` (torch.OutOfMemoryError) when activation checkpointing is off. With
+/MODEL only the job of that model (its registry name) is hit, so one sweep can
 hold a faulty model and a healthy one; several faults are separated by commas
 (`kill@3:1/modelA,raise@2/modelB`). Unset (always, outside tests), it does nothing.
 
