@@ -30,7 +30,7 @@ LOCK_TOOLS := .venv-lock
 # installed), in a venv of its own. Not run by CI.
 LATEST := .venv-latest
 
-.PHONY: setup validate test test-latest lock clean
+.PHONY: setup validate test lint test-latest lock clean
 
 # Idempotent: re-runs only when pyproject.toml or the lock changes. torch==2.13.0 first where the venv
 # has no torch (pip takes the CPU wheel from local disk; its dependencies come from the lock); a GPU
@@ -51,6 +51,11 @@ validate: setup
 
 test: setup
 	$(call PYTEST,$(PY))
+
+# Style and simple bugs (ruff, configured in pyproject.toml): seconds; .ci/run runs it before the tests.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # Refreshes requirements/lock.txt to the newest releases pyproject.toml's ranges allow (uv from PyPI,
 # in a venv of its own); commit the lock once `make test` passes on it.
