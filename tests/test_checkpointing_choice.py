@@ -54,12 +54,10 @@ def test_an_80_gib_card_checkpoints_the_4b_and_warns_that_3n_needs_two():
 
 
 def test_the_memory_cap_reaches_the_run_settings_and_is_nothing_on_cpu():
-    from harness.gate import cli
-    from harness.gate.settings import cli_overrides
+    from harness.gate import options
     from harness.job import distributed
 
-    args = cli.build_parser().parse_args(["--models", "x", "--gpu-memory-gib", "80"])
-    assert cli_overrides(args)["gpu_memory_gib"] == 80.0
+    assert options.parse(["--models", "x", "--gpu-memory-gib", "80"]).training["gpu_memory_gib"] == 80.0
     import torch
 
     assert distributed.cap_gpu_memory(torch.device("cpu"), 80.0) is None

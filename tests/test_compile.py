@@ -80,11 +80,9 @@ def test_the_bare_flag_is_pointwise_and_a_scope_can_be_named():
 @pytest.mark.parametrize("stored, given", [(False, None), (True, "pointwise"), ("layers", "layers"), (None, None)])
 def test_a_run_recorded_with_the_old_flag_resumes_with_its_scope(stored, given):
     """run.json of runs from before the scopes holds `compile: true/false` (--resume adopts it)."""
-    from harness.gate.settings import cli_overrides
+    from harness.gate.options import training_values
 
-    args = cli.build_parser().parse_args(["--models", "x"])
-    args.compile = stored
-    assert cli_overrides(args).get("compile") == given
+    assert training_values({"compile": stored}).get("compile") == given
 
 
 def _loss_and_grads(model, ids):

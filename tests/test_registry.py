@@ -64,13 +64,12 @@ def test_unknown_model_type_in_config_is_usage_error(tmp_path):
 
 
 def run_config(models: str, *extra: str, weights: str = "synthetic"):
-    from harness.gate.cli import build_parser
-    from harness.gate.settings import run_config_for, settings_from_args
+    from harness.gate import options
+    from harness.gate.settings import run_config_for, settings_of_command
 
-    args = build_parser().parse_args(
-        ["--models", models, "--weights", weights, "--device", "cpu", "--nproc-per-node", "1", *extra]
-    )
-    return run_config_for(registry.lookup(models), settings_from_args(args), Path("unused"))
+    argv = ["--models", models, "--weights", weights, "--device", "cpu", "--nproc-per-node", "1", *extra]
+    command = options.parse(argv)
+    return run_config_for(registry.lookup(models), settings_of_command(command), Path("unused"))
 
 
 def test_registry_train_section_overrides_mode_defaults_and_the_cli_overrides_both():

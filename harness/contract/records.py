@@ -22,6 +22,7 @@ from typing import Any, Union
 
 from harness.contract.files import write_json_atomic
 from harness.contract.model_spec import ModelSpec, folder_name
+from harness.contract.options import TRI_STATE, option, typed_as_is
 
 SCHEMA_VERSION = 2  # 1: the untyped dicts before this module
 PROGRESS_PREFIX = "[progress] "  # job lines the sweep turns into its status display
@@ -103,6 +104,8 @@ class JsonRecord:
 # What --compile may name: nothing, each MLP and norm (the pointwise chains around the matmuls), or
 # each whole decoder layer (projections, RoPE, norms, residuals, MLP and the varlen kernel in one graph).
 COMPILE_SCOPES = ("off", "pointwise", "layers")
+SCHEDULES = ("constant", "cosine")
+WEIGHTS_MODES = ("real", "synthetic", "tiny")  # a hub/local checkpoint, full-size random, scaled-down random
 
 
 @dataclass
@@ -118,26 +121,56 @@ class RunConfig(JsonRecord):
     dataset: str
     packing: bool = True
     loss_threshold: float = 0.05
-    max_samples: int | None = None  # the first N samples only (tiny CPU models: see settings.TRAIN_DEFAULTS)
-    max_seq_len: int = 2048
-    max_tokens_per_gpu: int = 8192
-    lr: float = 1e-4
-    warmup_steps: int = 5
-    schedule: str = "constant"  # constant | cosine
-    max_steps: int = 400
-    epochs: int = 40
-    seed: int = 0
+    max_samples: int | None = option(None, "train on the first N samples (tiny default: 200)", minimum=1)
+    max_seq_len: int = option(2048, "longer samples are dropped and counted (default: 2048)", minimum=8)
+    max_tokens_per_gpu: int = option(8192, "token budget of one packed micro-batch per rank", minimum=8)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", positive=True, maximum=1.0)
+    warmup_steps: int = option(5, "linear warm-up steps", minimum=0)
+    schedule: str = option("constant", "learning-rate schedule after the warm-up", words=typed_as_is(SCHEDULES))
+    max_steps: int = option(400, "at most this many optimizer steps", minimum=1)
+    epochs: int = option(40, "at most this many passes over the data", minimum=1)
+    seed: int = option(0, "seed of the init, the data order and the synthetic weights", minimum=0)
     patience: int = 5  # consecutive-step window whose mean must be below the threshold
     grad_clip: float = 1.0
     weight_decay: float = 0.0
-    activation_checkpointing: bool | None = None  # None: on where memory needs it (plan.wants_activation_checkpointing)
-    reshard_after_forward: bool | None = None  # None: only with several ranks (one rank saves nothing by it)
-    attention: str = "auto"  # auto | sdpa | varlen (harness.job.attention)
-    compile: str = "off"  # off | pointwise (each MLP and norm) | layers (each whole decoder layer): torch.compile
-    init_std: float | None = None  # synthetic weights: the random init's std (None: the config's initializer_range)
-    gpu_memory_gib: float | None = None  # cap each rank's CUDA memory (an 80 GB card on a larger one); None: the GPU's
+    activation_checkpointing: bool | None = option(
+        None,
+        "auto: on where the estimated memory without it would not fit the GPU (CPU: above ~1B parameters); "
+        "a job auto left without it that runs out of GPU memory runs once more with it on",
+        words=TRI_STATE,
+    )
+    reshard_after_forward: bool | None = option(
+        None, "FSDP2: free gathered weights after each layer's forward (auto: with several ranks)", words=TRI_STATE
+    )
+    attention: str = option(
+        "auto",
+        "auto: varlen flash kernel for packed rows on CUDA, sdpa otherwise (harness.job.attention)",
+        words={"auto": None, "sdpa": "sdpa", "varlen": "varlen"},
+    )
+    compile: str = option(
+        "off",
+        "torch.compile each MLP and norm (pointwise, the bare flag) or each whole decoder layer (layers); "
+        "faster steps for ~20 s (pointwise) or ~40 s (layers; ~240 s on gemma-3n) of compilation, kept under "
+        "the harness cache for the next run (default off)",
+        words=typed_as_is(COMPILE_SCOPES),
+        bare="pointwise",
+    )
+    init_std: float | None = option(
+        None, "synthetic weights: std of the random init (default: the config's initializer_range)", positive=True
+    )
+    gpu_memory_gib: float | None = option(
+        None,
+        "cap what PyTorch's allocator may take on each rank's GPU (e.g. 80 to run as an 80 GB card would on a "
+        "larger one); the memory plan (activation checkpointing, the GPU fit) uses the cap (native, trl). The CUDA "
+        "context and NCCL buffers are outside it and an '80 GB' card has ~79.3 GiB: leave 1-3 GiB of margin",
+        positive=True,
+    )
     log_every: int = 25
-    save_checkpoint: bool = False  # native: save the trained model (hub layout) under output_dir/checkpoint
+    save_checkpoint: bool = option(
+        False,
+        "native: save the trained model under <model>/checkpoint and evaluate it as an external stack's",
+        switch=True,
+    )
     backend: str = "native"  # the stack that trains: native | trl | instructlab (harness.backends)
     schema_version: int = SCHEMA_VERSION
 

@@ -1,8 +1,9 @@
 """One path for a run's training settings: the weights mode's defaults < the registry's `train:`
 section < the command line, into a RunConfig (harness.contract.records). No torch here.
 
-The settings are RunConfig's fields (job.TRAINING_SETTINGS); the command-line options that set them
-and a model's `train:` keys are checked against that one list.
+The settings are RunConfig's fields (contract.records.TRAINING_SETTINGS), each declared once there with
+its option (help, words, range): the command line (gate/options.py) and a model's `train:` keys are built
+and checked from those declarations.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
-from harness.contract.records import TRAINING_SETTINGS, RunConfig
+from harness.contract.options import check_ranges
+from harness.contract.records import TRAINING_SETTINGS, WEIGHTS_MODES, RunConfig
+from harness.gate.options import CommandLine
 
-WEIGHTS_MODES = ("real", "synthetic", "tiny")
 TRAIN_SECTIONS = ("all", *WEIGHTS_MODES)  # `train: {all: {...}, synthetic: {...}}`
 
 # Defaults per weights mode (bench/README.md has the measurements behind them).
@@ -46,10 +48,6 @@ def synthetic_lr(ranks: int) -> float:
     return min(3e-4, 1.5e-4 * ranks**0.5)
 
 
-# Command-line options whose argparse value is not the setting itself ("auto" -> None, "on" -> True).
-TRI_STATE = {"auto": None, "on": True, "off": False}
-
-
 @dataclass(frozen=True)
 class RunSettings:
     """The run's settings, built once from the command line (settings_from_args); each model's
@@ -68,41 +66,21 @@ class RunSettings:
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # training settings the command line gave
 
 
-def settings_from_args(args) -> RunSettings:
+def settings_of_command(command: CommandLine) -> RunSettings:
+    """The run's settings from a parsed command line whose device and ranks are resolved."""
     return RunSettings(
-        weights=args.weights,
-        device=args.device,
-        dataset=Path(args.dataset),
-        packing=not args.no_packing,
-        nproc_per_node=args.nproc_per_node,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        rdzv_endpoint=args.rdzv_endpoint,
-        timeout_per_model=args.timeout_per_model,
-        backend=getattr(args, "backend", None),
-        overrides=cli_overrides(args),
+        weights=command.weights,
+        device=command.device,
+        dataset=Path(command.dataset),
+        packing=command.packing,
+        nproc_per_node=command.nproc_per_node,
+        nnodes=command.nnodes,
+        node_rank=command.node_rank,
+        rdzv_endpoint=command.rdzv_endpoint,
+        timeout_per_model=command.timeout_per_model,
+        backend=command.backend,
+        overrides=dict(command.training),
     )
-
-
-def cli_overrides(args) -> dict[str, Any]:
-    """The training settings the command line gave (unset options are left out)."""
-    given = {}
-    for name in TRAINING_SETTINGS:
-        value = getattr(args, name, None)
-        if name in TRI_STATE_SETTINGS:
-            value = TRI_STATE.get(value, value)
-        elif name == "attention" and value == "auto":
-            value = None
-        elif name == "compile" and isinstance(value, bool):  # a run resumed from before the scopes: a flag
-            value = "pointwise" if value else None
-        elif name == "save_checkpoint":
-            value = value or None  # a flag: absent means "not given", not "off"
-        if value is not None:
-            given[name] = value
-    return given
-
-
-TRI_STATE_SETTINGS = ("activation_checkpointing", "reshard_after_forward")
 
 
 def run_config_for(spec: ModelSpec, settings: RunSettings, model_dir: Path) -> RunConfig:
@@ -147,6 +125,10 @@ def check_train_section(train: Any, where: str) -> None:
                 raise UsageError(
                     f"{where}: train.{section}.{key}: {value!r} is not a valid {type_name(SETTING_TYPES[key])}"
                 )
+        try:  # the ranges the command line's options declare (contract/records.py)
+            check_ranges(RunConfig, values or {})
+        except UsageError as error:
+            raise UsageError(f"{where}: train.{section}: {error}") from None
 
 
 SETTING_TYPES = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in dataclasses.fields(RunConfig)}

@@ -6,7 +6,6 @@ imports torch or transformers; the checks that need a model's settings take them
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tempfile
@@ -15,43 +14,16 @@ from pathlib import Path
 from harness.contract.dataset_file import MAX_CHARS_PER_TOKEN, DatasetError, certainly_too_long, load_chat_dataset
 from harness.contract.errors import UsageError
 
-# option -> (smallest allowed, what it counts); None: no lower bound beyond the type
-INTEGER_MINIMUMS = {
-    "nproc_per_node": 1,
-    "nnodes": 1,
-    "node_rank": 0,
-    "max_samples": 1,
-    "max_seq_len": 8,
-    "max_tokens_per_gpu": 8,
-    "epochs": 1,
-    "max_steps": 1,
-    "warmup_steps": 0,
-    "seed": 0,
-}
-POSITIVE_FLOATS = ("lr", "init_std", "timeout_per_model", "gpu_memory_gib")
-MAX_LR = 1.0  # an Adam learning rate above 1 is a typo (1e-4 written as 1-4), not a recipe
 
-
-def option_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def check_numeric_options(args) -> None:
-    """Ranges of every numeric option: a bad one would otherwise fail minutes later inside a job."""
-    for name, minimum in INTEGER_MINIMUMS.items():
-        value = getattr(args, name, None)
-        if value is not None and value < minimum:
-            raise UsageError(f"{option_flag(name)} must be at least {minimum}, got {value}")
-    for name in POSITIVE_FLOATS:
-        value = getattr(args, name, None)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise UsageError(f"{option_flag(name)} must be a positive number, got {value}")
-    if args.lr is not None and args.lr > MAX_LR:
-        raise UsageError(f"--lr {args.lr} is above {MAX_LR}: did you mean {args.lr:g}e-4 or similar?")
-    if args.node_rank >= args.nnodes:
-        raise UsageError(f"--node-rank {args.node_rank} must be below --nnodes {args.nnodes}")
-    if args.rdzv_endpoint is not None:
-        check_endpoint(args.rdzv_endpoint)
+def check_run_shape(command) -> None:
+    """What the options' declared ranges cannot say alone: the node rank within the nodes, node 0's
+    address where there are several (the ranges themselves are checked when the command line is parsed)."""
+    if command.node_rank >= command.nnodes:
+        raise UsageError(f"--node-rank {command.node_rank} must be below --nnodes {command.nnodes}")
+    if command.nnodes > 1 and not command.rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (node 0)")
+    if command.rdzv_endpoint is not None:
+        check_endpoint(command.rdzv_endpoint)
 
 
 def check_endpoint(endpoint: str) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
-from harness.contract.records import LoadRecord, TowerCounts
+from harness.contract.records import WEIGHTS_MODES, LoadRecord, TowerCounts
 from harness.models.checkpoints import (
     CheckpointKeyError,
     ancestor_prefixes,
@@ -44,7 +44,6 @@ from harness.models.checkpoints import (
 from harness.models.configs import load_config
 from harness.models.plan import LoadPathDecision, UnsupportedModelError, model_class, resolve_load_path
 
-WEIGHTS_MODES = ("real", "synthetic", "tiny")
 # Where 5.x VLM classes keep their text backbone (facts file): tried in this order.
 LANGUAGE_MODEL_PATHS = ("model.language_model", "language_model.model", "language_model", "model.text_model")
 
