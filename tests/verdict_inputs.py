@@ -2,6 +2,7 @@
 
 import math
 
+from harness import backends
 from harness.contract.records import GenerationCheck
 from harness.gate.verdict import VerdictInput
 
@@ -34,4 +35,7 @@ def healthy(**overrides) -> VerdictInput:
         ),
     )
     values.update(overrides)
+    traits = backends.traits(values.get("backend", "native"))  # as the sweep fills them
+    values.setdefault("judged_from_checkpoint", traits.judged_from_checkpoint)
+    values.setdefault("warmup_starts_at_zero", traits.warmup_starts_at_zero)
     return VerdictInput(**values)

@@ -1,9 +1,13 @@
 """The stack that trains a model: `native` (the harness's own trainer), `trl` (TRL's SFTTrainer) or
-`instructlab` (instructlab-training). Each backend is one module with three parts:
+`instructlab` (instructlab-training). Each backend is one module with four parts:
 
+    TRAITS                           what the gate needs to know of the stack (BackendTraits)
     probe(spec, config)              config only (CPU, --dry-run too): the class and load path the stack WILL take
     commands(cfg, topology, index)   the stack's usual way to run on N GPUs / several nodes
-    collect(cfg, outcome)            what the stack wrote -> the job's WorkerReport and metrics.jsonl
+    collect(cfg, outcome)            what the stack wrote -> the job's WorkerReport (its BackendRecord filled)
+                                     and metrics.jsonl
+
+The gate reads a backend through these alone: nothing outside this package asks which stack it is.
 
 The verdict stays the harness's: for a stack other than native the harness evaluates the checkpoint
 the stack saved itself (harness.backends.checkpoint_eval), and the stack's own loss is recorded, never decisive.
@@ -43,26 +47,42 @@ class Requirement:
         return f"pip install -e '.[{self.extra}]'  ({self.distribution}=={self.version})"
 
 
+@dataclass(frozen=True)
+class BackendTraits:
+    """What the gate needs to know of a stack; each backend module declares its own (TRAITS)."""
+
+    requirement: Requirement | None = None  # the optional extra it needs; None: the harness's own dependencies
+    cuda_only: bool = False
+    # Where the evidence of convergence comes from. True: the harness's evaluation of the checkpoint the
+    # stack saved (its own loss is recorded, never decisive; towers are judged by whether they moved in it).
+    # False: the job's own evaluation from inside, with its preflight, accounting and tower records.
+    judged_from_checkpoint: bool = True
+    # The job follows the harness's memory plan: activation checkpointing, --max-tokens-per-gpu (checked
+    # against the longest sample up front) and the GPU-fit refusal. A stack budgets memory its own way.
+    follows_memory_plan: bool = False
+    # transformers' linear warm-up (TRL, instructlab) runs step 1 at lr 0: allowed, by convention.
+    warmup_starts_at_zero: bool = True
+    not_available: tuple[str, ...] = NOT_AVAILABLE_OUTSIDE  # the gate's checks it cannot make
+
+
 def backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}{did_you_mean(name, BACKENDS)}; valid: {', '.join(BACKENDS)}")
     return importlib.import_module(f"harness.backends.{name}")
 
 
-def is_external(name: str) -> bool:
-    """A stack other than the harness's trainer: its checkpoint is evaluated by the harness."""
-    return name != "native"
+def traits(name: str) -> BackendTraits:
+    return backend(name).TRAITS
 
 
 def check_usable(name: str, device: str) -> None:
     """One line (exit 2) before any job: a missing extra with its install command, a CUDA-only stack on CPU."""
-    module = backend(name)
-    requirement: Requirement | None = getattr(module, "REQUIREMENT", None)
+    requirement = traits(name).requirement
     if requirement and importlib.util.find_spec(requirement.module) is None:
         raise UsageError(
             f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"
         )
-    if getattr(module, "CUDA_ONLY", False) and device != "cuda":
+    if traits(name).cuda_only and device != "cuda":
         raise UsageError(
             f"--backend {name} runs only on CUDA ({requirement.distribution} sets a CUDA device at start); "
             "use --device cuda on a GPU machine, or --backend native|trl on CPU"

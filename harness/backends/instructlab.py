@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from harness.backends import Requirement, observed_load_path
+from harness.backends import BackendTraits, Requirement, observed_load_path
 from harness.contract.records import (
     BackendProbe,
     BackendRecord,
@@ -29,7 +29,7 @@ from harness.runtime.launch import JobOutcome, Topology
 REQUIREMENT = Requirement(
     module="instructlab.training", distribution="instructlab-training", version="0.16.2", extra="instructlab"
 )
-CUDA_ONLY = True
+TRAITS = BackendTraits(requirement=REQUIREMENT, cuda_only=True)
 WORKER = "harness.backends.instructlab_worker"
 RULE = (
     "instructlab.training.model.CausalLMModel: vlm_utils.is_vlm_with_causal_lm -> extract_causal_lm_from_vlm; "

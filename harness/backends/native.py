@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from harness.contract.records import BackendProbe, RunConfig, WorkerReport, read_worker_report
+from harness.backends import BackendTraits
+from harness.contract.records import BackendProbe, BackendRecord, RunConfig, WorkerReport, read_worker_report
 from harness.runtime.launch import JobOutcome, Topology, torchrun_command
 
-REQUIREMENT = None
-CUDA_ONLY = False
+# Judged from inside its own job: the evaluation, preflight, accounting and tower records are the job's.
+TRAITS = BackendTraits(
+    judged_from_checkpoint=False, follows_memory_plan=True, warmup_starts_at_zero=False, not_available=()
+)
 
 
 def probe(spec, config) -> BackendProbe:
@@ -24,4 +27,11 @@ def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[st
 
 
 def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
-    return read_worker_report(cfg)
+    """The job's own report; its BackendRecord says what it built, as every backend's does."""
+    report = read_worker_report(cfg)
+    record = report.load_record
+    report.backend = report.backend or BackendRecord("native")
+    report.backend.observed_class = record.classes.get("model") if record else None
+    report.backend.observed_load_path = record.load_path if record else None
+    report.backend.towers = report.towers
+    return report

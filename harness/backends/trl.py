@@ -12,12 +12,12 @@ import socket
 import sys
 from pathlib import Path
 
-from harness.backends import Requirement
+from harness.backends import BackendTraits, Requirement
 from harness.contract.records import BackendProbe, RunConfig, WorkerReport, read_worker_report
 from harness.runtime.launch import JobOutcome, Topology, torchrun_command
 
 REQUIREMENT = Requirement(module="trl", distribution="trl", version="1.16.0", extra="trl")
-CUDA_ONLY = False
+TRAITS = BackendTraits(requirement=REQUIREMENT)
 WORKER = "harness.backends.trl_worker"
 ACCELERATE_CONFIG = "accelerate_fsdp2.yaml"
 # The rule of trl/trainer/utils.py create_model_from_path (TRL 1.16), which a model id goes through.

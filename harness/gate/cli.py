@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness import backends
+from harness.contract.dataset_file import read_chat_lines
 from harness.contract.errors import UsageError
 from harness.contract.files import read_json, write_json_atomic
 from harness.contract.records import ModelResult, summary_row
@@ -16,7 +18,7 @@ from harness.gate.options import CommandLine
 from harness.gate.planning import PlannedModel, interrupted_result, not_run_result, plan_models, planned_result
 from harness.gate.report import print_table, write_run_reports
 from harness.gate.run_lock import run_folder_locked
-from harness.gate.settings import settings_of_command
+from harness.gate.settings import run_config_for, settings_of_command
 from harness.gate.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
 from harness.runtime.stop_signals import as_interrupted, signals_deferred, stop_on_signals
 
@@ -77,24 +79,19 @@ def check_inputs(command: CommandLine) -> tuple[CommandLine, list[PlannedModel]]
 def check_training_inputs(planned: list[PlannedModel], settings) -> list[PlannedModel]:
     """What needs each model's settings: the dataset against its max_seq_len, real weights reachable,
     its files (chat template, token budget, tiny variant); then which models cannot fit these GPUs."""
-    from harness.gate.settings import run_config_for
-
     configs = [run_config_for(item.spec, settings, Path("unused")) for item in planned]
     validate.check_dataset(settings.dataset, [(cfg.spec.name, cfg.max_samples, cfg.max_seq_len) for cfg in configs])
-    from harness import backends
-
     for name in sorted({item.backend for item in planned}):
         backends.check_usable(name, settings.device)
     if settings.weights == "real":
         for item in planned:
             package = item.spec.real_weights.partition(":")[2] if item.spec.real_weights else None
             validate.check_real_weights(item.spec.name, item.spec.hf_id, package)
-    from harness.contract.dataset_file import read_chat_lines
     from harness.job.caches import check_job_inputs  # the model's tokenizer: transformers, in the parent
 
     lines = read_chat_lines(settings.dataset)
     for cfg in configs:
-        check_job_inputs(cfg, lines)
+        check_job_inputs(cfg, lines, token_budget=backends.traits(cfg.backend).follows_memory_plan)
     return [
         dataclasses.replace(item, refusal=gpu_fit_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)
     ]
@@ -102,7 +99,7 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> list[Planned
 
 def gpu_fit_refusal(item: PlannedModel, cfg, settings) -> str | None:
     """Why the model's job cannot fit these GPUs (the native trainer's memory plan), else None."""
-    if settings.device != "cuda" or settings.weights == "tiny" or item.backend != "native":
+    if settings.device != "cuda" or settings.weights == "tiny" or not backends.traits(item.backend).follows_memory_plan:
         return None
     import torch
 

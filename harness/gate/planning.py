@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from harness import backends
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
 from harness.contract.records import BackendProbe, BackendRecord, ModelResult
@@ -37,7 +38,7 @@ class PlannedModel:
     def mismatch_reason(self) -> str | None:
         expected = self.spec.expected_load_path
         if expected and expected != self.load_path:
-            if self.backend != "native":
+            if backends.traits(self.backend).judged_from_checkpoint:  # seen from outside: name what it builds
                 return (
                     f"{self.backend} will build {self.probe.class_name} (load path {self.load_path}) for a "
                     f"text-only run; the registry expects {expected} ({self.probe.rule})"
@@ -65,10 +66,8 @@ def plan_models(models_arg: str, backend_arg: str | None = None) -> list[Planned
 
 def probe_backend(name: str, spec: ModelSpec, config) -> BackendProbe:
     """The stack's own prediction from the config (its extra must be installed: it runs the stack's code)."""
-    from harness import backends
-
     module = backends.backend(name)
-    requirement = getattr(module, "REQUIREMENT", None)
+    requirement = module.TRAITS.requirement
     if requirement and backends.installed_version(requirement) is None:
         raise UsageError(
             f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"

@@ -107,7 +107,8 @@ def run_job_once(
     outcome = launch_model_job(index, settings, cfg, model_dir / "train.log", on_line)
     report = backends.backend(cfg.backend).collect(cfg, outcome)
     # A job a stop signal or its timeout ended is judged already; evaluating what it left would only add the wait.
-    if (backends.is_external(cfg.backend) or cfg.save_checkpoint) and not (outcome.interrupted or outcome.timed_out):
+    wanted = backends.traits(cfg.backend).judged_from_checkpoint or cfg.save_checkpoint
+    if wanted and not (outcome.interrupted or outcome.timed_out):
         check_saved_checkpoint(cfg, report, settings)
     return collect_result(planned, cfg, outcome, report, topology_of(settings)), report
 
@@ -121,8 +122,10 @@ def launch_model_job(index: int, settings: RunSettings, cfg: RunConfig, log_path
 
 def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSettings) -> None:
     """The harness's own evaluation of the checkpoint the job saved (harness.backends.checkpoint_eval), in a
-    process of its own. For a stack other than native it is the evaluation that decides convergence."""
+    process of its own. For a stack judged from its checkpoint it is the evaluation that decides convergence."""
     from harness.backends import checkpoint_eval
+
+    from_checkpoint = backends.traits(cfg.backend).judged_from_checkpoint
 
     checkpoint_eval.result_path(cfg).unlink(missing_ok=True)
     command = [
@@ -132,7 +135,7 @@ def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSe
         "--job",
         str(Path(cfg.output_dir) / "job.json"),
     ]
-    if backends.is_external(cfg.backend):
+    if from_checkpoint:
         command.append("--compare-towers")  # with the input checkpoint the stack read
     outcome = run_job(command, Path(cfg.output_dir) / "checkpoint_eval.log", settings.timeout_per_model)
     if outcome.interrupted:  # the model was stopped, not judged (run_sweep records it INTERRUPTED)
@@ -149,7 +152,7 @@ def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSe
     )
     report.backend = report.backend or BackendRecord(cfg.backend)
     report.backend.checkpoint = check
-    if backends.is_external(cfg.backend):  # the harness's own look decides, not the stack's
+    if from_checkpoint:  # the harness's own look decides, not the stack's
         report.evaluation, report.generation = check.evaluation, check.generation
 
 
@@ -189,8 +192,7 @@ def collect_result(
 ) -> ModelResult:
     metrics = read_metrics(cfg.metrics_path)
     record = report.load_record
-    record_backend(planned, cfg, report)
-    load_path = observed_load_path(cfg, report)
+    stack = record_backend(planned, cfg, report)
     verdict = judge(verdict_input(planned, cfg, outcome, report, metrics, topology))
     times = report.time_s
     return ModelResult(
@@ -198,10 +200,12 @@ def collect_result(
         source=planned.spec.source,
         hf_id=planned.spec.hf_id,
         weights=cfg.weights,
-        load_path=load_path or planned.decision.load_path,
+        load_path=stack.observed_load_path or planned.decision.load_path,
         load_path_reason=record.reason if record else planned.decision.reason,
         expected_load_path=planned.spec.expected_load_path,
-        classes=observed_classes(cfg, report) or planned.decision.classes(),
+        classes=(record.classes if record else None)
+        or ({"model": stack.observed_class} if stack.observed_class else None)
+        or planned.decision.classes(),
         verdict=verdict.verdict,
         reasons=verdict.reasons,
         initial_loss=verdict.initial_loss,
@@ -227,7 +231,7 @@ def collect_result(
         ),
         tokens_per_s=steady_mean(metrics, "tokens_per_s"),
         tokens_per_s_per_gpu=steady_mean(metrics, "tokens_per_s_per_gpu"),
-        mfu=steady_mean(metrics, "mfu") if not backends.is_external(cfg.backend) else stack_mfu(report, metrics),
+        mfu=steady_mean(metrics, "mfu") or stack_mfu(report, metrics),  # the job's own, else from its checkpoint
         peak_mem_gib=max((m.peak_mem_allocated_gib or 0 for m in metrics), default=None) or None,
         load_record=record,
         data=report.data,
@@ -249,34 +253,13 @@ def collect_result(
     )
 
 
-def record_backend(planned: PlannedModel, cfg: RunConfig, report: WorkerReport) -> None:
-    """The backend beside the verdict: its prediction (probe) and, for a stack other than native,
-    which of the gate's checks could not be made."""
+def record_backend(planned: PlannedModel, cfg: RunConfig, report: WorkerReport) -> BackendRecord:
+    """The backend beside the verdict: what it built (its collect() filled that), its prediction (probe)
+    and which of the gate's checks it cannot make."""
     report.backend = report.backend or BackendRecord(cfg.backend)
     report.backend.probe = report.backend.probe or planned.probe
-    if backends.is_external(cfg.backend):
-        report.backend.not_available = list(backends.NOT_AVAILABLE_OUTSIDE)
-
-
-def external_stack(cfg: RunConfig, report: WorkerReport) -> BackendRecord | None:
-    """What a stack other than the native trainer did (None for native: its own records say it)."""
-    if not backends.is_external(cfg.backend):
-        return None
-    return report.backend or BackendRecord(cfg.backend)
-
-
-def observed_load_path(cfg: RunConfig, report: WorkerReport) -> str | None:
-    stack = external_stack(cfg, report)
-    if stack is not None:
-        return stack.observed_load_path
-    return report.load_record.load_path if report.load_record else None
-
-
-def observed_classes(cfg: RunConfig, report: WorkerReport) -> dict[str, str | None] | None:
-    stack = external_stack(cfg, report)
-    if stack is not None:
-        return {"model": stack.observed_class} if stack.observed_class else None
-    return report.load_record.classes if report.load_record else None
+    report.backend.not_available = list(backends.traits(cfg.backend).not_available)
+    return report.backend
 
 
 def verdict_input(
@@ -287,16 +270,15 @@ def verdict_input(
     metrics: list[StepMetrics],
     topology: Topology,
 ) -> VerdictInput:
-    record, towers, evaluation = report.load_record, report.towers, report.evaluation
-    load_path = observed_load_path(cfg, report)
-    stack = external_stack(cfg, report)
-    if stack is not None:  # what the harness saw from outside: the towers it carried, the checkpoint it saved
-        towers = stack.towers
-    saved = stack.checkpoint if stack else None
+    record, evaluation, stack = report.load_record, report.evaluation, report.backend or BackendRecord(cfg.backend)
+    traits = backends.traits(cfg.backend)
+    towers = stack.towers
+    saved = stack.checkpoint if traits.judged_from_checkpoint else None
+    not_evaluated = "the stack's checkpoint was not evaluated"
     return VerdictInput(
         clean_exit=outcome.clean_exit and report.finished,
         exit_detail=exit_detail(outcome, report, topology),
-        load_path=load_path,
+        load_path=stack.observed_load_path,
         expected_load_path=planned.spec.expected_load_path,
         weights=cfg.weights,
         vocab_size=report.vocab_size,
@@ -305,9 +287,9 @@ def verdict_input(
         loss_threshold=cfg.loss_threshold,
         stop_reason=report.stop_reason,
         non_finite_step=report.non_finite_step,
-        tower_params_in_model=towers.params if towers and load_path == "extract_causal_lm" else 0,
+        tower_params_in_model=towers.params if towers and stack.observed_load_path == "extract_causal_lm" else 0,
         # A stack's towers are judged by whether they moved in its checkpoint, not by requires_grad.
-        trainable_tower_params=towers.trainable if towers and stack is None else 0,
+        trainable_tower_params=towers.trainable if towers and not traits.judged_from_checkpoint else 0,
         frozen_params_changed=bool(saved.towers_changed)
         if saved
         else bool(report.frozen_params and report.frozen_params.changed),
@@ -322,14 +304,12 @@ def verdict_input(
         params_loaded=record.params.get("loaded") if record else None,
         params_total=record.params.get("model_total") if record else None,
         backend=cfg.backend,
-        observed_class=stack.observed_class if stack else None,
-        stack_towers=stack.towers if stack else None,
-        checkpoint_error=saved.error
-        if saved
-        else None
-        if stack is None
-        else "the stack's checkpoint was not evaluated",
-        reported_final_loss=stack.reported_final_loss if stack else None,
+        judged_from_checkpoint=traits.judged_from_checkpoint,
+        warmup_starts_at_zero=traits.warmup_starts_at_zero,
+        observed_class=stack.observed_class,
+        stack_towers=stack.towers,
+        checkpoint_error=saved.error if saved else not_evaluated if traits.judged_from_checkpoint else None,
+        reported_final_loss=stack.reported_final_loss,
         initial_entropy=report.initial_entropy,
         generation=report.generation,
     )

@@ -56,6 +56,8 @@ class VerdictInput:
     params_loaded: int | None = None  # load record: elements read from the checkpoint
     params_total: int | None = None  # load record: the model's parameters
     backend: str = "native"  # the stack that trained (harness.backends)
+    judged_from_checkpoint: bool = False  # its BackendTraits: the harness's evaluation of its checkpoint decides
+    warmup_starts_at_zero: bool = False  # its BackendTraits: step 1 at lr 0 under warm-up is its convention
     observed_class: str | None = None  # an external stack: the class it instantiated
     stack_towers: TowerCounts | None = None  # an external stack: the towers its model carried
     checkpoint_error: str | None = None  # why the saved checkpoint could not be evaluated
@@ -105,7 +107,7 @@ def load_path_reasons(inp: VerdictInput) -> list[str]:
     if inp.load_path is None:
         return ["no load path was recorded"]
     if inp.expected_load_path and inp.load_path != inp.expected_load_path:
-        if inp.observed_class:  # an external stack: name what it built and carried
+        if inp.judged_from_checkpoint and inp.observed_class:  # seen from outside: name what it built and carried
             return [
                 f"{inp.backend} built {inp.observed_class} (load path {inp.load_path})"
                 f"{carried_towers(inp.stack_towers)} for a text-only run; the registry expects {inp.expected_load_path}"
@@ -130,7 +132,7 @@ def checkpoint_reasons(inp: VerdictInput) -> list[str]:
     """The checkpoint the job saved, as the harness evaluated it (external stacks, --save-checkpoint)."""
     if inp.checkpoint_error:
         return [f"the checkpoint {inp.backend} saved could not be evaluated by the harness: {inp.checkpoint_error}"]
-    if inp.backend != "native" and inp.eval_loss is None:  # the stack's own loss never stands in for it
+    if inp.judged_from_checkpoint and inp.eval_loss is None:  # the stack's own loss never stands in for it
         return [f"the harness has no evaluation of the checkpoint {inp.backend} saved: convergence is unproven"]
     if inp.reported_final_loss is None or inp.eval_loss is None:
         return []
@@ -314,7 +316,7 @@ def optimizer_reasons(inp: VerdictInput) -> list[str]:
     if inp.trainable_params_changed is False and inp.losses:
         reasons.append(f"trainable parameters are unchanged after {len(inp.losses)} steps: the optimizer never stepped")
     zero = [step for step, lr in enumerate(inp.lrs, start=1) if lr is not None and not lr > 0]
-    if zero[:1] == [1] and inp.warmup_steps > 0 and inp.backend != "native":
+    if zero[:1] == [1] and inp.warmup_steps > 0 and inp.warmup_starts_at_zero:
         zero = zero[1:]  # transformers' linear warm-up (TRL, instructlab) starts at lr 0: one step, by convention
     if zero:
         when = "after warm-up" if zero[0] > inp.warmup_steps else "during warm-up"

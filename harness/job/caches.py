@@ -35,7 +35,7 @@ def prepare_caches(cfg: RunConfig) -> None:
     data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
 
 
-def check_job_inputs(cfg: RunConfig, lines: list[tuple[int, list[dict]]]) -> None:
+def check_job_inputs(cfg: RunConfig, lines: list[tuple[int, list[dict]]], token_budget: bool = True) -> None:
     """What only the model's own files can tell, checked in the parent before any job starts, so that a
     usage error exits 2 instead of failing the model: a tiny variant exists; its chat template renders
     every conversation it trains on; the longest sample it keeps fits --max-tokens-per-gpu. The
@@ -53,7 +53,7 @@ def check_job_inputs(cfg: RunConfig, lines: list[tuple[int, list[dict]]]) -> Non
             dataset = data_lib.tokenize_conversations([messages for _, messages in chosen], tokenizer, cfg.max_seq_len)
     except (data_lib.DatasetError, data_lib.LabelSpanError, CacheError, OSError) as error:
         raise UsageError(f"{spec.name}, --dataset {cfg.dataset}: {' '.join(str(error).split())}") from error
-    if cfg.backend != "native":  # the stacks budget their own tokens (instructlab: at least max_seq_len)
+    if not token_budget:  # a stack that budgets its own tokens (instructlab: at least max_seq_len)
         return
     dropped = set(dataset.dropped_indices)
     kept = [line for index, (line, _) in enumerate(chosen) if index not in dropped]
