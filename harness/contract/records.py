@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import sys
+import traceback
 import types
 import typing
 from dataclasses import dataclass, field
@@ -460,8 +462,6 @@ OUT_OF_MEMORY_ERROR = "OutOfMemoryError"  # type(torch.OutOfMemoryError).__name_
 
 def record_job_error(report: WorkerReport, exc: BaseException) -> None:
     """What killed the job, in its report (status, "<ExceptionType>: message", traceback) and on stderr."""
-    import sys
-    import traceback
 
     report.status, report.error = "error", f"{type(exc).__name__}: {exc}"
     report.traceback = traceback.format_exc()

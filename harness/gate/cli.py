@@ -12,13 +12,14 @@ from harness.contract.dataset_file import read_chat_lines
 from harness.contract.errors import UsageError
 from harness.contract.files import read_json, write_json_atomic
 from harness.contract.records import ModelResult, summary_row
-from harness.gate import options, registry, validate
-from harness.gate.environment import redact_secrets
+from harness.gate import options, registry, sweep, validate
+from harness.gate.environment import environment_lock, redact_secrets
 from harness.gate.options import CommandLine
 from harness.gate.planning import PlannedModel, interrupted_result, not_run_result, plan_models, planned_result
 from harness.gate.report import print_table, write_run_reports
 from harness.gate.run_lock import run_folder_locked
 from harness.gate.settings import run_config_for, settings_of_command
+from harness.gate.tracking import track_sweep
 from harness.gate.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
 from harness.runtime.stop_signals import as_interrupted, signals_deferred, stop_on_signals
 
@@ -101,7 +102,7 @@ def gpu_fit_refusal(item: PlannedModel, cfg, settings) -> str | None:
     """Why the model's job cannot fit these GPUs (the native trainer's memory plan), else None."""
     if settings.device != "cuda" or settings.weights == "tiny" or not backends.traits(item.backend).follows_memory_plan:
         return None
-    import torch
+    import torch  # the gate stays torch-free until a CUDA run needs its memory plan
 
     from harness.job.caches import capacity_refusal as refusal  # torch: builds the model on the meta device
 
@@ -169,7 +170,7 @@ def dry_run_into(run_dir: Path, planned: list[PlannedModel]) -> int:
 
 def resolve_devices(command: CommandLine) -> CommandLine:
     """The device and the ranks per node: given, or what this machine has."""
-    import torch
+    import torch  # only to count this machine's GPUs: the gate's modules stay torch-free
 
     device = command.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -191,10 +192,8 @@ def train_models(planned: list[PlannedModel], settings, command: CommandLine, st
 
 
 def train_into(run_dir: Path, planned: list[PlannedModel], settings, command: CommandLine, started: float) -> int:
-    from harness.gate.environment import environment_lock
-    from harness.gate.sweep import SweepContext, finished_results, run_sweep
 
-    finished = finished_results(run_dir) if command.resume else {}
+    finished = sweep.finished_results(run_dir) if command.resume else {}
     environment = environment_lock(sys.argv)
     write_json_atomic(run_dir / "environment.json", environment)
     write_json_atomic(
@@ -205,13 +204,12 @@ def train_into(run_dir: Path, planned: list[PlannedModel], settings, command: Co
             "settings": command.recorded(),
         },
     )
-    sweep = SweepContext(settings, run_dir, started, baseline_results(command.compare), command.regressions_fail)
-    swept = run_sweep(planned, sweep, finished)
+    baseline = baseline_results(command.compare)
+    context = sweep.SweepContext(settings, run_dir, started, baseline, command.regressions_fail)
+    swept = sweep.run_sweep(planned, context, finished)
     with signals_deferred():  # a stop signal now waits: the reports are what it would lose
         results, exit_code, why = write_run_files(planned, swept, settings, run_dir, environment)
     if command.wandb != "disabled":
-        from harness.gate.tracking import track_sweep
-
         try:
             ran = [r for r in results if r.verdict != NOT_RUN]
             track_sweep(run_dir, ran, command.wandb_project, command.wandb, environment=environment)
@@ -253,7 +251,6 @@ def write_run_files(planned: list[PlannedModel], swept, settings, run_dir: Path,
 
 
 def print_run_table(planned: list[PlannedModel], results: list[ModelResult], run_dir: Path, why: str) -> None:
-    from harness.gate.sweep import fmt
 
     rows = [
         [
@@ -261,8 +258,8 @@ def print_run_table(planned: list[PlannedModel], results: list[ModelResult], run
             r.load_path,
             r.weights,
             r.world_size or "-",
-            fmt(r.initial_loss),
-            fmt(r.final_loss),
+            sweep.fmt(r.initial_loss),
+            sweep.fmt(r.final_loss),
             r.steps,
             r.verdict,
         ]
@@ -285,9 +282,8 @@ def print_run_table(planned: list[PlannedModel], results: list[ModelResult], run
 def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:
     """A node other than 0 runs its ranks of every job and judges nothing (node 0 has the metrics):
     its exit code is its jobs' (0 when each ended cleanly), and it says where the verdicts are."""
-    from harness.gate.sweep import follow_node_0 as follow
 
-    followed = follow(planned, settings, run_dir)
+    followed = sweep.follow_node_0(planned, settings, run_dir)
     clean = sum(1 for _, outcome in followed.outcomes if outcome.clean_exit)
     jobs = sum(1 for item in planned if not item.refusal)
     print(

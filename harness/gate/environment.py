@@ -129,7 +129,7 @@ def environment_lock(command_argv: list[str]) -> dict:
 
 def gpu_info() -> dict:
     try:
-        import torch
+        import torch  # the gate's modules stay torch-free: only when the environment is recorded
 
         if not torch.cuda.is_available():
             return {"count": 0, "model": None, "names": []}
@@ -146,7 +146,7 @@ def gpu_info() -> dict:
 def cuda_versions() -> dict:
     cuda = cudnn = nccl = None
     try:
-        import torch
+        import torch  # the gate's modules stay torch-free: only when the environment is recorded
 
         cuda = torch.version.cuda
         if torch.backends.cudnn.is_available():
@@ -180,7 +180,7 @@ def driver_version() -> str | None:
 def package_versions() -> dict:
     versions: dict[str, str | None] = {}
     try:
-        import torch
+        import torch  # the gate's modules stay torch-free: only when the environment is recorded
 
         versions["torch"] = torch.__version__
     except ImportError:

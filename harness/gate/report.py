@@ -10,13 +10,15 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from harness.contract.files import write_bytes_atomic
+from harness.contract.records import ModelResult, read_metrics
+from harness.gate.environment import redact_secrets
 from harness.gate.verdict import FAIL, NOT_JUDGED, PASS
-
-if TYPE_CHECKING:
-    from harness.contract.records import ModelResult
 
 JUNIT_FILE = "junit.xml"
 SUMMARY_MD_FILE = "summary.md"
@@ -27,9 +29,9 @@ JUNIT_CLASSNAME = "sft-harness"
 def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     """A plain table on stdout (rich when available: it keeps columns aligned in any terminal)."""
     try:
-        from rich.console import Console
+        from rich.console import Console  # optional: not a declared dependency
         from rich.table import Table
-    except ImportError:  # rich is optional: fall back to aligned plain text
+    except ImportError:  # fall back to aligned plain text
         widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
         print(title)
         for line in [columns, *rows]:
@@ -51,7 +53,6 @@ def write_run_reports(run_dir: Path, results: list[ModelResult], summary: dict) 
     """junit.xml, summary.md and loss_curves.png in run_dir, each written atomically. A report that
     cannot be made (a plotting error, a full disk) is a one-line warning on stderr, never an
     exception: the reports describe the verdict, they do not decide it. Returns the paths written."""
-    from harness.gate.environment import redact_secrets
 
     run_dir = Path(run_dir)
     summary = redact_secrets(dict(summary))
@@ -294,7 +295,6 @@ def loss_curves(run_dir: Path, results: list[ModelResult]) -> tuple[list[tuple[s
     """(label, steps, losses) per model, in order, and the distinct loss thresholds. A model with no
     plottable step keeps its place in the legend as "<model> (no steps)". Losses that are not finite
     or not positive cannot sit on a log axis and are left out."""
-    from harness.contract.records import read_metrics
 
     curves, thresholds = [], {}
     for result in results:
@@ -317,8 +317,6 @@ def loss_curves(run_dir: Path, results: list[ModelResult]) -> tuple[list[tuple[s
 def loss_curves_png(run_dir: Path, results: list[ModelResult], title: str = "Loss") -> bytes:
     """One loss curve per model (log y), a dashed line per distinct loss threshold; PNG bytes.
     Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend change."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     curves, thresholds = loss_curves(run_dir, results)
     fig = Figure(figsize=(9, 5.5), dpi=110)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import backends
+from harness.backends import checkpoint_eval
 from harness.contract.records import (
     PROGRESS_PREFIX,
     BackendRecord,
@@ -123,8 +124,6 @@ def launch_model_job(index: int, settings: RunSettings, cfg: RunConfig, log_path
 def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSettings) -> None:
     """The harness's own evaluation of the checkpoint the job saved (harness.backends.checkpoint_eval), in a
     process of its own. For a stack judged from its checkpoint it is the evaluation that decides convergence."""
-    from harness.backends import checkpoint_eval
-
     from_checkpoint = backends.traits(cfg.backend).judged_from_checkpoint
 
     checkpoint_eval.result_path(cfg).unlink(missing_ok=True)
@@ -359,7 +358,7 @@ def node_lost_line(outcome: JobOutcome, report: WorkerReport, topology: Topology
 def stack_mfu(report: WorkerReport, metrics: list[StepMetrics]) -> float | None:
     """An external stack's MFU: its tokens/s per GPU times the FLOPs per token of the text model it
     saved, as the harness's evaluation counted them; None without a GPU, a checkpoint or a speed."""
-    from harness.job.metrics import mfu, peak_bf16_flops_of
+    from harness.job.metrics import mfu, peak_bf16_flops_of  # torch: the gate's modules stay torch-free
 
     check = report.backend.checkpoint if report.backend else None
     per_gpu = steady_mean(metrics, "tokens_per_s_per_gpu")

@@ -16,8 +16,10 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
+from harness.contract.files import read_json
 from harness.contract.records import ModelResult, read_metrics, summary_row, to_plain
 from harness.gate.environment import redact_secrets
+from harness.gate.report import metrics_path
 from harness.gate.verdict import PASS
 
 MODES = ("online", "offline", "disabled")
@@ -100,7 +102,7 @@ class WandbTracker:
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         try:
-            import wandb
+            import wandb  # optional at run time: --wandb-mode disabled runs without it
         except Exception as exc:  # noqa: BLE001 - wandb is for the dashboard only
             warn(f"cannot import wandb ({type(exc).__name__}: {exc}); tracking disabled")
             self.mode = "disabled"
@@ -277,8 +279,6 @@ def track_sweep(
 ) -> None:
     """Everything for one sweep, from its run folder: a run per model (config from job.json,
     metrics from metrics.jsonl) and the sweep table. Never raises on a wandb problem."""
-    from harness.contract.files import read_json
-    from harness.gate.report import metrics_path
 
     run_dir = Path(run_dir)
     tracker = WandbTracker(project, mode, run_group=run_dir.name, run_dir=run_dir)

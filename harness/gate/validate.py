@@ -6,6 +6,7 @@ imports torch or transformers; the checks that need a model's settings take them
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tempfile
@@ -128,7 +129,6 @@ def check_real_weights(name: str, hf_id: str | None, gguf_package: str | None) -
 
 
 def check_gguf_installed(name: str, package: str) -> None:
-    import importlib.util
 
     missing = [module for module in ("gguf", package.replace("-", "_")) if importlib.util.find_spec(module) is None]
     if missing:
