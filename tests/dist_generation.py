@@ -47,9 +47,8 @@ def main():
         sharded.eval()
         pad = tokenizer.pad_token_id or 0
         with torch.no_grad():  # a forward through the root first, as training runs (FSDP initialises from the root)
-            sharded(
-                **data.device_inputs(data.collate_micro_batch(dataset.samples[:2], True, pad), ctx.device),
-                per_token=True,
+            sharded.token_losses(
+                **data.device_inputs(data.collate_micro_batch(dataset.samples[:2], True, pad), ctx.device)
             )
         sharded_replies = generation.greedy_replies(sharded, mine, stop_ids, NEW_TOKENS, pad, ctx.device, synced=True)
         plain_replies = generation.greedy_replies(plain, mine, stop_ids, NEW_TOKENS, pad, ctx.device, synced=False)

@@ -203,7 +203,7 @@ def test_steps_under_compile_feed_rows_of_one_length_with_the_same_loss_and_grad
     from harness.job import data as data_lib
     from harness.job.data import TokenizedSample
     from harness.job.distributed import DistContext
-    from harness.job.train import TrainableLM, train_step
+    from harness.job.train import TrainableLM, Trainer, train_step
     from harness.models import loading
 
     lm = tiny_llama if name == "llama" else loading.load_model(registry.lookup(name), "tiny").model
@@ -224,16 +224,8 @@ def test_steps_under_compile_feed_rows_of_one_length_with_the_same_loss_and_grad
         )
         trainable = [p for p in model.parameters() if p.requires_grad]
         cfg = types.SimpleNamespace(packing=True, grad_clip=1.0, compile=scope, max_tokens_per_gpu=64)
-        loss, grad_norm, tokens, _ = train_step(
-            model,
-            torch.optim.SGD(trainable, lr=0.0),
-            trainable,
-            step_plan,
-            dataset,
-            cfg,
-            cpu,
-            types.SimpleNamespace(pad_token_id=0),
-        )
+        trainer = Trainer(model, torch.optim.SGD(trainable, lr=0.0), trainable, dataset, cfg, cpu, pad_id=0)
+        loss, grad_norm, tokens, _ = train_step(trainer, step_plan)
         steps[scope] = (lengths, loss, grad_norm, tokens)
     assert steps["off"][0] == [29] and steps["layers"][0] == [64]
     assert steps["layers"][3] == steps["off"][3] == 29  # the filler is not counted as trained tokens

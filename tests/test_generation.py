@@ -12,7 +12,6 @@ cannot (a model that never ends its turn, a generation prompt rendered with anot
 
 from __future__ import annotations
 
-import sys
 import types
 
 import pytest
@@ -25,7 +24,7 @@ from harness.job import data as data_lib
 from harness.job import generation, preflight
 from harness.job.distributed import DistContext
 from harness.job.loss import softcap
-from harness.job.train import TrainableLM, train_step
+from harness.job.train import JobParts, TrainableLM, Trainer, pad_id, train_step
 from harness.models import loading
 from harness.runtime.paths import DEFAULT_DATASET
 from harness.testing import mutations
@@ -104,32 +103,33 @@ def test_every_generation_prompt_is_the_training_text_up_to_the_reply(conversati
 # ---------------------------------------------------------------- 2. a trained tiny model
 
 
-def train_tiny(conversations):
+def train_tiny(conversations, labelling: data_lib.Labelling = data_lib.REAL_LABELLING):
     """TRAIN_MODEL memorises the first samples (plain module, one process): model, tokenizer, data."""
     spec = registry.lookup(TRAIN_MODEL)
     torch.manual_seed(0)
     lm = loading.load_model(spec, "tiny").model
     tokenizer = loading.tokenizer_for(spec, "tiny")
     chosen = conversations[:TRAIN_SAMPLES]
-    dataset = data_lib.tokenize_conversations(chosen, tokenizer, 2048)
+    dataset = data_lib.tokenize_conversations(chosen, tokenizer, 2048, labelling=labelling)
     model = TrainableLM(lm)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=3e-3, betas=(0.9, 0.95))
     cfg = types.SimpleNamespace(packing=True, grad_clip=1.0, compile="off")
+    trainer = Trainer(model, optimizer, trainable, dataset, cfg, CPU, pad_id(tokenizer))
     (step_plan,) = data_lib.plan_steps(dataset.samples, 1, 4096)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a model this small only loses time to a second thread
     try:
         for _ in range(TRAIN_STEPS):
-            loss, *_ = train_step(model, optimizer, trainable, step_plan, dataset, cfg, CPU, tokenizer)
+            loss, *_ = train_step(trainer, step_plan)
     finally:
         torch.set_num_threads(threads)
     return model, tokenizer, chosen, dataset, loss
 
 
-def check_of(model, tokenizer, chosen, dataset):
+def check_of(model, tokenizer, chosen, dataset, generation_check=generation.generation_check):
     marker = preflight.end_of_turn_marker(registry.lookup(TRAIN_MODEL), tokenizer)
-    return generation.generation_check(model, chosen, dataset, tokenizer, marker, tokenizer.pad_token_id, CPU)
+    return generation_check(model, chosen, dataset, tokenizer, marker, tokenizer.pad_token_id, CPU)
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +152,8 @@ def test_another_template_at_generation_is_caught(trained, monkeypatch):
     """generation_template_differs: the prompt rendered with another family's template."""
     model, tokenizer, chosen, dataset, _ = trained
     monkeypatch.setenv(mutations.ENV_VAR, "generation_template_differs")
-    try:
-        assert mutations.install(TRAIN_MODEL, sys.modules["harness.job.train"]) == ("generation_template_differs",)
-        check = check_of(model, tokenizer, chosen, dataset)
-    finally:
-        mutations.uninstall()
+    parts = mutations.arm(TRAIN_MODEL, JobParts())
+    check = check_of(model, tokenizer, chosen, dataset, parts.generation_check)
     assert check.prompts_unlike_training == TRAIN_SAMPLES
     assert check.exact_match_rate < GENERATION_MIN_EXACT, check  # 4/12 measured
     (reason,) = generation_reasons(check)
@@ -167,11 +164,8 @@ def test_a_model_trained_without_end_of_turn_runs_on_and_is_caught(conversations
     """eot_not_labelled: the loss is as low as a healthy run's (the end-of-turn token is simply not
     scored), but the model never learnt to end its reply."""
     monkeypatch.setenv(mutations.ENV_VAR, "eot_not_labelled")
-    try:
-        mutations.install(TRAIN_MODEL, sys.modules["harness.job.train"])
-        model, tokenizer, chosen, dataset, loss = train_tiny(conversations)
-    finally:
-        mutations.uninstall()
+    labelling = mutations.arm(TRAIN_MODEL, JobParts()).labelling
+    model, tokenizer, chosen, dataset, loss = train_tiny(conversations, labelling)
     assert loss < 0.02  # the teacher-forced loss sees nothing wrong
     check = check_of(model, tokenizer, chosen, dataset)
     assert check.exact_matches == 0 and check.no_end_of_turn >= TRAIN_SAMPLES // 2, check
@@ -204,7 +198,7 @@ def test_decoding_with_the_cache_gives_the_training_forward_logits(conversations
     for row, (prompt, reply) in enumerate(zip(prompts, replies)):
         ids = torch.tensor([prompt + reply])
         with torch.no_grad():
-            hidden = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], shift_labels=ids, hidden=True)
+            hidden = model.hidden_states(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None])
             reference = softcap((hidden[0] @ head.t()).float(), model.softcap)[len(prompt) - 1 :][: len(reply)]
         decoded = logits[: len(reply), row]
         scale = float(reference.abs().max().clamp(min=1))

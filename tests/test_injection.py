@@ -1,42 +1,51 @@
-"""The test-only bugs (harness.testing.mutations) and faults (harness.testing.faults) are wrappers installed once at
-the job's start: the environment is parsed once, nothing is wrapped when it is unset, and what was
-installed does not change when the environment does."""
+"""The test-only bugs (harness.testing.mutations) and faults (harness.testing.faults) are armed at one seam,
+the job's start: harness.testing.arm hands back the job's parts (harness.job.train.JobParts) with each bug
+or fault in place of one part. The environment is parsed once, the parts come back as they are when it
+is unset, no module is changed, and what was armed does not change when the environment does."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 from torch import nn
 
-from harness.job import data, distributed
+from harness.job import caches, data, distributed, generation
 from harness.job.data import IGNORE_INDEX, TokenizedSample
-from harness.job.loss import GlobalMean
+from harness.job.train import JobParts, Trainer
 from harness.models import loading
-from harness.testing import faults, mutations
+from harness.runtime.paths import REPO_ROOT
+from harness.testing import arm, faults, mutations
 
-SEAMS = [
+# What the old mechanism replaced in place: arming must leave every one of them as it is.
+MODULE_FUNCTIONS = [
     (data, "tokenize_with_labels"),
-    (data, "_reply_span"),
-    (data, "_collate_packed"),
+    (data, "reply_span"),
+    (data, "pack_samples"),
     (data, "dataset_fingerprint"),
     (loading, "load_model"),
+    (loading, "resolve_load_path"),
+    (loading, "extract_causal_lm"),
+    (loading, "extra_forward_inputs"),
+    (loading, "vocab_size"),
     (distributed, "shard_model"),
+    (generation, "generation_check"),
+    (caches, "prepare_caches"),
 ]
 
-
-def train_step(
-    model, optimizer, trainable, step_plan, dataset, cfg, ctx, tokenizer, accounting=None, loss_normalisation=GlobalMean
-):
-    """A stand-in with train.train_step's parameters: it runs the model once and records its arguments."""
-    calls.append({"step_plan": step_plan, "optimizer": optimizer, "loss_normalisation": loss_normalisation})
-    optimizer.step()
-    return model(torch.ones(1, 2))
-
-
 calls: list[dict] = []
+
+
+def train_step(trainer, step_plan, accounting=None):
+    """A stand-in for train.train_step: it records what it got and runs the model once."""
+    calls.append({"step_plan": step_plan, "optimizer": trainer.optimizer, "normalisation": trainer.normalisation})
+    trainer.optimizer.step()
+    return trainer.model(torch.ones(1, 2))
 
 
 def plan_epoch(cfg, dataset, ctx, epoch):
@@ -47,82 +56,133 @@ def lr_lambda(cfg, total_steps):
     return lambda step: 1.0
 
 
+def stand_in_trainer(model=None, optimizer=None) -> Trainer:
+    """A train.Trainer with what these wrappers look at: the model and the optimizer."""
+    optimizer = optimizer or types.SimpleNamespace(step=lambda: None, zero_grad=lambda set_to_none=True: None)
+    return Trainer(model or nn.Identity(), optimizer, trainable=[], dataset=None, cfg=None, ctx=None, pad_id=0)
+
+
 @pytest.fixture
-def trainer(monkeypatch):
+def parts(monkeypatch):
     monkeypatch.delenv(mutations.ENV_VAR, raising=False)
     monkeypatch.delenv(faults.ENV_VAR, raising=False)
     calls.clear()
-    yield types.SimpleNamespace(train_step=train_step, plan_epoch=plan_epoch, lr_lambda=lr_lambda)
-    mutations.uninstall()
+    yield JobParts(train_step=train_step, plan_epoch=plan_epoch, lr_lambda=lr_lambda)
     mutations.bind_model(None)
 
 
-def test_unset_variables_wrap_nothing(trainer):
-    before = [getattr(owner, name) for owner, name in SEAMS]
-    assert mutations.install("gemma-3-270m", trainer) == ()
-    faults.install(trainer, rank=0, model="gemma-3-270m")
-    assert [getattr(owner, name) for owner, name in SEAMS] == before
-    assert (trainer.train_step, trainer.plan_epoch, trainer.lr_lambda) == (train_step, plan_epoch, lr_lambda)
+def test_every_mutation_replaces_a_part_of_the_job():
+    fields = {field.name for field in dataclasses.fields(JobParts)}
+    assert {mutation.part for mutation in mutations.CATALOGUE.values()} <= fields
 
 
-def test_a_mutation_for_another_model_wraps_nothing(trainer, monkeypatch):
+def test_the_real_parts_are_the_job_modules_functions():
+    real = JobParts()
+    assert (real.load_model, real.shard_model, real.pack_samples) == (
+        loading.load_model,
+        distributed.shard_model,
+        data.pack_samples,
+    )
+    assert real.labelling.tokenize is data.tokenize_with_labels and real.labelling.variant == ""
+
+
+def test_unset_variables_arm_nothing(parts):
+    before = [getattr(owner, name) for owner, name in MODULE_FUNCTIONS]
+    assert arm("gemma-3-270m", 0, parts) is parts
+    assert [getattr(owner, name) for owner, name in MODULE_FUNCTIONS] == before
+
+
+def test_a_mutation_for_another_model_arms_nothing(parts, monkeypatch):
     monkeypatch.setenv(mutations.ENV_VAR, "same_batch_every_step/other,labels_not_masked/other")
-    assert mutations.install("gemma-3-270m", trainer) == ()
-    assert trainer.plan_epoch is plan_epoch and data.tokenize_with_labels.__module__ == "harness.job.data"
+    assert arm("gemma-3-270m", 0, parts) is parts
 
 
-def test_the_variable_is_parsed_once_and_later_changes_do_nothing(trainer, monkeypatch):
+def test_the_variable_is_parsed_once_and_later_changes_do_nothing(parts, monkeypatch):
+    before = [getattr(owner, name) for owner, name in MODULE_FUNCTIONS]
     monkeypatch.setenv(
         mutations.ENV_VAR, "lr_zero_after_warmup/gemma-3-270m,same_batch_every_step,position_ids_not_reset"
     )
     mutations.parse.cache_clear()
-    assert mutations.install("gemma-3-270m", trainer) == (
-        "position_ids_not_reset",
-        "same_batch_every_step",
-        "lr_zero_after_warmup",
-    )
-    assert mutations.parse.cache_info().misses == 1  # one parse for the 13 names asked about
-    monkeypatch.delenv(mutations.ENV_VAR)  # what was installed stays
-    factor = trainer.lr_lambda(types.SimpleNamespace(warmup_steps=2), 10)
+    armed = arm("gemma-3-270m", 0, parts)
+    assert mutations.parse.cache_info().misses == 1  # one parse for the names asked about
+    changed = [f.name for f in dataclasses.fields(JobParts) if getattr(armed, f.name) is not getattr(parts, f.name)]
+    assert changed == ["pack_samples", "plan_epoch", "lr_lambda"]
+    assert [getattr(owner, name) for owner, name in MODULE_FUNCTIONS] == before  # no module was changed
+    monkeypatch.delenv(mutations.ENV_VAR)  # what was armed stays
+    factor = armed.lr_lambda(types.SimpleNamespace(warmup_steps=2), 10)
     assert [factor(step) for step in range(4)] == [1.0, 1.0, 0.0, 0.0]
-    assert [step.micro_batches for step in trainer.plan_epoch(None, None, None, 0)] == [[[[0]]]] * 3
-    batch = data.collate_micro_batch(
-        [TokenizedSample([5, 6], [6, IGNORE_INDEX]), TokenizedSample([7, 8], [8, IGNORE_INDEX])],
-        packing=True,
-        pad_token_id=0,
-    )
+    assert [step.micro_batches for step in armed.plan_epoch(None, None, None, 0)] == [[[[0]]]] * 3
+    samples = [TokenizedSample([5, 6], [6, IGNORE_INDEX]), TokenizedSample([7, 8], [8, IGNORE_INDEX])]
+    batch = data.collate_micro_batch(samples, packing=True, pad_token_id=0, pack=armed.pack_samples)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3]]
-    mutations.uninstall()
-    assert (trainer.lr_lambda, trainer.plan_epoch) == (lr_lambda, plan_epoch)
-    assert data.collate_micro_batch([TokenizedSample([5, 6], [6, IGNORE_INDEX])] * 2, True, 0)[
-        "position_ids"
-    ].tolist() == [[0, 1, 0, 1]]
+    assert data.collate_micro_batch(samples, True, 0)["position_ids"].tolist() == [[0, 1, 0, 1]]
 
 
-def test_step_mutations_change_the_arguments_of_train_step(trainer, monkeypatch):
+def test_step_mutations_change_what_train_step_gets(parts, monkeypatch):
     monkeypatch.setenv(mutations.ENV_VAR, "micro_batch_dropped,optimizer_never_steps,loss_per_rank_mean")
-    mutations.install("m", trainer)
+    armed = arm("m", 0, parts)
+    assert armed.loss_normalisation is mutations.PerRankMean
     optimizer = types.SimpleNamespace(
         step=lambda: pytest.fail("the optimizer stepped"), zero_grad=lambda set_to_none=True: None
     )
     plan = types.SimpleNamespace(micro_batches=[[[0], [1]], [[2], [3]]])
     for _ in range(3):
-        trainer.train_step(nn.Identity(), optimizer, [], plan, None, None, None, None)
+        armed.train_step(stand_in_trainer(optimizer=optimizer), plan)
     assert [c["step_plan"].micro_batches[-1] for c in calls] == [[[2], [3]], [[2], []], [[2], [3]]]  # step 2 only
-    assert {c["loss_normalisation"] for c in calls} == {mutations.PerRankMean}
+    assert plan.micro_batches[-1] == [[2], [3]]  # the plan itself is left as it was
 
 
-def test_a_fault_is_installed_once_around_train_step(trainer, monkeypatch):
+def test_label_mutations_change_the_labelling_and_its_cache_key(parts, monkeypatch):
+    from harness.models.tokenizers import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer("gemma")
+    conversation = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello you"}]
+    real_ids, real_labels = parts.labelling.tokenize(conversation, tokenizer)
+    for name, labelled in [
+        ("labels_not_masked", lambda ids, labels: labels == ids),
+        ("eot_not_labelled", lambda ids, labels: "<end_of_turn>" not in tokenizer.decode(labelled_ids(labels))),
+    ]:
+        monkeypatch.setenv(mutations.ENV_VAR, name)
+        labelling = arm("m", 0, parts).labelling
+        assert labelling.variant == mutations.fingerprint_salt() == name
+        ids, labels = labelling.tokenize(conversation, tokenizer)
+        assert ids == real_ids and labels != real_labels and labelled(ids, labels), name
+        keys = {data.dataset_fingerprint([conversation], tokenizer, variant) for variant in ("", labelling.variant)}
+        assert len(keys) == 2
+    assert "<end_of_turn>" in tokenizer.decode(labelled_ids(real_labels))
+    monkeypatch.setenv(mutations.ENV_VAR, "labels_not_masked,eot_not_labelled")
+    assert arm("m", 0, parts).labelling.variant == "labels_not_masked,eot_not_labelled"
+
+
+def labelled_ids(labels: list[int]) -> list[int]:
+    return [label for label in labels if label != IGNORE_INDEX]
+
+
+def test_a_fault_is_armed_once_around_train_step(parts, monkeypatch):
     monkeypatch.setenv(faults.ENV_VAR, "nan@2/m,raise@1:1/m,late_cache@0")
-    faults.install(trainer, rank=0, model="m")
-    monkeypatch.setenv(faults.ENV_VAR, "raise@1/m")  # parsed at install: no effect now
-    model, optimizer = nn.Linear(2, 1), types.SimpleNamespace(step=lambda: None)
-    losses = [
-        float(trainer.train_step(model, optimizer, [], None, None, None, None, None).detach().sum()) for _ in range(3)
-    ]
+    armed = arm("m", 0, parts)
+    monkeypatch.setenv(faults.ENV_VAR, "raise@1/m")  # parsed at arming: no effect now
+    trainer = stand_in_trainer(model=nn.Linear(2, 1))
+    losses = [float(armed.train_step(trainer, None).detach().sum()) for _ in range(3)]
     assert [math.isnan(loss) for loss in losses] == [False, True, False]
-    assert not model._forward_hooks  # the hook lives only as long as a step
+    assert not trainer.model._forward_hooks  # the hook lives only as long as a step
     monkeypatch.setenv(faults.ENV_VAR, "late_cache@0")
-    untouched = types.SimpleNamespace(train_step=train_step)
-    faults.install(untouched, rank=0, model="m")
-    assert untouched.train_step is train_step
+    assert arm("m", 0, parts).train_step is train_step
+
+
+def test_late_cache_holds_back_the_cache_preparation_of_its_rank(parts, monkeypatch):
+    slept, prepared = [], []
+    monkeypatch.setattr(faults.time, "sleep", slept.append)
+    parts = dataclasses.replace(parts, prepare_caches=lambda cfg, labelling: prepared.append(cfg))
+    monkeypatch.setenv(faults.ENV_VAR, "late_cache@0:1/m")
+    assert arm("m", 0, parts) is parts and arm("other", 1, parts) is parts
+    armed = arm("m", 1, parts)
+    armed.prepare_caches("cfg", parts.labelling)
+    assert slept == [faults.LATE_CACHE_DELAY_S] and prepared == ["cfg"]
+
+
+def test_the_trainer_imports_the_test_hooks_only_at_its_seam():
+    code = "import sys, harness.job.train; print('harness.testing' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

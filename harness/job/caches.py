@@ -25,14 +25,15 @@ if TYPE_CHECKING:
     from harness.contract.records import RunConfig
 
 
-def prepare_caches(cfg: RunConfig) -> None:
-    """The checkpoint folder (tiny or real weights), the tokenizer and the tokenised dataset of the job."""
+def prepare_caches(cfg: RunConfig, labelling: data_lib.Labelling = data_lib.REAL_LABELLING) -> None:
+    """The checkpoint folder (tiny or real weights), the tokenizer and the tokenised dataset of the job
+    (with the job's labelling: a test's has cache entries of its own)."""
     spec = cfg.spec
     if cfg.weights != "synthetic":  # synthetic weights are built on the meta device: no folder
         loading.checkpoint_folder(spec, cfg.weights)
     tokenizer = loading.tokenizer_for(spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
-    data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
+    data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len, labelling=labelling)
 
 
 def check_job_inputs(cfg: RunConfig, lines: list[tuple[int, list[dict]]], token_budget: bool = True) -> None:

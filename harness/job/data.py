@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -82,8 +83,16 @@ class LabelSpanError(ValueError):
     """An assistant reply could not be located in the rendered chat template."""
 
 
-def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tuple[int, int]]]:
-    """Render the conversation; return the text and each assistant reply's span (through end-of-turn)."""
+# (rendered text, reply, search start, end-of-turn markers) -> the reply's character span: reply_span
+ReplySpan = Callable[[str, str, int, list[str]], tuple[int, int]]
+
+
+def assistant_char_spans(
+    messages: list[dict], tokenizer, find_reply: ReplySpan | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render the conversation; return the text and each assistant reply's span (through end-of-turn),
+    each found by `find_reply` (reply_span)."""
+    find_reply = find_reply or reply_span
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     markers = _end_of_turn_markers(tokenizer)
     spans, cursor = [], 0
@@ -95,7 +104,7 @@ def assistant_char_spans(messages: list[dict], tokenizer) -> tuple[str, list[tup
         prompt_end = len(prompt) if prompt is not None and text.startswith(prompt) else None
         if prompt_end is not None:
             cursor = max(cursor, prompt_end)
-        start, end = _reply_span(text, message["content"], cursor, markers)
+        start, end = find_reply(text, message["content"], cursor, markers)
         # Whitespace the template writes between the generation prompt and the reply (Mistral's
         # " reply") is generated too: label it, or a reply whose first word has no space-merged
         # token (" 1751" -> " ", "175", "1") starts with a token the model never learnt to emit.
@@ -120,7 +129,9 @@ def _end_of_turn_markers(tokenizer) -> list[str]:
     return markers
 
 
-def _reply_span(text: str, content: str, cursor: int, markers: list[str]) -> tuple[int, int]:
+def reply_span(text: str, content: str, cursor: int, markers: list[str]) -> tuple[int, int]:
+    """Where the reply `content` lies in the rendered `text` (searched from `cursor`), through the
+    end-of-turn marker that follows it."""
     reply = content.strip()  # templates such as Gemma's trim the reply
     start = text.find(reply, cursor)
     if start < 0:
@@ -134,9 +145,11 @@ def _reply_span(text: str, content: str, cursor: int, markers: list[str]) -> tup
     raise LabelSpanError(f"no end-of-turn marker after assistant reply {reply[:40]!r}; text after: {rest[:30]!r}")
 
 
-def tokenize_with_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+def tokenize_with_labels(
+    messages: list[dict], tokenizer, find_reply: ReplySpan | None = None
+) -> tuple[list[int], list[int]]:
     """input_ids and unshifted labels: token ids inside assistant spans, IGNORE_INDEX elsewhere."""
-    text, spans = assistant_char_spans(messages, tokenizer)
+    text, spans = assistant_char_spans(messages, tokenizer, find_reply)
     # The template writes BOS itself where the family uses one; do not add a second.
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
@@ -151,10 +164,23 @@ def shift(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX]
 
 
-def _tokenize_batch(batch: dict, tokenizer) -> dict:
+@dataclass(frozen=True)
+class Labelling:
+    """How a conversation becomes input ids and labels: the real rules by default. A test hands the
+    job another (harness.testing.mutations), named in `variant`: the tokenised-data cache keeps the
+    two apart."""
+
+    tokenize: Callable[[list[dict], object], tuple[list[int], list[int]]] = tokenize_with_labels
+    variant: str = ""  # "" for the real labelling
+
+
+REAL_LABELLING = Labelling()
+
+
+def _tokenize_batch(batch: dict, tokenizer, labelling: Labelling) -> dict:
     input_ids, shift_labels = [], []
     for messages in batch["messages"]:
-        ids, labels = tokenize_with_labels(messages, tokenizer)
+        ids, labels = labelling.tokenize(messages, tokenizer)
         input_ids.append(ids)
         shift_labels.append(shift(labels))
     return {"input_ids": input_ids, "shift_labels": shift_labels}
@@ -168,11 +194,14 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def dataset_fingerprint(conversations: list[list[dict]], tokenizer) -> str:
+def dataset_fingerprint(conversations: list[list[dict]], tokenizer, variant: str = "") -> str:
+    """The tokenised dataset's cache key; a labelling `variant` (a test's) gets keys of its own."""
     digest = hashlib.sha256(f"v{TOKENIZATION_VERSION}".encode())
     digest.update(tokenizer_fingerprint(tokenizer).encode())
     digest.update(json.dumps(conversations, sort_keys=True, ensure_ascii=False).encode())
-    return digest.hexdigest()[:24]
+    if not variant:
+        return digest.hexdigest()[:24]
+    return hashlib.sha256(f"{digest.hexdigest()[:24]},{variant}".encode()).hexdigest()[:24]
 
 
 def tokenize_conversations(
@@ -181,16 +210,17 @@ def tokenize_conversations(
     max_seq_len: int,
     cache_dir: str | Path | None = None,
     num_proc: int | None = None,
+    labelling: Labelling = REAL_LABELLING,
 ) -> TokenizedDataset:
     """Chat template + assistant-only labels via datasets.map, cached on disk by fingerprint.
 
     Samples longer than max_seq_len are dropped (not truncated: a cut reply teaches the wrong end),
     logged and counted in n_dropped_too_long.
     """
-    fingerprint = dataset_fingerprint(conversations, tokenizer)
+    fingerprint = dataset_fingerprint(conversations, tokenizer, labelling.variant)
     folder = build_once(
         Path(cache_dir or default_cache_dir() / "tokenized") / fingerprint,
-        lambda tmp: save_tokenized(_tokenize_all(conversations, tokenizer, num_proc, fingerprint), tmp),
+        lambda tmp: save_tokenized(_tokenize_all(conversations, tokenizer, num_proc, fingerprint, labelling), tmp),
         lambda tmp: verify_tokenized(tmp, len(conversations)),
         f"tokenised dataset {fingerprint} ({len(conversations)} conversations)",
     )
@@ -198,12 +228,14 @@ def tokenize_conversations(
     return _select_by_length(*load_tokenized(folder), max_seq_len)
 
 
-def _tokenize_all(conversations: list[list[dict]], tokenizer, num_proc: int | None, fingerprint: str):
+def _tokenize_all(
+    conversations: list[list[dict]], tokenizer, num_proc: int | None, fingerprint: str, labelling: Labelling
+):
     import datasets
 
     return datasets.Dataset.from_dict({"messages": conversations}).map(
         _tokenize_batch,
-        fn_kwargs={"tokenizer": tokenizer},
+        fn_kwargs={"tokenizer": tokenizer, "labelling": labelling},
         batched=True,
         batch_size=64,
         remove_columns=["messages"],
@@ -431,21 +463,8 @@ def _make_step(index: int, bins, samples: list[TokenizedSample]) -> StepPlan:
 # ---------------------------------------------------------------- collation
 
 
-def collate_micro_batch(samples: list[TokenizedSample], packing: bool, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Tensors for one forward pass; an empty list gives a one-token dummy batch with no labels.
-
-    packed: input_ids/position_ids/shift_labels of shape [1, T], position_ids restarting at 0 per
-    sample, and no attention_mask (transformers derives the block-diagonal mask from position_ids).
-    padded: [B, T] with right padding, attention_mask, and IGNORE_INDEX labels on the pads.
-    """
-    if not samples:
-        samples = [TokenizedSample([pad_token_id], [IGNORE_INDEX])]
-    batch = _collate_packed(samples) if packing else _collate_padded(samples, pad_token_id)
-    batch["num_label_tokens"] = torch.tensor(int((batch["shift_labels"] != IGNORE_INDEX).sum()))
-    return batch
-
-
-def _collate_packed(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
+def pack_samples(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
+    """The samples as one packed row (see collate_micro_batch)."""
     input_ids = [token for sample in samples for token in sample.input_ids]
     labels = [label for sample in samples for label in sample.shift_labels]
     positions = [p for sample in samples for p in range(sample.num_tokens)]
@@ -454,6 +473,26 @@ def _collate_packed(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
         "position_ids": torch.tensor([positions], dtype=torch.long),
         "shift_labels": torch.tensor([labels], dtype=torch.long),
     }
+
+
+PackSamples = Callable[[list[TokenizedSample]], dict[str, torch.Tensor]]
+
+
+def collate_micro_batch(
+    samples: list[TokenizedSample], packing: bool, pad_token_id: int, pack: PackSamples = pack_samples
+) -> dict[str, torch.Tensor]:
+    """Tensors for one forward pass; an empty list gives a one-token dummy batch with no labels.
+
+    packed (by `pack`, pack_samples unless a test hands the job another): input_ids/position_ids/
+    shift_labels of shape [1, T], position_ids restarting at 0 per sample, and no attention_mask
+    (transformers derives the block-diagonal mask from position_ids).
+    padded: [B, T] with right padding, attention_mask, and IGNORE_INDEX labels on the pads.
+    """
+    if not samples:
+        samples = [TokenizedSample([pad_token_id], [IGNORE_INDEX])]
+    batch = pack(samples) if packing else _collate_padded(samples, pad_token_id)
+    batch["num_label_tokens"] = torch.tensor(int((batch["shift_labels"] != IGNORE_INDEX).sum()))
+    return batch
 
 
 def filled_to_length(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
@@ -513,7 +552,14 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch} | {"use_cache": False}
 
 
-def rank_micro_batches(step: StepPlan, rank: int, samples: list[TokenizedSample], packing: bool, pad_token_id: int):
+def rank_micro_batches(
+    step: StepPlan,
+    rank: int,
+    samples: list[TokenizedSample],
+    packing: bool,
+    pad_token_id: int,
+    pack: PackSamples = pack_samples,
+):
     """This rank's collated micro-batches for one step (the same count on every rank). A rank with
     nothing to do runs a real sample of the step with every label masked: it takes part in FSDP's
     collectives and adds zero loss and zero gradient (a one-token pad batch gave Gemma 3n NaN grads)."""
@@ -521,7 +567,7 @@ def rank_micro_batches(step: StepPlan, rank: int, samples: list[TokenizedSample]
         samples[next(i for rank_bins in step.micro_batches for micro in rank_bins for i in micro)]
     )
     return [
-        collate_micro_batch([samples[i] for i in members] or [stand_in], packing, pad_token_id)
+        collate_micro_batch([samples[i] for i in members] or [stand_in], packing, pad_token_id, pack)
         for members in step.for_rank(rank)
     ]
 

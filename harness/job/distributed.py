@@ -90,10 +90,12 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [block for block in blocks if id(block) not in nested]
 
 
-def shard_model(model: nn.Module, *, bf16: bool, reshard_after_forward: bool = True) -> int:
+def shard_model(model: nn.Module, *, bf16: bool, reshard_after_forward: bool = True, mesh=None) -> int:
     """FSDP2: each decoder layer its own unit, then the root (embeddings, norm, lm_head).
-    bf16 compute over fp32 master weights, fp32 gradient reduction. Returns the unit count."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 compute over fp32 master weights, fp32 gradient reduction. Returns the unit count.
+    mesh: the ranks to shard over (None: all of them). The root's other entry points than forward,
+    named in its FSDP_FORWARD_METHODS, gather its parameters as forward does."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else torch.float32,
@@ -101,8 +103,10 @@ def shard_model(model: nn.Module, *, bf16: bool, reshard_after_forward: bool = T
     )
     layers = decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for method in getattr(model, "FSDP_FORWARD_METHODS", ()):  # FSDP2's hooks run around forward only
+        register_fsdp_forward_method(model, method)
     return len(layers) + 1
 
 
@@ -116,13 +120,19 @@ def local_parameter_bytes(model: nn.Module) -> int:
 
 
 def shard_read_by_rank0(
-    model: nn.Module, ctx: DistContext, *, read_by_rank0: bool, bf16: bool, reshard_after_forward: bool = True
+    model: nn.Module,
+    ctx: DistContext,
+    *,
+    read_by_rank0: bool,
+    bf16: bool,
+    reshard_after_forward: bool = True,
+    shard=shard_model,
 ) -> int:
-    """shard_model; where rank 0 alone read a checkpoint (the other ranks built the model on meta),
-    rank 0's model goes to meta first and every rank then receives its shard of rank 0's weights and
-    rank 0's generation config. Returns the FSDP unit count."""
+    """shard (shard_model unless a test hands the job another); where rank 0 alone read a checkpoint
+    (the other ranks built the model on meta), rank 0's model goes to meta first and every rank then
+    receives its shard of rank 0's weights and rank 0's generation config. Returns the FSDP unit count."""
     kept = weights_to_meta(model) if read_by_rank0 and ctx.is_main else None
-    units = shard_model(model, bf16=bf16, reshard_after_forward=reshard_after_forward)
+    units = shard(model, bf16=bf16, reshard_after_forward=reshard_after_forward)
     if read_by_rank0:
         broadcast_weights(model, kept, ctx)
         broadcast_generation_configs(model, ctx)

@@ -15,16 +15,18 @@ from harness.job import distributed as dist_lib
 
 
 @torch.no_grad()
-def evaluate_full_dataset(model, dataset, step_plans, packing: bool, ctx, pad_token_id: int) -> Evaluation:
-    """The mean token loss over every sample of `dataset` (fed by `step_plans`, one epoch's plan),
-    and the worst sample. `model(**inputs, per_token=True)` returns each token's loss."""
+def evaluate_full_dataset(
+    model, dataset, step_plans, packing: bool, ctx, pad_token_id: int, pack=data_lib.pack_samples
+) -> Evaluation:
+    """The mean token loss over every sample of `dataset` (fed by `step_plans`, one epoch's plan, packed
+    by `pack`), and the worst sample. `model.token_losses(**inputs)` returns each token's loss."""
     model.eval()
     sums = torch.zeros(len(dataset.samples), 2, dtype=torch.float64, device=ctx.device)  # loss sum, labels
     for step_plan in step_plans:
-        micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_token_id)
+        micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_token_id, pack)
         for members, batch in zip(step_plan.for_rank(ctx.rank), micro_batches):
             inputs = data_lib.device_inputs(batch, ctx.device)
-            token_losses = model(**inputs, per_token=True)
+            token_losses = model.token_losses(**inputs)
             labelled = inputs["shift_labels"] != data_lib.IGNORE_INDEX
             for index, (loss_sum, count) in zip(
                 members, per_sample_sums(token_losses, labelled, members, dataset, packing)

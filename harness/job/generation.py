@@ -197,8 +197,6 @@ def greedy_replies(
     [steps, prompts, vocab] (tests compare them with the training forward's)."""
     from transformers import GenerationConfig
 
-    from harness.models.loading import extra_forward_inputs
-
     input_ids, attention_mask = left_padded(prompts, pad_id, device)
     config = GenerationConfig(
         do_sample=False,
@@ -219,7 +217,7 @@ def greedy_replies(
             attention_mask=attention_mask,
             generation_config=config,
             synced_gpus=synced,
-            **extra_forward_inputs(model.lm, input_ids),
+            **model.extra_inputs(input_ids),
         )
     replies = []
     for row in out.sequences[:, input_ids.shape[1] :].tolist():

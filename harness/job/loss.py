@@ -151,7 +151,8 @@ def loss_for_backward(local_sum: torch.Tensor, global_label_tokens: int, gradien
 
 class GlobalMean:
     """The normalisation above, made by train_step once a step from the step's plan and this rank's
-    micro-batches (harness.testing.mutations hands it a wrong one)."""
+    micro-batches. The trainer takes the class from its parts (harness.job.train.JobParts), where a
+    test may put a wrong one."""
 
     def __init__(self, step_plan, micro_batches, world_size: int):
         self.label_tokens, self.gradient_divide_factor = step_plan.global_label_tokens, world_size

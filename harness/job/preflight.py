@@ -66,7 +66,7 @@ def tolerance(table: dict, device: torch.device) -> float:
 
 
 @torch.no_grad()
-def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
+def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples) -> dict:
     """Every rank runs its first micro-batch's first samples packed, then padded, and compares each
     sample's output of the FIRST decoder layer (relative L2).
     Not the loss: near a random init every loss sits close to ln(vocab) whatever the model attends to.
@@ -80,8 +80,8 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) ->
     samples = [dataset.samples[i] for i in members]
     was_training = model.training
     model.eval()
-    packed = _per_sample_first_layer(model, samples, True, pad_id, ctx.device)
-    padded = _per_sample_first_layer(model, samples, False, pad_id, ctx.device)
+    packed = _per_sample_first_layer(model, samples, True, pad_id, ctx.device, pack)
+    padded = _per_sample_first_layer(model, samples, False, pad_id, ctx.device, pack)
     model.train(was_training)
     worst = max((float((a - b).norm() / b.norm().clamp(min=1e-12)) for a, b in zip(packed, padded)), default=0.0)
     worst = float(dist_lib.all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
@@ -96,11 +96,11 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool) ->
     return result(worst <= tol, detail, worst_rel_diff=worst, samples=compared)
 
 
-def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device) -> list[torch.Tensor]:
+def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device, pack) -> list[torch.Tensor]:
     """Each sample's [tokens, features] output of the first decoder layer (fp32), cut out of the
     packed row or its padded row. Gemma 3n's layers output [altup copies, B, T, H]: the copies
     become features."""
-    batch = data_lib.collate_micro_batch(samples, packing, pad_id)
+    batch = data_lib.collate_micro_batch(samples, packing, pad_id, pack)
     inputs = data_lib.device_inputs(batch, device)
     captured = []
 
@@ -110,7 +110,7 @@ def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device) 
 
     handles = [layer.register_forward_hook(keep_first) for layer in dist_lib.decoder_layers(model)]
     try:
-        model(**inputs, hidden=True)
+        model.hidden_states(inputs["input_ids"], inputs["position_ids"], inputs.get("attention_mask"))
     finally:
         for handle in handles:
             handle.remove()
@@ -215,15 +215,15 @@ def extraction_parity(spec, weights: str, loaded, prompt_ids: list[int]) -> dict
 
 
 @torch.no_grad()
-def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
+def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples) -> dict:
     """Per-token losses of this rank's micro-batches of the step, summed over ranks, over the label
     tokens counted in those batches (not the plan's count) on all ranks."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id):
+    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id, pack):
         inputs = data_lib.device_inputs(batch, ctx.device)
-        losses = model(**inputs, per_token=True)
+        losses = model.token_losses(**inputs)
         totals[0] += losses.double().sum()
         totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
     model.train(was_training)
@@ -231,7 +231,9 @@ def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     return {"loss": float(totals[0] / totals[1].clamp(min=1)), "label_tokens": int(totals[1])}
 
 
-def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> float:
+def grad_norm_reference(
+    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples
+) -> float:
     """The step's gradient with every rank's micro-batches run on rank 0; its norm; then the
     gradients are cleared. The other ranks run the same micro-batches with a zero weight, so the
     collectives match (not one-token dummies: their backward is NaN in Gemma 3n's attention)."""
@@ -239,7 +241,7 @@ def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
     # FSDP2 divides the reduced gradient by the world size: scale by it, over the step's label tokens.
     weight = ctx.world_size / max(step_plan.global_label_tokens, 1) if ctx.rank == 0 else 0.0
     for members in everything:
-        batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id)
+        batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id, pack)
         inputs = data_lib.device_inputs(batch, ctx.device)
         (model(**inputs) * weight).backward()
     squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -252,28 +254,31 @@ def grad_norm_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bo
 
 
 @torch.no_grad()
-def mean_entropy(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> float:
+def mean_entropy(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples) -> float:
     """Mean predictive entropy (nats) at the labelled tokens of every rank's micro-batches of the
     step: near ln(vocab) for random weights, far below for a pretrained model (harness.gate.verdict)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id):
+    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id, pack):
         inputs = data_lib.device_inputs(batch, ctx.device)
-        totals[0] += model(**inputs, entropy=True).double().sum()
+        totals[0] += model.token_entropy(**inputs).double().sum()
         totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
     model.train(was_training)
     totals = dist_lib.all_reduce(totals)
     return float(totals[0] / totals[1].clamp(min=1))
 
 
-def first_step_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool) -> dict:
-    """Run before the first train_step, on the same parameters and micro-batches."""
+def first_step_reference(
+    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples
+) -> dict:
+    """Run before the first train_step, on the same parameters and micro-batches (packed by `pack`, as
+    the step packs them)."""
     with backbone_inputs_seen(model) as seen:
-        reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing)
+        reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing, pack)
     reference["inputs"] = forward_inputs_check(model, seen)
-    reference["entropy"] = mean_entropy(model, step_plan, dataset, ctx, pad_id, packing)
-    reference["grad_norm"] = grad_norm_reference(model, step_plan, dataset, ctx, pad_id, packing)
+    reference["entropy"] = mean_entropy(model, step_plan, dataset, ctx, pad_id, packing, pack)
+    reference["grad_norm"] = grad_norm_reference(model, step_plan, dataset, ctx, pad_id, packing, pack)
     return reference
 
 

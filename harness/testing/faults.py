@@ -11,19 +11,20 @@ hold a faulty model and a healthy one; several faults are separated by commas
 rank sleep LATE_CACHE_DELAY_S before it prepares the job's caches (harness.job.caches), so another
 rank builds them first: the order in which a cold cache once got an empty checkpoint from rank 1.
 
-The trainer calls `delay_cache_preparation` at the job's start and `install` once before its first
-step: install parses the variable once and wraps train_step, whose micro-batch losses then pass
-through `inject` (a forward hook on the model for the length of each step); the step stays plain.
+The job calls `arm` once, at its start (through harness.testing.arm): it parses the variable once and
+returns the job's parts (harness.job.train.JobParts) with prepare_caches held back (late_cache) and
+train_step wrapped so that its micro-batch losses pass through `inject` (a forward hook on the model
+for the length of each step); the step stays plain. Unset, arm returns the parts as they are.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import os
 import signal
 import time
-import types
 from dataclasses import dataclass
 
 import torch
@@ -72,26 +73,43 @@ def delay_cache_preparation(rank: int, model: str | None) -> None:
         time.sleep(LATE_CACHE_DELAY_S)
 
 
-def install(trainer: types.ModuleType, rank: int, model: str | None = None, checkpointing: bool = False) -> None:
-    """Once, before the job's first step: `trainer.train_step` (the module the job calls it from)
-    is wrapped so that each micro-batch loss of optimizer step N (counted from 1) goes through
-    inject(faults, N, rank, ...). Nothing is wrapped when no fault but late_cache is asked for."""
-    found = tuple(f for f in fault_from_env() if f.kind != "late_cache")
-    if not found:
-        return
-    train_step, steps = trainer.train_step, itertools.count(1)
+def arm(parts, rank: int, model: str | None = None):
+    """Once, at the job's start: the job's parts (a frozen dataclass, harness.job.train.JobParts) with
+    the faults the environment asks for on this rank of `model`'s job; `parts` itself when none.
+    late_cache holds prepare_caches back; any other fault wraps train_step so that each micro-batch
+    loss of optimizer step N (counted from 1) goes through inject(faults, N, rank, ...)."""
+    found = fault_from_env()
+    if any(f.kind == "late_cache" and f.hits(0, rank, model) for f in found):
+        parts = dataclasses.replace(parts, prepare_caches=_held_back(parts.prepare_caches))
+    stepping = tuple(f for f in found if f.kind != "late_cache")
+    if stepping:
+        parts = dataclasses.replace(parts, train_step=_faulty(parts.train_step, stepping, rank, model))
+    return parts
+
+
+def _held_back(prepare_caches):
+    @functools.wraps(prepare_caches)
+    def late(*args, **kwargs):
+        time.sleep(LATE_CACHE_DELAY_S)
+        return prepare_caches(*args, **kwargs)
+
+    return late
+
+
+def _faulty(train_step, found: tuple[Fault, ...], rank: int, model: str | None):
+    steps = itertools.count(1)
 
     @functools.wraps(train_step)
-    def faulty_step(step_model, *args, **kwargs):
+    def faulty_step(trainer, step_plan, accounting=None):
         step = next(steps)
 
         def hit(_module, _inputs, loss_sum):
-            return inject(found, step, rank, loss_sum, model=model, checkpointing=checkpointing)
+            return inject(found, step, rank, loss_sum, model=model, checkpointing=trainer.activation_checkpointing)
 
-        with step_model.register_forward_hook(hit):
-            return train_step(step_model, *args, **kwargs)
+        with trainer.model.register_forward_hook(hit):
+            return train_step(trainer, step_plan, accounting)
 
-    trainer.train_step = faulty_step
+    return faulty_step
 
 
 def inject(

@@ -1,22 +1,20 @@
 """Test-only injected training bugs ("mutations"), so tests can prove the verdict catches each one.
 
 SFT_HARNESS_MUTATION=NAME[/MODEL][,NAME[/MODEL]...] names the bugs; with /MODEL only that model's
-job (its registry name) carries one, so one sweep can carry a different bug per model. The trainer
-calls `install` once, at the job's start: it reads the variable once and puts each bug of the job in
-place as a wrapper around one existing function (CATALOGUE, at the end, says which), so the code
-it wraps (the training step, the collate path) stays plain. Unset (always, outside tests), install
-changes nothing. tests/test_mutations.py holds the catalogue: each mutation must turn the verdict
-to FAIL with a reason that names it.
+job (its registry name) carries one, so one sweep can carry a different bug per model. The job calls
+`arm` once, at its start (through harness.testing.arm): it reads the variable once and returns the
+job's parts (harness.job.train.JobParts) with each bug of the job in place of one part (CATALOGUE, at
+the end, says which), so the code of every step stays plain and no module is changed. Unset (always,
+outside tests), arm returns the parts as they are. tests/test_mutations.py holds the catalogue: each
+mutation must turn the verdict to FAIL with a reason that names it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
-import importlib
-import inspect
 import itertools
 import os
 import types
@@ -25,17 +23,17 @@ from typing import NamedTuple
 
 import torch
 
+from harness.job import data
 from harness.job.distributed import all_reduce_sum
 from harness.job.loss import GlobalMean, global_mean_loss
 
 ENV_VAR = "SFT_HARNESS_MUTATION"
 
 _model: str | None = None  # the job's model (bind_model), for NAME/MODEL entries
-_installed: list[tuple[object, str, Callable]] = []  # (owner, name, original) of each wrapper in place
 
 
 def bind_model(name: str | None) -> None:
-    """Which model this process trains (install does it)."""
+    """Which model this process trains (arm does it)."""
     global _model
     _model = name
 
@@ -56,7 +54,7 @@ def parse(spec: str | None) -> tuple[tuple[str, str | None], ...]:
 
 def active(name: str) -> bool:
     """Does the environment ask for mutation `name` in this job? False whenever the variable is unset.
-    (The job itself carries the bugs that `install` saw.)"""
+    (The job itself carries the bugs that `arm` saw.)"""
     spec = os.environ.get(ENV_VAR)
     if not spec:
         return False
@@ -64,55 +62,20 @@ def active(name: str) -> bool:
 
 
 def fingerprint_salt() -> str:
-    """Part of the tokenised-dataset cache key: mutated labels must not be cached as the real ones."""
-    return ",".join(n for n in ("labels_not_masked", "eot_not_labelled") if active(n))
+    """The labelling variant the job's label mutations make (data.Labelling.variant): part of the
+    tokenised-dataset cache key, so mutated labels are not cached as the real ones."""
+    return ",".join(n for n in LABEL_MUTATIONS if active(n))
 
 
-def install(model: str | None, trainer: types.ModuleType) -> tuple[str, ...]:
+def arm(model: str | None, parts):
     """Once, at the job's start, before its caches (a mutation changes the tokenised data and its
-    key): wraps the functions the job's bugs live in; returns their names. `trainer` is the module
-    whose train_step, plan_epoch and lr_lambda the job calls (harness.job.train, or __main__ under -m).
-    Called again, it first puts back what it wrapped before."""
-    uninstall()
+    key): the job's parts (a frozen dataclass, harness.job.train.JobParts) with the part of each bug
+    the environment asks for in `model`'s job replaced, in CATALOGUE order; `parts` itself when none."""
     bind_model(model)
-    chosen = tuple(name for name in CATALOGUE if active(name))
-    salt = fingerprint_salt()
-    if salt:
-        _wrap(importlib.import_module("harness.job.data"), "dataset_fingerprint", _salted(salt))
-    for name in chosen:
-        module, _, function = CATALOGUE[name].where.rpartition(".")
-        _wrap(
-            trainer if module == "job.train" else importlib.import_module(f"harness.{module}"),
-            function,
-            CATALOGUE[name].wrap,
-        )
-    return chosen
-
-
-def uninstall() -> None:
-    """Puts every wrapped function back (for tests that install in their own process)."""
-    while _installed:
-        owner, name, original = _installed.pop()
-        setattr(owner, name, original)
-
-
-def _wrap(owner, name: str, wrap: Callable) -> None:
-    original = getattr(owner, name)
-    setattr(owner, name, wrap(original))
-    _installed.append((owner, name, original))
-
-
-def _salted(salt: str):
-    """The tokenised-dataset cache key, salted with the label mutations of the job."""
-
-    def wrap(dataset_fingerprint):
-        @functools.wraps(dataset_fingerprint)
-        def salted(*args, **kwargs):
-            return hashlib.sha256(f"{dataset_fingerprint(*args, **kwargs)},{salt}".encode()).hexdigest()[:24]
-
-        return salted
-
-    return wrap
+    for name, mutation in CATALOGUE.items():
+        if active(name):
+            parts = dataclasses.replace(parts, **{mutation.part: mutation.wrap(getattr(parts, mutation.part))})
+    return parts
 
 
 def _then(change: Callable):
@@ -133,22 +96,32 @@ def _then(change: Callable):
 # ---------------------------------------------------------------- the wrappers: data
 
 
-def _label_every_token(tokenize_with_labels):
-    @functools.wraps(tokenize_with_labels)
-    def wrapped(messages, tokenizer):
-        input_ids, _ = tokenize_with_labels(messages, tokenizer)
-        return input_ids, list(input_ids)
-
-    return wrapped
+LABEL_MUTATIONS = ("labels_not_masked", "eot_not_labelled")  # in CATALOGUE order: the variant's
 
 
-def _stop_at_reply_end(reply_span):
-    @functools.wraps(reply_span)
-    def wrapped(text, content, cursor, markers):
-        start, _ = reply_span(text, content, cursor, [""])  # an empty marker: no end-of-turn marker is looked for
-        return start, start + len(content.strip())
+def _relabelled(name: str, change: Callable):
+    """A label mutation: the labelling's tokenize function changed, `name` added to its variant (the
+    tokenised data's cache key)."""
 
-    return wrapped
+    def wrap(labelling: data.Labelling) -> data.Labelling:
+        variant = ",".join(filter(None, (labelling.variant, name)))
+        return dataclasses.replace(labelling, tokenize=change(labelling.tokenize), variant=variant)
+
+    return wrap
+
+
+# Module-level functions bound with functools.partial: the labelling travels to datasets' workers
+# (pickled) when a large set is tokenised in several processes.
+
+
+def _label_every_token(tokenize, messages, tokenizer, **options):
+    input_ids, _ = tokenize(messages, tokenizer, **options)
+    return input_ids, list(input_ids)
+
+
+def _stop_at_reply_end(reply_span, text, content, cursor, markers):
+    start, _ = reply_span(text, content, cursor, [""])  # an empty marker: no end-of-turn marker is looked for
+    return start, start + len(content.strip())
 
 
 def _attend_across_samples(batch: dict) -> None:
@@ -178,16 +151,17 @@ class _WithTemplate:
         return getattr(self._tokenizer, name)
 
 
-def _another_family_template(generation_prompt_ids):
-    """generation_template_differs: the prompt rendered with the first other family's template."""
+def _another_family_template(generation_check):
+    """generation_template_differs: the check's prompts rendered with the first other family's template
+    (its tokenizer, everything else its own)."""
     from harness.models.tokenizers import FAMILY_SPECIAL_TOKENS, family_chat_template
 
-    @functools.wraps(generation_prompt_ids)
-    def wrapped(messages, tokenizer):
+    @functools.wraps(generation_check)
+    def wrapped(model, conversations, dataset, tokenizer, *args, **kwargs):
         other = next(
             t for t in map(family_chat_template, sorted(FAMILY_SPECIAL_TOKENS)) if t != tokenizer.chat_template
         )
-        return generation_prompt_ids(messages, _WithTemplate(tokenizer, other))
+        return generation_check(model, conversations, dataset, _WithTemplate(tokenizer, other), *args, **kwargs)
 
     return wrapped
 
@@ -212,27 +186,51 @@ def unfreeze_towers(model) -> None:
         param.requires_grad_(True)
 
 
-def shard_without_reduction(model, *, bf16: bool, reshard_after_forward: bool = True) -> int:
-    """grads_not_reduced: fully_shard each rank over a mesh of its own rank only, so each rank keeps
-    a full replica and steps on its own gradient (the reduction never crosses ranks)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def _own_rank_mesh(shard_model):
+    """grads_not_reduced: each rank shards over a mesh of its own rank only, so it keeps a full replica
+    and steps on its own gradient (the reduction never crosses ranks)."""
 
-    from harness.job.distributed import decoder_layers
+    @functools.wraps(shard_model)
+    def wrapped(model, *, bf16: bool, reshard_after_forward: bool = True) -> int:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import DeviceMesh
 
-    groups = [dist.new_group([rank]) for rank in range(dist.get_world_size())]  # every rank makes every group
-    device_type = "cuda" if torch.cuda.is_available() and bf16 else "cpu"
-    mesh = DeviceMesh.from_group(groups[dist.get_rank()], device_type)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else torch.float32, reduce_dtype=torch.float32)
-    layers = decoder_layers(model)
-    for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    return len(layers) + 1
+        groups = [dist.new_group([rank]) for rank in range(dist.get_world_size())]  # every rank makes every group
+        device_type = "cuda" if torch.cuda.is_available() and bf16 else "cpu"
+        mesh = DeviceMesh.from_group(groups[dist.get_rank()], device_type)
+        return shard_model(model, bf16=bf16, reshard_after_forward=reshard_after_forward, mesh=mesh)
+
+    return wrapped
 
 
 # ---------------------------------------------------------------- the wrappers: upstream bug classes in loading
+
+
+def _inside_load(name: str, wrap: Callable):
+    """A load_model whose loader calls `wrap(harness.models.loading.<name>)` instead of that step, for
+    the length of the call only: the loader's own steps lie in harness.models, below the job's parts."""
+
+    def wrap_load(load_model):
+        @functools.wraps(load_model)
+        def wrapped(*args, **kwargs):
+            from harness.models import loading
+
+            with _swapped(loading, name, wrap(getattr(loading, name))):
+                return load_model(*args, **kwargs)
+
+        return wrapped
+
+    return wrap_load
+
+
+@contextlib.contextmanager
+def _swapped(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 
 
 def _causal_lm_mapping_trusted(resolve_load_path):
@@ -301,21 +299,20 @@ def _trusting_from_pretrained(extract_causal_lm):
 
 
 def _around_step(before: Callable | None = None, after: Callable | None = None):
-    """A wrapper of train_step that counts the steps (from 1) and sees the arguments by name:
-    before(step, arguments) may replace some; after(arguments) runs once the step is done."""
+    """A wrapper of train_step that counts the steps (from 1): before(step, trainer, step_plan) returns
+    the (trainer, step_plan) the step gets; after(trainer) runs once the step is done."""
 
     def wrap(train_step):
-        signature, steps = inspect.signature(train_step), itertools.count(1)
+        steps = itertools.count(1)
 
         @functools.wraps(train_step)
-        def wrapped(*args, **kwargs):
-            call = signature.bind(*args, **kwargs)
+        def wrapped(trainer, step_plan, accounting=None):
             step = next(steps)
             if before is not None:
-                before(step, call.arguments)
-            result = train_step(*call.args, **call.kwargs)
+                trainer, step_plan = before(step, trainer, step_plan)
+            result = train_step(trainer, step_plan, accounting)
             if after is not None:
-                after(call.arguments)
+                after(trainer)
             return result
 
         return wrapped
@@ -335,13 +332,8 @@ class PerRankMean(GlobalMean):
         return float(all_reduce_sum(global_mean_loss(local_sum, self.label_tokens))) / self.world_size
 
 
-def _per_rank_mean(step: int, arguments: dict) -> None:
-    arguments["loss_normalisation"] = PerRankMean
-
-
-def _drop_at_step_2(step: int, arguments: dict) -> None:
-    if step == 2:
-        arguments["step_plan"] = drop_last_micro_batch(arguments["step_plan"])
+def _drop_at_step_2(step: int, trainer, step_plan):
+    return trainer, drop_last_micro_batch(step_plan) if step == 2 else step_plan
 
 
 def drop_last_micro_batch(step_plan):
@@ -352,13 +344,13 @@ def drop_last_micro_batch(step_plan):
     return plan
 
 
-def _never_stepping(step: int, arguments: dict) -> None:
-    optimizer = arguments["optimizer"]
-    arguments["optimizer"] = types.SimpleNamespace(step=lambda closure=None: None, zero_grad=optimizer.zero_grad)
+def _never_stepping(step: int, trainer, step_plan):
+    optimizer = types.SimpleNamespace(step=lambda closure=None: None, zero_grad=trainer.optimizer.zero_grad)
+    return dataclasses.replace(trainer, optimizer=optimizer), step_plan
 
 
-def _nudge_frozen(arguments: dict) -> None:
-    nudge_frozen(arguments["model"])
+def _nudge_frozen(trainer) -> None:
+    nudge_frozen(trainer.model)
 
 
 def nudge_frozen(model) -> None:
@@ -391,85 +383,90 @@ def _zero_after_warmup(lr_lambda):
 
 
 class Mutation(NamedTuple):
-    where: str  # module.function it wraps: harness.<module>, or "train" for the trainer install is given
-    wrap: Callable  # the function -> its wrapper (or its replacement)
+    part: str  # the field of harness.job.train.JobParts it replaces
+    wrap: Callable  # the part -> the part with the bug
     bug: str
 
     def __str__(self) -> str:
-        return f"{self.where} (wrapped at install): {self.bug}"
+        return f"{self.part} (armed at the job's start): {self.bug}"
 
 
 CATALOGUE = {
     "labels_not_masked": Mutation(
-        "job.data.tokenize_with_labels", _label_every_token, "labels every token, prompts included"
+        "labelling",
+        _relabelled("labels_not_masked", lambda tokenize: functools.partial(_label_every_token, tokenize)),
+        "labels every token, prompts included",
     ),
     "eot_not_labelled": Mutation(
-        "job.data._reply_span", _stop_at_reply_end, "ends the label span before the end-of-turn marker"
+        "labelling",
+        _relabelled(
+            "eot_not_labelled",
+            lambda tokenize: functools.partial(
+                tokenize, find_reply=functools.partial(_stop_at_reply_end, data.reply_span)
+            ),
+        ),
+        "ends the label span before the end-of-turn marker",
     ),
     "packed_cross_attention": Mutation(
-        "job.data._collate_packed",
-        _then(_attend_across_samples),
-        "adds an all-ones attention mask: packed samples see each other",
+        "pack_samples", _then(_attend_across_samples), "adds an all-ones attention mask: packed samples see each other"
     ),
     "position_ids_not_reset": Mutation(
-        "job.data._collate_packed", _then(_number_positions_across_row), "numbers positions across the whole packed row"
+        "pack_samples", _then(_number_positions_across_row), "numbers positions across the whole packed row"
     ),
     "loss_per_rank_mean": Mutation(
-        "job.train.train_step",
-        _around_step(before=_per_rank_mean),
-        "gets PerRankMean: normalises by this rank's label tokens and averages the ranks",
+        "loss_normalisation",
+        lambda normalisation: PerRankMean,
+        "is PerRankMean: normalises by this rank's label tokens and averages the ranks",
     ),
     "micro_batch_dropped": Mutation(
-        "job.train.train_step",
+        "train_step",
         _around_step(before=_drop_at_step_2),
         "gets, at step 2, a plan whose last rank's last micro-batch is empty",
     ),
-    "same_batch_every_step": Mutation("job.train.plan_epoch", _first_step_repeated, "repeats the epoch's first step"),
+    "same_batch_every_step": Mutation("plan_epoch", _first_step_repeated, "repeats the epoch's first step"),
     "extracted_random_init": Mutation(
-        "models.loading.load_model",
+        "load_model",
         _then(lambda loaded: reinitialise(loaded.model)),
         "re-initialises the loaded weights (a loader that read nothing)",
     ),
     "vision_tower_trainable": Mutation(
-        "models.loading.load_model",
+        "load_model",
         _then(lambda loaded: unfreeze_towers(loaded.model)),
         "leaves the towers of a direct VLM load trainable",
     ),
     "optimizer_never_steps": Mutation(
-        "job.train.train_step", _around_step(before=_never_stepping), "gets an optimizer whose step() does nothing"
+        "train_step", _around_step(before=_never_stepping), "gets an optimizer whose step() does nothing"
     ),
-    "lr_zero_after_warmup": Mutation("job.train.lr_lambda", _zero_after_warmup, "returns 0 once warm-up is over"),
+    "lr_zero_after_warmup": Mutation("lr_lambda", _zero_after_warmup, "returns 0 once warm-up is over"),
     "grads_not_reduced": Mutation(
-        "job.distributed.shard_model",
-        lambda shard_model: shard_without_reduction,
-        "shards each rank on its own 1-rank mesh: gradients never cross ranks",
+        "shard_model", _own_rank_mesh, "shards each rank on its own 1-rank mesh: gradients never cross ranks"
     ),
     "towers_updated": Mutation(
-        "job.train.train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"
+        "train_step", _around_step(after=_nudge_frozen), "is followed by a nudge of the frozen tower weights"
     ),
     "generation_template_differs": Mutation(
-        "job.generation.generation_prompt_ids",
+        "generation_check",
         _another_family_template,
-        "renders the generation prompt with another family's chat template than training's",
+        "renders the generation prompts with another family's chat template than training's",
     ),
     "resolver_returns_causal_lm": Mutation(
-        "models.loading.resolve_load_path",
-        _causal_lm_mapping_trusted,
+        "load_model",
+        _inside_load("resolve_load_path", _causal_lm_mapping_trusted),
         "trusts the causal-LM mapping: Gemma 3 loads as the full VLM",
     ),
     "token_type_ids_dropped": Mutation(
-        "models.loading.extra_forward_inputs",
+        "extra_forward_inputs",
         _token_types_dropped,
         "drops the token-type inputs (token_type_ids, mm_token_type_ids) a VLM takes",
     ),
     "vocab_from_top_config": Mutation(
-        "models.loading.vocab_size",
+        "vocab_size",
         _top_level_vocab,
         "reads the vocabulary size off the top-level config, not text_config",
     ),
     "silent_random_load": Mutation(
-        "models.loading.extract_causal_lm",
-        _trusting_from_pretrained,
+        "load_model",
+        _inside_load("extract_causal_lm", _trusting_from_pretrained),
         "extracts by a plain from_pretrained of the text class and trusts it",
     ),
 }
