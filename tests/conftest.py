@@ -13,6 +13,7 @@ LONGEST_FIRST = [
     "test_mutations.py",
     "test_gate.py",
     "test_trl_backend.py",
+    "test_stack_matrix.py",
     "test_verdict.py",
     "test_multinode.py",
     "test_backends.py",

@@ -75,10 +75,12 @@ def traits(name: str) -> BackendTraits:
     return backend(name).TRAITS
 
 
-def check_usable(name: str, device: str) -> None:
-    """One line (exit 2) before any job: a missing extra with its install command, a CUDA-only stack on CPU."""
+def check_usable(name: str, device: str, installed_here: bool = True) -> None:
+    """One line (exit 2) before any job: a missing extra with its install command (where the stack runs
+    in this environment; --stack's own environment proved itself when its probe ran there), a CUDA-only
+    stack on CPU."""
     requirement = traits(name).requirement
-    if requirement and importlib.util.find_spec(requirement.module) is None:
+    if installed_here and requirement and importlib.util.find_spec(requirement.module) is None:
         raise UsageError(
             f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"
         )

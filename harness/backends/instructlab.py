@@ -69,7 +69,7 @@ def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[st
     return [
         [sys.executable, "-m", "harness.backends.stack_checkpoint", "--job", str(job_path)],
         [
-            sys.executable,
+            cfg.stack_python or sys.executable,  # the stack's own environment (--stack), else this one
             "-m",
             WORKER,
             "--job",

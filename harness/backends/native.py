@@ -23,7 +23,7 @@ def probe(spec, config) -> BackendProbe:
 
 
 def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[str]]:
-    return [torchrun_command(Path(cfg.output_dir) / "job.json", topology, job_index)]
+    return [torchrun_command(Path(cfg.output_dir) / "job.json", topology, job_index, python=cfg.stack_python)]
 
 
 def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:

@@ -53,15 +53,17 @@ def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[st
     job_path = Path(cfg.output_dir) / "job.json"
     prepare = [sys.executable, "-m", "harness.backends.stack_checkpoint", "--job", str(job_path)]
     if cfg.device != "cuda":
-        return [prepare, torchrun_command(job_path, topology, job_index, module=WORKER)]
+        return [prepare, torchrun_command(job_path, topology, job_index, module=WORKER, python=cfg.stack_python)]
     config_path = Path(cfg.output_dir) / ACCELERATE_CONFIG
     config_path.write_text(accelerate_fsdp2_config(cfg, topology))
-    return [prepare, accelerate_command(config_path, job_path, topology, job_index)]
+    return [prepare, accelerate_command(config_path, job_path, topology, job_index, cfg.stack_python)]
 
 
-def accelerate_command(config_path: Path, job_path: Path, topology: Topology, job_index: int) -> list[str]:
+def accelerate_command(
+    config_path: Path, job_path: Path, topology: Topology, job_index: int, python: str | None = None
+) -> list[str]:
     command = [
-        sys.executable,
+        python or sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",

@@ -28,6 +28,7 @@ class Option:
     minimum: float | None = None
     positive: bool = False
     maximum: float | None = None  # above it the value is a typo (an lr of 3 for 3e-4)
+    repeat: bool = False  # given once per value (--stack a --stack b): the field is a tuple
 
     def check(self, flag: str, value: Any) -> None:
         """One line naming the value and the range, for a value out of it (UsageError)."""

@@ -121,6 +121,7 @@ class RunConfig(JsonRecord):
     device: str  # cuda | cpu
     output_dir: str  # the model's result folder
     dataset: str
+    stack_python: str | None = None  # the interpreter of the stack's own environment (--stack); None: this one
     packing: bool = True
     loss_threshold: float = 0.05
     max_samples: int | None = option(None, "train on the first N samples (tiny default: 200)", minimum=1)
@@ -620,6 +621,8 @@ class ModelResult(JsonRecord):
     exit: ExitRecord = field(default_factory=ExitRecord)
     retried_with_activation_checkpointing: str | None = None  # the first attempt's out-of-memory error
     backend: BackendRecord | None = None  # the stack that trained (None: the native trainer, before backends)
+    stack: str | None = None  # --stack: the spec gated in an environment of its own (None: the harness's own)
+    stack_versions: dict[str, str | None] = field(default_factory=dict)  # what that environment resolved to
     regressions: list[str] = field(default_factory=list)  # --compare
     log_file: str | None = None
     log_tail: list[str] = field(default_factory=list)
@@ -638,6 +641,8 @@ class ModelResult(JsonRecord):
 SUMMARY_FIELDS = (
     "model",
     "verdict",
+    "stack",
+    "stack_versions",
     "load_path",
     "expected_load_path",
     "weights",

@@ -21,6 +21,9 @@ from harness.gate.run_lock import run_folder_locked
 from harness.gate.settings import run_config_for, settings_of_command
 from harness.gate.tracking import track_sweep
 from harness.gate.verdict import FAIL, NOT_JUDGED, NOT_RUN, PASS
+from harness.runtime import stack_env
+from harness.runtime.paths import cache_dir
+from harness.runtime.stack_env import StackEnv
 from harness.runtime.stop_signals import as_interrupted, signals_deferred, stop_on_signals
 
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # a stop signal: 128 + its number (stop_signals.Interrupted.exit_code)
@@ -72,9 +75,20 @@ def check_inputs(command: CommandLine) -> tuple[CommandLine, list[PlannedModel]]
         raise UsageError("nothing to do: give --models a,b,c (or --list-models)")
     if command.compare:
         validate.check_comparable(command.compare)
-    planned = plan_models(command.models, command.backend)
+    planned = plan_models(command.models, command.backend, stack_environments(command))
     validate.check_output_dir(command.resume or command.output_dir)
     return command, planned
+
+
+def stack_environments(command: CommandLine) -> list[StackEnv]:
+    """--stack: each spec's environment, built once and cached (a spec that cannot be built is exit 2
+    now, before any job); --stack-python: the user's own; neither: none (the harness's environment)."""
+    if command.stack_python is not None:
+        return [stack_env.external_python(Path(command.stack_python))]
+    return [
+        stack_env.build_stack_env(stack_env.StackSpec.parse(text), cache_dir(), wheelhouse=command.wheelhouse)
+        for text in command.stack
+    ]
 
 
 def check_training_inputs(planned: list[PlannedModel], settings) -> list[PlannedModel]:
@@ -82,8 +96,8 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> list[Planned
     its files (chat template, token budget, tiny variant); then which models cannot fit these GPUs."""
     configs = [run_config_for(item.spec, settings, Path("unused")) for item in planned]
     validate.check_dataset(settings.dataset, [(cfg.spec.name, cfg.max_samples, cfg.max_seq_len) for cfg in configs])
-    for name in sorted({item.backend for item in planned}):
-        backends.check_usable(name, settings.device)
+    for name, here in sorted({(item.backend, item.stack is None) for item in planned}):
+        backends.check_usable(name, settings.device, installed_here=here)
     if settings.weights == "real":
         for item in planned:
             package = item.spec.real_weights.partition(":")[2] if item.spec.real_weights else None
@@ -91,7 +105,7 @@ def check_training_inputs(planned: list[PlannedModel], settings) -> list[Planned
     from harness.job.caches import check_job_inputs  # the model's tokenizer: transformers, in the parent
 
     lines = read_chat_lines(settings.dataset)
-    for cfg in configs:
+    for cfg in {cfg.spec.name: cfg for cfg in configs}.values():  # a matrix's rows share their model's inputs
         check_job_inputs(cfg, lines, token_budget=backends.traits(cfg.backend).follows_memory_plan)
     return [
         dataclasses.replace(item, refusal=gpu_fit_refusal(item, cfg, settings)) for item, cfg in zip(planned, configs)
@@ -159,7 +173,8 @@ def dry_run_into(run_dir: Path, planned: list[PlannedModel]) -> int:
         ]
         for r in results
     ]
-    print_table(f"Dry run {run_dir.name}", ["model", "backend", "load path", "expected", "class", "verdict"], rows)
+    columns = ["model", "backend", "load path", "expected", "class", "verdict"]
+    print_table(f"Dry run {run_dir.name}", *with_stack_column(columns, rows, results))
     for r in results:
         print(f"{r.model}: {r.load_path_reason}")
         for reason in r.reasons:
@@ -199,7 +214,9 @@ def train_into(run_dir: Path, planned: list[PlannedModel], settings, command: Co
     write_json_atomic(
         run_dir / "run.json",
         {
-            "models": [p.spec.name if p.spec.source == "registry" else p.spec.hf_id for p in planned],
+            "models": list(
+                dict.fromkeys(p.spec.name if p.spec.source == "registry" else p.spec.hf_id for p in planned)
+            ),
             "command": environment["command"]["line"],
             "settings": command.recorded(),
         },
@@ -265,18 +282,29 @@ def print_run_table(planned: list[PlannedModel], results: list[ModelResult], run
         ]
         for r in results
     ]
-    print_table(
-        f"Run {run_dir.name}",
-        ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"],
-        rows,
-    )
-    refusals = {item.spec.name: item.refusal for item in planned if item.refusal}
+    columns = ["model", "load path", "weights", "ranks", "initial loss", "final loss", "steps", "verdict"]
+    print_table(f"Run {run_dir.name}", *with_stack_column(columns, rows, results))
+    refusals = {item.name: item.refusal for item in planned if item.refusal}
     for result in results:
         if result.model in refusals:
             print(f"{result.model}: {result.verdict} ({refusals[result.model]})")
         elif result.verdict in NOT_JUDGED:
             print(f"{result.model}: {result.verdict} (the sweep {why}); finish it with --resume {run_dir}")
     print(f"results: {run_dir}")
+
+
+def with_stack_column(columns: list[str], rows: list[list], results: list[ModelResult]) -> tuple[list, list]:
+    """A version matrix's table: each row's resolved versions beside its model (none: the table as it is)."""
+    if not any(r.stack for r in results):
+        return columns, rows
+    versions = [table_versions(r.stack_versions) for r in results]
+    return [columns[0], "versions", *columns[1:]], [[row[0], v, *row[1:]] for row, v in zip(rows, versions)]
+
+
+def table_versions(versions: dict[str, str | None]) -> str:
+    """The stack's own version (the first entry), transformers and torch; result.json keeps them all."""
+    shown = list(versions)[:1] + ["transformers", "torch"]
+    return ", ".join(f"{name} {versions[name]}" for name in dict.fromkeys(shown) if versions.get(name)) or "-"
 
 
 def follow_node_0(planned: list[PlannedModel], settings, run_dir: Path) -> int:

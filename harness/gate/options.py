@@ -66,6 +66,20 @@ class CommandLine:
     )
     packing: bool = option(True, "padded batches instead of padding-free packing", flag="--no-packing", switch=False)
     timeout_per_model: float = option(3600.0, "seconds before a job is ended as hung", positive=True)
+    stack: tuple[str, ...] = option(
+        (),
+        "gate this version of the stack in an environment of its own, built once (uv) and cached: a "
+        "requirement (instructlab-training==0.15.0), a wheel or sdist, a source folder or a VCS URL; "
+        "repeat it for a version matrix (one row per model and spec)",
+        group="gate",
+        repeat=True,
+    )
+    stack_python: Path | None = option(
+        None, "run the stack with this interpreter: an environment you already have", group="gate"
+    )
+    wheelhouse: Path | None = option(
+        None, "build --stack environments from this folder of wheels only (no package index)", group="gate"
+    )
     resume: Path | None = option(
         None, "a run folder: skip the models finished there, run the rest into it", group="gate"
     )
@@ -89,18 +103,41 @@ class CommandLine:
         if "no_packing" in stored:  # recorded before packing was declared as itself
             stored = {**stored, "packing": not stored["no_packing"]}
         own = {k: v for k, v in stored.items() if k in options_of(CommandLine) and k not in self.given}
-        own = {k: Path(v) if isinstance(getattr(self, k), Path) else v for k, v in own.items()}
+        own = {k: stored_value(k, v) for k, v in own.items()}
         training = {**training_values(stored), **self.training}
         return dataclasses.replace(self, **own, training=training)
 
     def recorded(self) -> dict[str, Any]:
         """What run.json keeps for --resume: the run's shape and every training setting given."""
         kept = {name: getattr(self, name) for name in RESUMED}
-        return {key: str(v) if isinstance(v, Path) else v for key, v in {**kept, **self.training}.items()}
+        plain = {key: str(v) if isinstance(v, Path) else v for key, v in {**kept, **self.training}.items()}
+        return {key: list(v) if isinstance(v, tuple) else v for key, v in plain.items()}
 
 
 # What a resumed run keeps from its first invocation unless given again: its shape and its settings.
-RESUMED = ("weights", "device", "nproc_per_node", "nnodes", "dataset", "packing", "timeout_per_model", "backend")
+RESUMED = (
+    "weights",
+    "device",
+    "nproc_per_node",
+    "nnodes",
+    "dataset",
+    "packing",
+    "timeout_per_model",
+    "backend",
+    "stack",
+    "stack_python",
+    "wheelhouse",
+)
+
+
+def stored_value(name: str, value: Any) -> Any:
+    """A value run.json stored, as CommandLine's field holds it (a path, a tuple of repeated values)."""
+    kinds = typing.get_args(typing.get_type_hints(CommandLine)[name]) or (typing.get_type_hints(CommandLine)[name],)
+    if value is None:
+        return None
+    if Path in kinds:
+        return Path(value)
+    return tuple(value) if isinstance(value, list) else value
 
 
 def training_values(given: dict[str, Any]) -> dict[str, Any]:
@@ -149,6 +186,8 @@ def add_option(group, name: str, spec: Option, annotation) -> None:
     kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_with_default(name, spec)}
     if spec.switch is not None:
         kwargs.update(action="store_const", const=spec.switch)
+    elif spec.repeat:
+        kwargs.update(action="append", metavar=name.upper())
     elif spec.words is not None:
         kwargs["choices"] = tuple(spec.words)
         if spec.bare is not None:
@@ -170,7 +209,7 @@ def parse(argv: list[str] | None = None) -> CommandLine:
     """The command line as one CommandLine (exit 2 from argparse for an unknown option or word);
     the declared ranges are checked here (UsageError)."""
     typed = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    own = {k: v for k, v in typed.items() if k in options_of(CommandLine)}
+    own = {k: tuple(v) if isinstance(v, list) else v for k, v in typed.items() if k in options_of(CommandLine)}
     if "wandb" not in own and os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         own["wandb"] = os.environ["WANDB_MODE"]
     check_ranges(CommandLine, own)

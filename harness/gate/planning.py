@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from harness import backends
+from harness.backends.probe import probe_in
 from harness.contract.errors import UsageError
-from harness.contract.model_spec import ModelSpec
+from harness.contract.model_spec import ModelSpec, folder_name
 from harness.contract.records import BackendProbe, BackendRecord, ModelResult
 from harness.gate import registry, validate
 from harness.gate.settings import backend_of
@@ -18,6 +19,7 @@ from harness.models.configs import load_config
 
 if TYPE_CHECKING:  # plan imports transformers: only where a model is resolved
     from harness.models.plan import LoadPathDecision
+    from harness.runtime.stack_env import StackEnv
 
 PLANNED = "PLANNED"  # a dry run's verdict: resolved, not trained
 
@@ -29,6 +31,23 @@ class PlannedModel:
     backend: str = "native"
     probe: BackendProbe | None = None  # the class and load path the backend's stack will take
     refusal: str | None = None  # why it will not be run here (its GPUs are too small): NOT RUN, not FAIL
+    stack: StackEnv | None = None  # --stack: the environment the stack runs in (None: the harness's own)
+
+    @property
+    def stack_label(self) -> str | None:
+        """The --stack spec this row gates, or the --stack-python interpreter (None: neither)."""
+        if self.stack is None:
+            return None
+        return str(self.stack.spec) if self.stack.spec else f"python {self.stack.python}"
+
+    @property
+    def name(self) -> str:
+        """The row's name: the model, and the spec it gates in a version matrix."""
+        return f"{self.spec.name} [{self.stack_label}]" if self.stack else self.spec.name
+
+    @property
+    def folder(self) -> str:
+        return folder_name(self.name)
 
     @property
     def load_path(self) -> str | None:
@@ -47,8 +66,11 @@ class PlannedModel:
         return None
 
 
-def plan_models(models_arg: str, backend_arg: str | None = None) -> list[PlannedModel]:
-    """Look up and resolve every model before any work starts: a bad name costs nothing."""
+def plan_models(
+    models_arg: str, backend_arg: str | None = None, stacks: list[StackEnv] | None = None
+) -> list[PlannedModel]:
+    """Look up and resolve every model before any work starts: a bad name costs nothing. With --stack,
+    one row per model and environment (model-major), each probed in its own environment."""
     names = [name.strip() for name in models_arg.split(",") if name.strip()]
     if not names:
         raise UsageError("--models is empty")
@@ -60,7 +82,14 @@ def plan_models(models_arg: str, backend_arg: str | None = None) -> list[Planned
     for spec in specs:
         config = load_config(spec)
         name = backend_of(spec, backend_arg)
-        planned.append(PlannedModel(spec, resolve_load_path(config), name, probe_backend(name, spec, config)))
+        decision = resolve_load_path(config)
+        for stack in stacks or [None]:
+            probe = (
+                probe_in(str(stack.python), name, spec, f"--stack {stack.spec or stack.python}")
+                if stack
+                else probe_backend(name, spec, config)
+            )
+            planned.append(PlannedModel(spec, decision, name, probe, stack=stack))
     return planned
 
 
@@ -82,7 +111,7 @@ def planned_result(item: PlannedModel, verdict: str = PLANNED, reasons: list[str
     if item.probe:
         classes["model"] = item.probe.class_name
     return ModelResult(
-        model=item.spec.name,
+        model=item.name,
         source=item.spec.source,
         hf_id=item.spec.hf_id,
         load_path=item.load_path,
@@ -91,9 +120,11 @@ def planned_result(item: PlannedModel, verdict: str = PLANNED, reasons: list[str
         classes=classes,
         verdict=FAIL if mismatch else verdict,
         reasons=mismatch or list(reasons or []),
-        model_dir=item.spec.folder_name,
+        model_dir=item.folder,
         loss_threshold=item.spec.loss_threshold,
         backend=BackendRecord(item.backend, probe=item.probe) if item.probe else None,
+        stack=item.stack_label,
+        stack_versions=dict(item.stack.versions) if item.stack else {},
     )
 
 

@@ -83,8 +83,11 @@ def settings_of_command(command: CommandLine) -> RunSettings:
     )
 
 
-def run_config_for(spec: ModelSpec, settings: RunSettings, model_dir: Path) -> RunConfig:
-    """Defaults < the registry's per-model settings < the command line."""
+def run_config_for(
+    spec: ModelSpec, settings: RunSettings, model_dir: Path, stack_python: str | None = None
+) -> RunConfig:
+    """Defaults < the registry's per-model settings < the command line; `stack_python`: the interpreter of
+    the stack's own environment (--stack)."""
     values = dict(TRAIN_DEFAULTS[settings.weights])
     if settings.weights == "synthetic":
         values["lr"] = synthetic_lr(settings.nproc_per_node * settings.nnodes)
@@ -97,6 +100,7 @@ def run_config_for(spec: ModelSpec, settings: RunSettings, model_dir: Path) -> R
         device=settings.device,
         output_dir=str(model_dir),
         dataset=str(settings.dataset),
+        stack_python=stack_python,
         packing=settings.packing,
         loss_threshold=spec.loss_threshold,
         backend=backend_of(spec, settings.backend),

@@ -54,9 +54,9 @@ class SweepContext:
 
 def run_model(planned: PlannedModel, index: int, sweep: SweepContext, on_line=None) -> ModelResult:
     settings = sweep.settings
-    model_dir = sweep.run_dir / planned.spec.folder_name
+    model_dir = sweep.run_dir / planned.folder
     model_dir.mkdir(parents=True, exist_ok=True)
-    cfg = run_config_for(planned.spec, settings, model_dir)
+    cfg = run_config_for(planned.spec, settings, model_dir, stack_python_of(planned))
     started = time.monotonic()
     result, report = run_job_once(planned, index, settings, cfg, model_dir, on_line)
     first_error = out_of_memory_without_checkpointing(cfg, report)
@@ -155,6 +155,10 @@ def check_saved_checkpoint(cfg: RunConfig, report: WorkerReport, settings: RunSe
         report.evaluation, report.generation = check.evaluation, check.generation
 
 
+def stack_python_of(planned: PlannedModel) -> str | None:
+    return str(planned.stack.python) if planned.stack else None
+
+
 def topology_of(settings: RunSettings) -> Topology:
     return Topology(settings.nproc_per_node, settings.nnodes, settings.node_rank, settings.rdzv_endpoint)
 
@@ -163,9 +167,9 @@ def follow_on_node(planned: PlannedModel, index: int, settings: RunSettings, run
     """A node other than 0 runs its ranks of the model's job and judges nothing: global rank 0, on
     node 0, holds the metrics and the report. Its log is train.node<r>.log (a shared results folder
     must not mix the nodes' logs) and it removes nothing node 0 may have written."""
-    model_dir = run_dir / planned.spec.folder_name
+    model_dir = run_dir / planned.folder
     model_dir.mkdir(parents=True, exist_ok=True)
-    cfg = run_config_for(planned.spec, settings, model_dir)
+    cfg = run_config_for(planned.spec, settings, model_dir, stack_python_of(planned))
     return launch_model_job(index, settings, cfg, model_dir / f"train.node{settings.node_rank}.log", on_line)
 
 
@@ -195,7 +199,9 @@ def collect_result(
     verdict = judge(verdict_input(planned, cfg, outcome, report, metrics, topology))
     times = report.time_s
     return ModelResult(
-        model=planned.spec.name,
+        model=planned.name,
+        stack=planned.stack_label,
+        stack_versions=dict(planned.stack.versions) if planned.stack else {},
         source=planned.spec.source,
         hf_id=planned.spec.hf_id,
         weights=cfg.weights,
@@ -429,11 +435,11 @@ def run_sweep(
     """Models one after another; one model's failure never stops the next. Models already finished
     in the run folder (--resume) are reused. A stop signal ends the current job and stops the sweep."""
     finished = finished or {}
-    status = SweepStatus([p.spec.name for p in planned_models])
+    status = SweepStatus([p.name for p in planned_models])
     run, planned = SweepRun([]), None
     try:
         for index, planned in enumerate(planned_models):
-            name = planned.spec.name
+            name = planned.name
             if name in finished:
                 run.results.append(reuse_finished(finished[name], sweep))
                 status.set(name, f"{finished[name].verdict} (from the resumed run)")
@@ -455,7 +461,7 @@ def run_sweep(
     except KeyboardInterrupt as stop:  # outside a job (a job's own stop ends in run_job)
         run.stop = as_interrupted(stop)
         done = {r.model for r in run.results}
-        run.in_flight = planned if planned is not None and planned.spec.name not in done else None
+        run.in_flight = planned if planned is not None and planned.name not in done else None
     finally:
         status.close()
     return run
@@ -477,9 +483,9 @@ def follow_node_0(planned_models: list[PlannedModel], settings: RunSettings, run
             if planned.refusal:  # node 0 skips it too: the same plan on every node
                 continue
             outcome = follow_on_node(planned, index, settings, run_dir)
-            run.outcomes.append((planned.spec.name, outcome))
+            run.outcomes.append((planned.name, outcome))
             state = "ended cleanly" if outcome.clean_exit else f"did not end cleanly ({exit_words(outcome)})"
-            echo(f"{planned.spec.name}: the job {state} on node {settings.node_rank}; node 0 makes the verdict")
+            echo(f"{planned.name}: the job {state} on node {settings.node_rank}; node 0 makes the verdict")
             if outcome.interrupted:
                 run.stop = Interrupted.named(outcome.stopped_by)
                 break

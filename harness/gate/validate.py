@@ -25,6 +25,20 @@ def check_run_shape(command) -> None:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint host:port (node 0)")
     if command.rdzv_endpoint is not None:
         check_endpoint(command.rdzv_endpoint)
+    check_stack_options(command)
+
+
+def check_stack_options(command) -> None:
+    """--stack, --stack-python and --wheelhouse together make sense, and name what exists."""
+    if command.stack and command.stack_python:
+        raise UsageError("give --stack (environments the harness builds) or --stack-python (yours), not both")
+    repeated = sorted({spec for spec in command.stack if command.stack.count(spec) > 1})
+    if repeated:
+        raise UsageError(f"--stack {repeated[0]} is given twice; each spec is one row of the matrix")
+    if command.wheelhouse is not None and not command.stack:
+        raise UsageError("--wheelhouse builds --stack environments: give --stack SPEC too")
+    if command.wheelhouse is not None and not Path(command.wheelhouse).is_dir():
+        raise UsageError(f"--wheelhouse {command.wheelhouse}: no such folder")
 
 
 def check_endpoint(endpoint: str) -> None:

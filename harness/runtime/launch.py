@@ -49,11 +49,16 @@ class JobOutcome:
 
 
 def torchrun_command(
-    job_path: Path, topology: Topology, job_index: int = 0, module: str = "harness.job.train"
+    job_path: Path,
+    topology: Topology,
+    job_index: int = 0,
+    module: str = "harness.job.train",
+    python: str | None = None,
 ) -> list[str]:
-    """torchrun for one job. Multi-node: model k of the sweep meets at port + k, so a node still
-    finishing model k-1 never joins model k's rendezvous (every node runs the models in one order)."""
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topology.nproc_per_node}"]
+    """torchrun for one job, with `python` (a stack's own environment) or this interpreter. Multi-node:
+    model k of the sweep meets at port + k, so a node still finishing model k-1 never joins model k's
+    rendezvous (every node runs the models in one order)."""
+    command = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topology.nproc_per_node}"]
     if topology.nnodes > 1:
         if not topology.rdzv_endpoint:
             raise ValueError("multi-node runs need --rdzv-endpoint host:port (node 0's address)")
