@@ -290,6 +290,7 @@ def train(
     clock.sharded = time.monotonic()
     job = plan_training(cfg, ctx, parts, inputs, setup, clock.started)
 
+    # Loop: epochs of steps until the loss target, the step budget or a non-finite step stops them.
     clock.train_started = time.monotonic()
     state = run_epochs(job, checks, report)
     clock.finished = time.monotonic()
