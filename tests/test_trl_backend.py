@@ -1,7 +1,9 @@
 """TRL's SFTTrainer under the gate, end to end through the CLI on tiny models (CPU: torchrun starts
 the ranks, accelerate runs them as gloo DDP). The verdict is the harness's: a tiny Llama PASSes on the
 harness's evaluation of the checkpoint TRL saved; tiny Gemma 3 records the class TRL really built and
-FAILs with a reason naming it, whatever TRL then does (a crash included)."""
+FAILs with a reason naming it, whatever TRL then does (a crash included). The 1-process Llama run gates
+another TRL than the harness's own (--stack trl==1.15.0, an environment of its own); the 2-process
+runs use the harness's."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ pytestmark = pytest.mark.slow
 trl = pytest.importorskip("trl")
 
 
+STACK_VERSION = "1.14.1"  # not the harness's own trl (1.16.0); 1.15.0 needs triton for its fused LM head (no CPU)
+STACK_SPEC = f"trl=={STACK_VERSION}"
 BASE = (
     "--backend",
     "trl",
@@ -35,7 +39,8 @@ def trl_sweep(out, models: str, ranks: int, *extra: str):
         "--models", models, *BASE, "--nproc-per-node", str(ranks), "--output-dir", str(out), *extra, timeout=900
     )
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
-    results = {p.parent.name: json.loads(p.read_text()) for p in run_dir.glob("*/result.json")}
+    results = [json.loads(p.read_text()) for p in run_dir.glob("*/result.json")]
+    results = {result["model"].split(" [")[0]: result for result in results}  # a --stack row: "model [spec]"
     return done, run_dir, results, ranks
 
 
@@ -46,7 +51,7 @@ def trl_run(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"trl{request.param}")
     if request.param == 2:
         return trl_sweep(out, "Llama-3.2-1B-Instruct,gemma-3-4b-it", 2)
-    done, run_dir, results, _ = trl_sweep(out, "Llama-3.2-1B-Instruct", 1)
+    done, run_dir, results, _ = trl_sweep(out, "Llama-3.2-1B-Instruct", 1, "--stack", STACK_SPEC)
     _, _, gemma, _ = trl_sweep(tmp_path_factory.mktemp("trl1-gemma"), "gemma-3-4b-it", 1, "--max-steps", "4")
     return done, run_dir, {**results, **gemma}, 1
 
@@ -57,7 +62,11 @@ def test_tiny_llama_passes_on_the_harness_evaluation_of_trls_checkpoint(trl_run)
     assert llama["verdict"] == "PASS", failure_context(done) + "\n" + "\n".join(llama["reasons"])
     assert llama["world_size"] == ranks
     stack = llama["backend"]
-    assert stack["name"] == "trl" and stack["version"] == trl.__version__
+    gated = STACK_VERSION if ranks == 1 else trl.__version__  # the TRL that really ran, as it says itself
+    assert stack["name"] == "trl" and stack["version"] == gated
+    if ranks == 1:
+        assert llama["stack"] == STACK_SPEC and llama["stack_versions"]["trl"] == STACK_VERSION
+        assert llama["model"] == f"Llama-3.2-1B-Instruct [{STACK_SPEC}]"
     assert stack["observed_class"] == "LlamaForCausalLM" and llama["load_path"] == "causal_lm"
     check = stack["checkpoint"]
     assert check["error"] is None and check["load_record"]["load_path"] == "causal_lm"
@@ -65,9 +74,7 @@ def test_tiny_llama_passes_on_the_harness_evaluation_of_trls_checkpoint(trl_run)
     assert llama["final_loss"] == check["evaluation"]["loss"] < llama["loss_threshold"]
     assert check["evaluation"]["samples"] == 16
     assert stack["reported_final_loss"] is not None and stack["not_available"]
-    metrics = [
-        json.loads(line) for line in (run_dir / "Llama-3.2-1B-Instruct" / "metrics.jsonl").read_text().splitlines()
-    ]
+    metrics = [json.loads(line) for line in (run_dir / llama["model_dir"] / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == llama["steps"] > 10
     assert all(m["lr"] is not None and m["grad_norm"] is not None and m["tokens"] for m in metrics[1:])
 
