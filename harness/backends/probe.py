@@ -15,6 +15,7 @@ import sys
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
 from harness.contract.records import BackendProbe
+from harness.runtime.launch import job_environment
 
 ANSWER_PREFIX = "probe: "
 PROBE_TIMEOUT_S = 600.0  # the stack's imports on a cold file cache, a hub config download
@@ -39,7 +40,7 @@ def probe_in(python: str, backend_name: str, spec: ModelSpec, where: str) -> Bac
     a usage error naming `where` (the --stack spec) and its last line."""
     command = [python, "-m", "harness.backends.probe", "--backend", backend_name, "--model", json.dumps(spec.to_dict())]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=job_environment())
     except (OSError, subprocess.TimeoutExpired) as error:
         raise UsageError(f"{where}: the {backend_name} probe for {spec.name} could not run: {error}") from error
     answers = [line[len(ANSWER_PREFIX) :] for line in done.stdout.splitlines() if line.startswith(ANSWER_PREFIX)]

@@ -76,6 +76,14 @@ def torchrun_command(
     return command + ["-m", module, "--job", str(job_path)]
 
 
+def job_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """A job's environment: this one, with the harness checkout first on PYTHONPATH (a stack's own
+    environment reaches the worker code without installing the harness there)."""
+    job_env = {**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}
+    job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), job_env.get("PYTHONPATH")]))
+    return job_env
+
+
 def run_jobs(commands: list[list[str]], log_path: Path, timeout_s: float, on_line=None) -> JobOutcome:
     """Commands one after another into one log (a backend's set-up, then its training), sharing the
     timeout; the first that does not end cleanly ends the sequence. The last outcome, over the whole time."""
@@ -96,8 +104,7 @@ def run_job(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
     started = time.monotonic()
-    job_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-    job_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), job_env.get("PYTHONPATH")]))
+    job_env = job_environment(env)
     with log_path.open("a" if append else "w") as log:
         process = subprocess.Popen(
             command,
