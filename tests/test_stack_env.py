@@ -3,43 +3,20 @@ built with uv on top of this venv, whose torch, pyyaml and harness code the envi
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import importlib.metadata
 import json
 import subprocess
 import sys
 import threading
-import zipfile
 from pathlib import Path
 
 import pytest
+from wheel_files import write_wheel
 
 from harness.contract.errors import UsageError
 from harness.runtime import stack_env
 from harness.runtime.cache import MARKER
 from harness.runtime.stack_env import StackEnv, StackSpec, build_stack_env, external_python
-
-
-def write_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> Path:
-    """A pure-Python wheel, zipped by hand: one module that knows its version, METADATA, WHEEL, RECORD."""
-    info = f"{name}-{version}.dist-info"
-    metadata = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-    files = {
-        f"{name}/__init__.py": f'__version__ = "{version}"\n',
-        f"{info}/METADATA": metadata + "".join(f"Requires-Dist: {r}\n" for r in requires),
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = []
-    for path, text in files.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
-        record.append(f"{path},sha256={digest},{len(text.encode())}")
-    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,"]) + "\n"
-    wheel = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        for path, text in files.items():
-            archive.writestr(path, text)
-    return wheel
 
 
 @pytest.fixture(scope="module")

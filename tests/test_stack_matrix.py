@@ -1,38 +1,16 @@
 """The gate with --stack / --stack-python: one row per model and environment, probed and trained with that
 environment's interpreter, its resolved versions in result.json, summary.json, the table and JUnit."""
 
-import base64
-import hashlib
 import json
 import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 from gate_helpers import cli_env, run_cli
+from wheel_files import write_wheel
 
 from harness.contract.errors import UsageError
 from harness.gate import options, validate
-
-
-def write_wheel(folder: Path, name: str, version: str) -> Path:
-    """A pure-Python wheel of `name` whose module says its version (no build tool needed)."""
-    files = {
-        f"{name}/__init__.py": f'__version__ = "{version}"\n',
-        f"{name}-{version}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-        f"{name}-{version}.dist-info/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-    }
-    record = [
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b'=').decode()},"
-        f"{len(text.encode())}"
-        for path, text in files.items()
-    ]
-    files[f"{name}-{version}.dist-info/RECORD"] = "\n".join([*record, f"{name}-{version}.dist-info/RECORD,,"]) + "\n"
-    path = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as wheel:
-        for member, text in files.items():
-            wheel.writestr(member, text)
-    return path
 
 
 @pytest.fixture(scope="module")
