@@ -79,7 +79,18 @@ def modality_parts(cls: type | None) -> list[str]:
 
 def is_text_only_causal_lm(class_name: str | None) -> bool:
     cls = model_class(class_name)
-    return cls is not None and not modality_parts(cls)
+    return cls is not None and (not modality_parts(cls) or class_name in model_support.TEXT_ONLY_DESPITE_SUB_CONFIGS)
+
+
+# Multimodal types whose causal-LM class is their text model, built from the text config, but whose checkpoints
+# keep the text weights where that class's from_pretrained does not look: it leaves every one at random init
+# with a warning only. Such a type takes extract_causal_lm (its text weights read by the detected key prefix,
+# each compared with the checkpoint) instead of causal_lm. Observed on transformers 5.24 and 5.25;
+# tests/test_model_types.py fails when an entry's checkpoint loads by from_pretrained alone.
+TEXT_WEIGHTS_UNDER_A_PREFIX = {
+    "emu3": "Emu3ForConditionalGeneration checkpoints hold the text model at text_model.* "
+    "(text_model.model.*, text_model.lm_head.weight); Emu3ForCausalLM.from_pretrained maps none of them",
+}
 
 
 def multimodal_class_name(model_type: str) -> str | None:
@@ -107,6 +118,21 @@ def decide_load_path(config) -> LoadPathDecision:
     decide = _decision_factory(config, text_config)
 
     causal_name = CAUSAL_LM.get(model_type)
+    if is_text_only_causal_lm(causal_name) and model_type in TEXT_WEIGHTS_UNDER_A_PREFIX:
+        return decide(
+            "extract_causal_lm",
+            causal_name,
+            f"the causal-LM mapping resolves {model_type!r} to {causal_name}, its text model, but "
+            f"{TEXT_WEIGHTS_UNDER_A_PREFIX[model_type]}: build it from the text config "
+            f"({type(text_config).__name__}) and load only the language-model weights",
+        )
+    if causal_name in model_support.TEXT_ONLY_DESPITE_SUB_CONFIGS:
+        return decide(
+            "causal_lm",
+            causal_name,
+            f"the causal-LM mapping resolves {model_type!r} to {causal_name}: "
+            f"{model_support.TEXT_ONLY_DESPITE_SUB_CONFIGS[causal_name]}",
+        )
     if is_text_only_causal_lm(causal_name):
         return decide(
             "causal_lm",
