@@ -11,7 +11,7 @@ from harness.contract.model_spec import ModelSpec
 
 def load_config(spec: ModelSpec):
     """The model's transformers config, offline for registry models."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: the gate imports this module
 
     try:
         if spec.architecture_file:
@@ -28,7 +28,7 @@ def load_config(spec: ModelSpec):
 
 
 def _config_from_dict(config_dict: dict, where: str):
-    from transformers import CONFIG_MAPPING, __version__
+    from transformers import CONFIG_MAPPING, __version__  # transformers: the gate imports this module
 
     model_type = config_dict.get("model_type")
     if model_type not in CONFIG_MAPPING:

@@ -27,12 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
 from harness.contract.records import WEIGHTS_MODES, LoadRecord, TowerCounts
+from harness.models import tokenizers
+from harness.models import weights as built
 from harness.models.checkpoints import (
     CheckpointKeyError,
     ancestor_prefixes,
@@ -96,8 +101,6 @@ def load_model(
 
 def checkpoint_folder(spec: ModelSpec, weights: str) -> tuple[Path, str]:
     """The local folder holding the checkpoint for real/tiny weights, and a line saying where from."""
-    from harness.models import weights as built
-
     if weights == "tiny":
         folder = built.tiny_checkpoint(spec)
         return folder, f"tiny random checkpoint {folder}"
@@ -115,15 +118,11 @@ def checkpoint_folder(spec: ModelSpec, weights: str) -> tuple[Path, str]:
 
 
 def hub_snapshot(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
 def load_checkpoint(folder: Path, dtype: torch.dtype, weights: str, source: str) -> tuple[nn.Module, LoadRecord]:
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(folder)
     decision = resolve_load_path(config)
     if decision.load_path == "extract_causal_lm":
@@ -295,8 +294,6 @@ def extract_with_key_conversion(
 def vlm_key_mapping(config, decision: LoadPathDecision) -> dict[str, str]:
     """Regex renames: the VLM type's checkpoint renames (transformers' conversion mapping; the weight
     merges are left to the text class's own), then its language-model path -> `model.`."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
     renames = {}
     for transform in get_checkpoint_conversion_mapping(config.model_type) or []:
         if getattr(transform, "operations", None):  # a merge or split of tensors, not a rename
@@ -386,8 +383,6 @@ def build_along_path(config, dtype: torch.dtype) -> tuple[LoadPathDecision, nn.M
 def checkpoint_structure(folder: Path, source: str, dtype: torch.dtype, weights: str) -> tuple[nn.Module, LoadRecord]:
     """What load_checkpoint builds, on the meta device, no tensor read: for the ranks that receive
     their shards from rank 0 (its record, written by rank 0, is the one reported)."""
-    from transformers import AutoConfig
-
     decision, model = build_along_path(AutoConfig.from_pretrained(folder), dtype)
     counts = count_parameters(model, checkpoint_total=None, loaded=0)
     return model, make_record(decision, model, weights, f"{source} (read by rank 0, broadcast)", counts, dtype)
@@ -606,16 +601,12 @@ def tokenizer_for(spec: ModelSpec, weights: str = "real", with_weights: bool = T
     Gemma tokenizer for gemma, else the tiny one (its ids stay inside the full vocab); real -> the
     checkpoint's own, given the family's chat template if it has none. with_weights=False: a hub
     model's tokenizer files alone (the gate's check, before the job downloads the weights)."""
-    from harness.models import tokenizers
-
     if weights == "tiny":
         return tokenizers.tiny_tokenizer(spec.chat_family)
     if weights == "synthetic":
         return (
             tokenizers.gemma_tokenizer() if spec.chat_family == "gemma" else tokenizers.tiny_tokenizer(spec.chat_family)
         )
-    from transformers import AutoTokenizer
-
     on_hub = spec.hf_id and not spec.real_weights and spec.source != "local" and not Path(spec.hf_id).is_dir()
     folder = spec.hf_id if on_hub and not with_weights else checkpoint_folder(spec, "real")[0]
     tokenizer = AutoTokenizer.from_pretrained(folder)

