@@ -27,6 +27,7 @@ MODULE_FUNCTIONS = [
     (data, "tokenize_with_labels"),
     (data, "reply_span"),
     (data, "pack_samples"),
+    (data, "pad_samples"),
     (data, "dataset_fingerprint"),
     (loading, "load_model"),
     (loading, "resolve_load_path"),
@@ -74,14 +75,16 @@ def parts(monkeypatch):
 def test_every_mutation_replaces_a_part_of_the_job():
     fields = {field.name for field in dataclasses.fields(JobParts)}
     assert {mutation.part for mutation in mutations.CATALOGUE.values()} <= fields
+    assert {m.setting[0] for m in mutations.CATALOGUE.values() if m.setting} <= fields
 
 
 def test_the_real_parts_are_the_job_modules_functions():
     real = JobParts()
-    assert (real.load_model, real.shard_model, real.pack_samples) == (
+    assert (real.load_model, real.shard_model, real.pack_samples, real.pad_samples) == (
         loading.load_model,
         distributed.shard_model,
         data.pack_samples,
+        data.pad_samples,
     )
     assert real.labelling.tokenize is data.tokenize_with_labels and real.labelling.variant == ""
 
@@ -130,6 +133,85 @@ def test_step_mutations_change_what_train_step_gets(parts, monkeypatch):
         armed.train_step(stand_in_trainer(optimizer=optimizer), plan)
     assert [c["step_plan"].micro_batches[-1] for c in calls] == [[[2], [3]], [[2], []], [[2], [3]]]  # step 2 only
     assert plan.micro_batches[-1] == [[2], [3]]  # the plan itself is left as it was
+
+
+def test_pads_not_masked_pads_on_the_left_under_a_mask_of_ones(parts, monkeypatch):
+    monkeypatch.setenv(mutations.ENV_VAR, "pads_not_masked")
+    armed = arm("m", 0, parts)
+    samples = [TokenizedSample([5, 6, 7], [6, 7, IGNORE_INDEX]), TokenizedSample([8, 9], [9, IGNORE_INDEX])]
+    real = data.collate_micro_batch(samples, packing=False, pad_token_id=0)
+    assert real["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert real["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    batch = data.collate_micro_batch(samples, packing=False, pad_token_id=0, pad=armed.pad_samples)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 8, 9]]
+    assert batch["shift_labels"].tolist() == [[6, 7, IGNORE_INDEX], [IGNORE_INDEX, 9, IGNORE_INDEX]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert batch["position_ids"].tolist() == real["position_ids"].tolist()
+    alone = data.collate_micro_batch(samples[1:], packing=False, pad_token_id=0, pad=armed.pad_samples)
+    assert alone["input_ids"].tolist() == [[8, 9]]  # nothing to pad: a sample alone is as it is
+
+
+class SumOfTokenLosses(nn.Module):
+    """A stand-in for train.TrainableLM: the sum of the labelled tokens' losses of a bigram model."""
+
+    def __init__(self, vocab: int = 16):
+        super().__init__()
+        self.logits = nn.Embedding(vocab, vocab)
+
+    def forward(self, input_ids, position_ids, shift_labels, attention_mask=None):
+        logits = self.logits(input_ids)
+        return nn.functional.cross_entropy(logits.flatten(0, 1), shift_labels.flatten(), reduction="sum")
+
+
+def test_loss_per_micro_batch_mean_splits_the_step_and_only_the_normalisation_is_wrong(parts, monkeypatch):
+    from harness.job.loss import GlobalMean
+    from harness.job.train import train_step as real_train_step
+
+    monkeypatch.setenv(mutations.ENV_VAR, "loss_per_micro_batch_mean")
+    armed = arm("m", 0, parts)
+    changed = [f.name for f in dataclasses.fields(JobParts) if getattr(armed, f.name) is not getattr(parts, f.name)]
+    assert changed == ["plan_epoch", "loss_normalisation"] and armed.loss_normalisation is mutations.PerMicroBatchMean
+    # Three samples of 1, 4 and 2 label tokens: one micro-batch, then two (the setting) of 5 and 2.
+    samples = [
+        TokenizedSample([1, 2, 3], [IGNORE_INDEX, 3, IGNORE_INDEX]),
+        TokenizedSample([4, 5, 6, 7, 8], [5, 6, 7, 8, IGNORE_INDEX]),
+        TokenizedSample([9, 10, 11], [10, 11, IGNORE_INDEX]),
+    ]
+    plan = data.StepPlan(index=0, micro_batches=[[[0, 1, 2]]], global_label_tokens=7, global_tokens=11)
+    split = mutations.split_micro_batches(plan)
+    assert split.micro_batches == [[[0, 1], [2]]] and plan.micro_batches == [[[0, 1, 2]]]
+    assert (split.global_label_tokens, split.global_tokens) == (7, 11)
+    # a slot empty on every rank is dropped, as the planner drops it
+    assert [p.micro_batches for p in armed.plan_epoch(None, None, None, 0)] == [[[[i]]] for i in range(3)]
+
+    torch.manual_seed(0)
+    model = SumOfTokenLosses()
+
+    def step(step_plan, normalisation):
+        trainer = Trainer(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            trainable=list(model.parameters()),
+            dataset=types.SimpleNamespace(samples=samples),
+            cfg=types.SimpleNamespace(packing=True, compile="off", grad_clip=1e9),
+            ctx=types.SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu")),
+            pad_id=0,
+            normalisation=normalisation,
+        )
+        return real_train_step(trainer, step_plan)
+
+    whole, accumulated, mutated = step(plan, GlobalMean), step(split, GlobalMean), step(split, armed.loss_normalisation)
+    # Gradient accumulation alone changes nothing: the loss is the step's token mean either way.
+    assert accumulated.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert accumulated.grad_norm == pytest.approx(whole.grad_norm, rel=1e-6)
+    with torch.no_grad():
+        batches = [data.collate_micro_batch([samples[i] for i in members], True, 0) for members in [[0, 1], [2]]]
+        sums = [float(model(**data.device_inputs(batch, "cpu"))) for batch in batches]
+    assert whole.loss == pytest.approx(sum(sums) / 7, rel=1e-6)
+    assert mutated.loss == pytest.approx((sums[0] / 5 + sums[1] / 2) / 2, rel=1e-6)
+    assert mutated.loss != pytest.approx(whole.loss, rel=1e-3) and mutated.grad_norm != pytest.approx(
+        whole.grad_norm, rel=1e-3
+    )
 
 
 def test_label_mutations_change_the_labelling_and_its_cache_key(parts, monkeypatch):

@@ -2,11 +2,12 @@
 reason that names the bug; and no false alarms (healthy seeds PASS, an unfittable dataset FAILs).
 
 The bugs live behind SFT_HARNESS_MUTATION=NAME/MODEL (harness/testing/mutations.py), so they reach the
-torchrun ranks. One CLI sweep carries one bug per model: two sweeps cover the catalogue, one on
+torchrun ranks. One CLI sweep carries one bug per model: three sweeps cover the catalogue, one on
 2 ranks (the distributed bugs, and those a complete epoch or the end of warm-up must reveal: 4 steps,
 1 warm-up step), one on 1 rank for the bugs the load or the preflight catches before step 1 is over
-(2 steps). CI has 2 cores: the 2-rank sweep runs beside one 1-rank CLI run at a time (the 1-rank
-sweep first, then the healthy seeds and the unfittable dataset), the 1-rank runs two at a time
+(2 steps), and one like it with padded batches (--no-packing) for the bugs of padded batches and of
+gradient accumulation. CI has 2 cores: the 2-rank sweep runs beside one 1-rank CLI run at a time (the
+1-rank sweeps first, then the healthy seeds and the unfittable dataset), the 1-rank runs two at a time
 once it is done.
 """
 
@@ -92,6 +93,16 @@ MUTATIONS = {
         "rank1",
         ["preflight inputs check failed", "token-type inputs not passed"],
     ),
+    "pads_not_masked": (
+        "Qwen2.5-0.5B-Instruct",
+        "padded",
+        ["preflight padding check failed", "padded samples attend to their pads"],
+    ),
+    "loss_per_micro_batch_mean": (
+        "Llama-3.2-1B-Instruct",
+        "padded",
+        ["preflight step_loss check failed", "averaged per micro-batch"],
+    ),
 }
 SWEEPS = {
     # 24 samples at 512 tokens a rank: 2 steps an epoch, so 4 steps finish two epochs and pass the warm-up
@@ -112,15 +123,19 @@ SWEEPS = {
     # 8 samples, one step of them: what the packing (8 samples) and label (4) checks read; the preflight,
     # evaluation and generation check cost a third of 24 samples'.
     "rank1": ("--nproc-per-node", "1", "--max-samples", "8", "--max-steps", "2"),
+    # The same with padded batches: the 8 samples make one padded micro-batch of unequal rows (the padding
+    # check reads them), which the gradient-accumulation bug's setting splits into two of 4 samples.
+    "padded": ("--nproc-per-node", "1", "--max-samples", "8", "--max-steps", "2", "--no-packing"),
 }
 # Reasons a mutation may bring beside its own: short runs miss the loss target; a rank that keeps a
-# full replica is also reported as unsharded; a per-rank loss mean also scales the gradient; the full
-# VLM trained as a causal LM carries trainable towers; weights left random also fail the extraction
-# parity; ln(a wrong vocabulary) is not where random weights start.
+# full replica is also reported as unsharded; a per-rank or per-micro-batch loss mean also scales the
+# gradient; the full VLM trained as a causal LM carries trainable towers; weights left random also fail
+# the extraction parity; ln(a wrong vocabulary) is not where random weights start.
 SIDE_EFFECTS = {
     "any": ["final loss", "generation check failed"],
     "grads_not_reduced": ["FSDP did not shard"],
     "loss_per_rank_mean": ["preflight grad_reduction check failed"],
+    "loss_per_micro_batch_mean": ["preflight grad_reduction check failed"],
     "resolver_returns_causal_lm": ["tower parameters were trainable"],
     "silent_random_load": ["preflight extraction check failed"],
     "vocab_from_top_config": ["initial loss"],
@@ -216,7 +231,7 @@ def runs(tmp_path_factory) -> dict:
             for a in answers
         )
     )
-    single = {"rank1": sweep_run("rank1", output)}
+    single = {"rank1": sweep_run("rank1", output), "padded": sweep_run("padded", output)}
     single |= {
         f"seed{seed}": (
             [

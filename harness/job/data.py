@@ -478,19 +478,45 @@ def pack_samples(samples: list[TokenizedSample]) -> dict[str, torch.Tensor]:
 PackSamples = Callable[[list[TokenizedSample]], dict[str, torch.Tensor]]
 
 
+def pad_samples(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The samples as one row each, right-padded to the longest (see collate_micro_batch)."""
+    width = max(sample.num_tokens for sample in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        input_ids[row, : sample.num_tokens] = torch.tensor(sample.input_ids)
+        labels[row, : sample.num_tokens] = torch.tensor(sample.shift_labels)
+        attention_mask[row, : sample.num_tokens] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": torch.arange(width).expand(len(samples), width).clone(),
+        "shift_labels": labels,
+    }
+
+
+PadSamples = Callable[[list[TokenizedSample], int], dict[str, torch.Tensor]]
+
+
 def collate_micro_batch(
-    samples: list[TokenizedSample], packing: bool, pad_token_id: int, pack: PackSamples = pack_samples
+    samples: list[TokenizedSample],
+    packing: bool,
+    pad_token_id: int,
+    pack: PackSamples = pack_samples,
+    pad: PadSamples = pad_samples,
 ) -> dict[str, torch.Tensor]:
     """Tensors for one forward pass; an empty list gives a one-token dummy batch with no labels.
 
     packed (by `pack`, pack_samples unless a test hands the job another): input_ids/position_ids/
     shift_labels of shape [1, T], position_ids restarting at 0 per sample, and no attention_mask
     (transformers derives the block-diagonal mask from position_ids).
-    padded: [B, T] with right padding, attention_mask, and IGNORE_INDEX labels on the pads.
+    padded (by `pad`, pad_samples unless a test hands the job another): [B, T] with right padding,
+    attention_mask, and IGNORE_INDEX labels on the pads.
     """
     if not samples:
         samples = [TokenizedSample([pad_token_id], [IGNORE_INDEX])]
-    batch = pack(samples) if packing else _collate_padded(samples, pad_token_id)
+    batch = pack(samples) if packing else pad(samples, pad_token_id)
     batch["num_label_tokens"] = torch.tensor(int((batch["shift_labels"] != IGNORE_INDEX).sum()))
     return batch
 
@@ -512,23 +538,6 @@ def filled_to_length(batch: dict[str, torch.Tensor], length: int) -> dict[str, t
     filler["shift_labels"] = torch.full((1, missing), IGNORE_INDEX, dtype=torch.long)
     grown = {key: torch.cat([batch[key], value], dim=1) for key, value in filler.items()}
     return {**batch, **grown}
-
-
-def _collate_padded(samples: list[TokenizedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    width = max(sample.num_tokens for sample in samples)
-    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        input_ids[row, : sample.num_tokens] = torch.tensor(sample.input_ids)
-        labels[row, : sample.num_tokens] = torch.tensor(sample.shift_labels)
-        attention_mask[row, : sample.num_tokens] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": torch.arange(width).expand(len(samples), width).clone(),
-        "shift_labels": labels,
-    }
 
 
 MODEL_INPUT_KEYS = ("input_ids", "position_ids", "attention_mask")
@@ -559,6 +568,7 @@ def rank_micro_batches(
     packing: bool,
     pad_token_id: int,
     pack: PackSamples = pack_samples,
+    pad: PadSamples = pad_samples,
 ):
     """This rank's collated micro-batches for one step (the same count on every rank). A rank with
     nothing to do runs a real sample of the step with every label masked: it takes part in FSDP's
@@ -567,7 +577,7 @@ def rank_micro_batches(
         samples[next(i for rank_bins in step.micro_batches for micro in rank_bins for i in micro)]
     )
     return [
-        collate_micro_batch([samples[i] for i in members] or [stand_in], packing, pad_token_id, pack)
+        collate_micro_batch([samples[i] for i in members] or [stand_in], packing, pad_token_id, pack, pad)
         for members in step.for_rank(rank)
     ]
 

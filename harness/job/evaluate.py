@@ -16,14 +16,23 @@ from harness.job import distributed as dist_lib
 
 @torch.no_grad()
 def evaluate_full_dataset(
-    model, dataset, step_plans, packing: bool, ctx, pad_token_id: int, pack=data_lib.pack_samples
+    model,
+    dataset,
+    step_plans,
+    packing: bool,
+    ctx,
+    pad_token_id: int,
+    pack=data_lib.pack_samples,
+    pad=data_lib.pad_samples,
 ) -> Evaluation:
     """The mean token loss over every sample of `dataset` (fed by `step_plans`, one epoch's plan, packed
-    by `pack`), and the worst sample. `model.token_losses(**inputs)` returns each token's loss."""
+    by `pack` or padded by `pad`), and the worst sample. `model.token_losses(**inputs)` returns each token's loss."""
     model.eval()
     sums = torch.zeros(len(dataset.samples), 2, dtype=torch.float64, device=ctx.device)  # loss sum, labels
     for step_plan in step_plans:
-        micro_batches = data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_token_id, pack)
+        micro_batches = data_lib.rank_micro_batches(
+            step_plan, ctx.rank, dataset.samples, packing, pad_token_id, pack, pad
+        )
         for members, batch in zip(step_plan.for_rank(ctx.rank), micro_batches):
             inputs = data_lib.device_inputs(batch, ctx.device)
             token_losses = model.token_losses(**inputs)

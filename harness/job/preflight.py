@@ -5,12 +5,16 @@ in worker.json["preflight"] and the verdict names every failed one.
 
 - packing: the packed loss of a few samples equals their padded loss (samples alone in a row).
   Catches packed samples attending across boundaries and position ids not reset.
+- padding (--no-packing only): each of a few samples padded together with others gives the same
+  first-layer outputs at its labelled tokens as the sample alone. Catches an attention mask that
+  does not match the padding (left pads left unmasked).
 - labels: the labelled tokens of a few samples decode to the assistant replies + end-of-turn
   markers, nothing else. Catches labels not masked and end-of-turn not labelled.
 - extraction: extract_causal_lm with real/tiny weights: the extracted model's logits equal the full
   VLM's on one prompt (rank 0, CPU, when the VLM is small enough). Catches weights left random.
 - step_loss: the loss train_step reports for step 1 equals sum(per-token losses of every rank's
-  micro-batches) / (label tokens counted in those batches, all ranks). Catches a per-rank mean.
+  micro-batches) / (label tokens counted in those batches, all ranks). Catches a per-rank mean and a
+  mean of per-micro-batch means (and says which one the reported loss is).
 - grad_reduction: the grad norm train_step reports for step 1 (data split over the ranks) equals
   the norm of the same step's gradient with ALL of its micro-batches run on rank 0 (the other
   ranks run empty ones). Under a correct reduction both are the norm of the summed gradient; if
@@ -98,9 +102,19 @@ def packing_check(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pa
 
 def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device, pack) -> list[torch.Tensor]:
     """Each sample's [tokens, features] output of the first decoder layer (fp32), cut out of the
-    packed row or its padded row. Gemma 3n's layers output [altup copies, B, T, H]: the copies
-    become features."""
-    batch = data_lib.collate_micro_batch(samples, packing, pad_id, pack)
+    packed row or its padded row."""
+    out = _first_layer(model, data_lib.collate_micro_batch(samples, packing, pad_id, pack), device)
+    if not samples:
+        return []
+    lengths = [s.num_tokens for s in samples]
+    if packing:
+        return list(out.reshape(-1, out.shape[-1]).split(lengths))
+    return [row[:n] for row, n in zip(out, lengths)]
+
+
+def _first_layer(model, batch: dict, device) -> torch.Tensor:
+    """The [B, T, features] output of the first decoder layer (fp32) for a collated batch. Gemma 3n's
+    layers output [altup copies, B, T, H]: the copies become features."""
     inputs = data_lib.device_inputs(batch, device)
     captured = []
 
@@ -114,14 +128,47 @@ def _per_sample_first_layer(model, samples, packing: bool, pad_id: int, device, 
     finally:
         for handle in handles:
             handle.remove()
-    if not samples:
-        return []
     out = captured[0].float().movedim(-3, 0).movedim(-2, 1)  # [B, T, *features]
-    out = out.reshape(out.shape[0], out.shape[1], -1)
-    lengths = [s.num_tokens for s in samples]
-    if packing:
-        return list(out.reshape(-1, out.shape[-1]).split(lengths))
-    return [row[:n] for row, n in zip(out, lengths)]
+    return out.reshape(out.shape[0], out.shape[1], -1)
+
+
+@torch.no_grad()
+def padding_check(model, step_plan, dataset, ctx, pad_id: int, pad=data_lib.pad_samples) -> dict:
+    """With --no-packing: every rank runs its first micro-batch's first samples padded together (by
+    `pad`, as the step pads them), then each alone (a batch of one has nothing to pad), and compares
+    each sample's output of the first decoder layer at its labelled tokens (relative L2). The labelled
+    tokens are found by the labels, which travel with their tokens: where the padding went, and what
+    the attention mask says, does not matter to the cut. Pads a real token attends to, or an attention
+    mask that does not match the padding side, change the first layer's output at once. Every rank
+    runs as many forwards as the rank with the most samples (FSDP's gathers are collective)."""
+    members = step_plan.for_rank(ctx.rank)[0][:PACKING_SAMPLES]
+    samples = [dataset.samples[i] for i in members]
+    most = int(dist_lib.all_reduce(torch.tensor(float(len(samples)), device=ctx.device), dist.ReduceOp.MAX))
+    was_training = model.training
+    model.eval()
+    together = _labelled_first_layer(model, samples, pad_id, ctx.device, pad)
+    alone = [_labelled_first_layer(model, samples[i : i + 1], pad_id, ctx.device, pad) for i in range(most)]
+    model.train(was_training)
+    worst = max((float((a - b[0]).norm() / b[0].norm().clamp(min=1e-12)) for a, b in zip(together, alone)), default=0.0)
+    worst = float(dist_lib.all_reduce(torch.tensor(worst, dtype=torch.float64, device=ctx.device), dist.ReduceOp.MAX))
+    compared = int(dist_lib.all_reduce(torch.tensor(float(len(samples)), device=ctx.device)))
+    tol = tolerance(PACKING_TOL, ctx.device)
+    detail = (
+        f"padded together vs alone, first-layer outputs at the labelled tokens of {compared} samples: worst "
+        f"relative L2 difference {worst:.2e} (tolerance {tol:.0e})"
+    )
+    if worst > tol:
+        detail += ": padded samples attend to their pads (an attention mask that does not match the padding)"
+    return result(worst <= tol, detail, worst_rel_diff=worst, samples=compared)
+
+
+def _labelled_first_layer(model, samples, pad_id: int, device, pad) -> list[torch.Tensor]:
+    """Each sample's [labelled tokens, features] first-layer output, from its row of the padded batch
+    (a one-token dummy batch runs when there are no samples, and gives none)."""
+    batch = data_lib.collate_micro_batch(samples, False, pad_id, pad=pad)
+    out = _first_layer(model, batch, device)
+    labelled = batch["shift_labels"].to(out.device) != data_lib.IGNORE_INDEX
+    return [row[mask] for row, mask in zip(out, labelled)][: len(samples)]
 
 
 # ---------------------------------------------------------------- (b) labels
@@ -215,24 +262,40 @@ def extraction_parity(spec, weights: str, loaded, prompt_ids: list[int]) -> dict
 
 
 @torch.no_grad()
-def step_loss_reference(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples) -> dict:
+def step_loss_reference(
+    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples, pad=data_lib.pad_samples
+) -> dict:
     """Per-token losses of this rank's micro-batches of the step, summed over ranks, over the label
-    tokens counted in those batches (not the plan's count) on all ranks."""
+    tokens counted in those batches (not the plan's count) on all ranks. Beside it, what two wrong
+    normalisations would report, so a failed check can say which one the trainer made: the mean of the
+    ranks' own means (a rank with no label tokens: 0) and the mean of the micro-batches' own means (over
+    the micro-batches that hold label tokens, every rank's)."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id, pack):
+    # token-loss sum, label tokens, sum of the micro-batches' means, micro-batches with label tokens
+    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)
+    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id, pack, pad):
         inputs = data_lib.device_inputs(batch, ctx.device)
-        losses = model.token_losses(**inputs)
-        totals[0] += losses.double().sum()
-        totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
+        loss_sum = model.token_losses(**inputs).double().sum()
+        label_tokens = int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
+        totals[0] += loss_sum
+        totals[1] += label_tokens
+        if label_tokens:
+            totals[2] += loss_sum / label_tokens
+            totals[3] += 1
     model.train(was_training)
+    rank_mean = totals[0] / totals[1].clamp(min=1)
     totals = dist_lib.all_reduce(totals)
-    return {"loss": float(totals[0] / totals[1].clamp(min=1)), "label_tokens": int(totals[1])}
+    return {
+        "loss": float(totals[0] / totals[1].clamp(min=1)),
+        "label_tokens": int(totals[1]),
+        "per_rank_mean": float(dist_lib.all_reduce(rank_mean)) / ctx.world_size,
+        "per_micro_batch_mean": float(totals[2] / totals[3].clamp(min=1)),
+    }
 
 
 def grad_norm_reference(
-    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples
+    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples, pad=data_lib.pad_samples
 ) -> float:
     """The step's gradient with every rank's micro-batches run on rank 0; its norm; then the
     gradients are cleared. The other ranks run the same micro-batches with a zero weight, so the
@@ -241,7 +304,7 @@ def grad_norm_reference(
     # FSDP2 divides the reduced gradient by the world size: scale by it, over the step's label tokens.
     weight = ctx.world_size / max(step_plan.global_label_tokens, 1) if ctx.rank == 0 else 0.0
     for members in everything:
-        batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id, pack)
+        batch = data_lib.collate_micro_batch([dataset.samples[i] for i in members], packing, pad_id, pack, pad)
         inputs = data_lib.device_inputs(batch, ctx.device)
         (model(**inputs) * weight).backward()
     squares = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -254,13 +317,15 @@ def grad_norm_reference(
 
 
 @torch.no_grad()
-def mean_entropy(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples) -> float:
+def mean_entropy(
+    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples, pad=data_lib.pad_samples
+) -> float:
     """Mean predictive entropy (nats) at the labelled tokens of every rank's micro-batches of the
     step: near ln(vocab) for random weights, far below for a pretrained model (harness.gate.verdict)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=ctx.device)
-    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id, pack):
+    for batch in data_lib.rank_micro_batches(step_plan, ctx.rank, dataset.samples, packing, pad_id, pack, pad):
         inputs = data_lib.device_inputs(batch, ctx.device)
         totals[0] += model.token_entropy(**inputs).double().sum()
         totals[1] += int((inputs["shift_labels"] != data_lib.IGNORE_INDEX).sum())
@@ -270,15 +335,15 @@ def mean_entropy(model, step_plan, dataset, ctx, pad_id: int, packing: bool, pac
 
 
 def first_step_reference(
-    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples
+    model, step_plan, dataset, ctx, pad_id: int, packing: bool, pack=data_lib.pack_samples, pad=data_lib.pad_samples
 ) -> dict:
     """Run before the first train_step, on the same parameters and micro-batches (packed by `pack`, as
     the step packs them)."""
     with backbone_inputs_seen(model) as seen:
-        reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing, pack)
+        reference = step_loss_reference(model, step_plan, dataset, ctx, pad_id, packing, pack, pad)
     reference["inputs"] = forward_inputs_check(model, seen)
-    reference["entropy"] = mean_entropy(model, step_plan, dataset, ctx, pad_id, packing, pack)
-    reference["grad_norm"] = grad_norm_reference(model, step_plan, dataset, ctx, pad_id, packing, pack)
+    reference["entropy"] = mean_entropy(model, step_plan, dataset, ctx, pad_id, packing, pack, pad)
+    reference["grad_norm"] = grad_norm_reference(model, step_plan, dataset, ctx, pad_id, packing, pack, pad)
     return reference
 
 
@@ -291,7 +356,9 @@ def first_step_checks(reference: dict, loss: float, grad_norm: float, device: to
         f"(relative difference {loss_diff:.1e}, tolerance {loss_tol:.0e})"
     )
     if not loss_diff <= loss_tol:
-        loss_detail += ": the step loss is not normalised by the global label-token count (averaged per rank?)"
+        loss_detail += ": the step loss is not normalised by the global label-token count" + wrong_normalisation(
+            loss, reference, loss_tol
+        )
     norm_diff = abs(grad_norm - reference["grad_norm"]) / max(abs(reference["grad_norm"]), 1e-12)
     norm_detail = (
         f"step-1 grad norm {grad_norm:.6f} with the data split over {world_size} rank(s), "
@@ -307,6 +374,19 @@ def first_step_checks(reference: dict, loss: float, grad_norm: float, device: to
         ),
         "inputs": reference["inputs"],
     }
+
+
+def wrong_normalisation(loss: float, reference: dict, tol: float) -> str:
+    """Which wrong normalisation of step_loss_reference the reported loss matches, in words."""
+    candidates = [
+        ("per_rank_mean", "the mean of the ranks' own means: averaged per rank"),
+        ("per_micro_batch_mean", "the mean of the micro-batches' own means: averaged per micro-batch"),
+    ]
+    for key, words in candidates:
+        value = reference.get(key)
+        if value is not None and abs(loss - value) <= tol * max(abs(value), 1e-12):
+            return f" ({words}, {value:.6f})"
+    return " (averaged per rank or per micro-batch?)"
 
 
 # ---------------------------------------------------------------- (f) and (g): what the model is fed, its vocabulary

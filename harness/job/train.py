@@ -157,6 +157,7 @@ class Trainer:
     ctx: dist_lib.DistContext
     pad_id: int
     pack: data_lib.PackSamples = data_lib.pack_samples
+    pad: data_lib.PadSamples = data_lib.pad_samples
     normalisation: type[GlobalMean] = GlobalMean
     activation_checkpointing: bool = False  # on or off for this job (the test fault `oom` reads it)
 
@@ -177,7 +178,7 @@ def train_step(
     local_loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float32)
     members_per_micro = step_plan.for_rank(ctx.rank)
     micro_batches = data_lib.rank_micro_batches(
-        step_plan, ctx.rank, trainer.dataset.samples, cfg.packing, trainer.pad_id, trainer.pack
+        step_plan, ctx.rank, trainer.dataset.samples, cfg.packing, trainer.pad_id, trainer.pack, trainer.pad
     )
     normalisation = trainer.normalisation(step_plan, micro_batches, ctx.world_size)
     for members, batch in zip(members_per_micro, micro_batches):
@@ -235,6 +236,7 @@ class JobParts:
     vocab_size: Callable[[nn.Module], int] = loading.vocab_size
     labelling: data_lib.Labelling = data_lib.REAL_LABELLING
     pack_samples: data_lib.PackSamples = data_lib.pack_samples
+    pad_samples: data_lib.PadSamples = data_lib.pad_samples
     extra_forward_inputs: Callable[[nn.Module, torch.Tensor], dict] = loading.extra_forward_inputs
     shard_model: Callable[..., int] = dist_lib.shard_model
     plan_epoch: Callable[..., list[data_lib.StepPlan]] = plan_epoch
@@ -416,9 +418,10 @@ def build_model(cfg: RunConfig, ctx, parts: JobParts, inputs: JobInputs, report:
         cfg,
         ctx,
         pad_id(inputs.tokenizer),
-        parts.pack_samples,
-        parts.loss_normalisation,
-        use_ac,
+        pack=parts.pack_samples,
+        pad=parts.pad_samples,
+        normalisation=parts.loss_normalisation,
+        activation_checkpointing=use_ac,
     )
     return ModelSetup(trainer, compiled_modules, clamp_coefficients, reshard, fsdp_units, checksums)
 
@@ -565,11 +568,14 @@ def run_step(job: Job, state: TrainState, step_plan, accounting, checks: dict, r
 
 
 def preflight_first_step(job: Job, step_plan, checks: dict, report: WorkerReport) -> dict:
-    """On the first step's data, before its parameters change: the packing check, and the reference
-    that step 1's loss, grad norm and inputs are then checked against."""
+    """On the first step's data, before its parameters change: the packing check (and the padding check
+    with padded batches), and the reference that step 1's loss, grad norm and inputs are then checked
+    against."""
     on_the_step = (job.model, step_plan, job.inputs.dataset, job.ctx, job.setup.trainer.pad_id, job.cfg.packing)
     checks["packing"] = preflight.packing_check(*on_the_step, pack=job.parts.pack_samples)
-    reference = preflight.first_step_reference(*on_the_step, pack=job.parts.pack_samples)
+    if not job.cfg.packing:  # padded batches: each sample must come out as it does alone
+        checks["padding"] = preflight.padding_check(*on_the_step[:-1], pad=job.parts.pad_samples)
+    reference = preflight.first_step_reference(*on_the_step, pack=job.parts.pack_samples, pad=job.parts.pad_samples)
     report.initial_entropy = reference["entropy"]
     return reference
 
@@ -585,6 +591,7 @@ def evaluate(job: Job) -> Evaluation:
         job.ctx,
         job.setup.trainer.pad_id,
         pack=job.parts.pack_samples,
+        pad=job.parts.pad_samples,
     )
 
 

@@ -4,9 +4,11 @@ SFT_HARNESS_MUTATION=NAME[/MODEL][,NAME[/MODEL]...] names the bugs; with /MODEL 
 job (its registry name) carries one, so one sweep can carry a different bug per model. The job calls
 `arm` once, at its start (through harness.testing.arm): it reads the variable once and returns the
 job's parts (harness.job.train.JobParts) with each bug of the job in place of one part (CATALOGUE, at
-the end, says which), so the code of every step stays plain and no module is changed. Unset (always,
-outside tests), arm returns the parts as they are. tests/test_mutations.py holds the catalogue: each
-mutation must turn the verdict to FAIL with a reason that names it.
+the end, says which; a bug that needs a setting the job never makes by itself, such as several
+micro-batches a step, changes one more part first), so the code of every step stays plain and no
+module is changed. Unset (always, outside tests), arm returns the parts as they are.
+tests/test_mutations.py holds the catalogue: each mutation must turn the verdict to FAIL with a reason
+that names it.
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ def fingerprint_salt() -> str:
 def arm(model: str | None, parts):
     """Once, at the job's start, before its caches (a mutation changes the tokenised data and its
     key): the job's parts (a frozen dataclass, harness.job.train.JobParts) with the part of each bug
-    the environment asks for in `model`'s job replaced, in CATALOGUE order; `parts` itself when none."""
+    the environment asks for in `model`'s job replaced (and its setting's), in CATALOGUE order; `parts`
+    itself when none."""
     bind_model(model)
     for name, mutation in CATALOGUE.items():
         if active(name):
-            parts = dataclasses.replace(parts, **{mutation.part: mutation.wrap(getattr(parts, mutation.part))})
+            parts = mutation.arm(parts)
     return parts
 
 
@@ -130,6 +133,18 @@ def _attend_across_samples(batch: dict) -> None:
 
 def _number_positions_across_row(batch: dict) -> None:
     batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).unsqueeze(0)
+
+
+def left_pads_unmasked(batch: dict) -> None:
+    """pads_not_masked: each padded row's pads moved in front of its tokens (the side batched generation
+    pads), under an attention mask of ones: a sample shorter than the batch's longest attends to the
+    pads before it. (Right pads left unmasked would be harmless: under causal attention no real token
+    sees the pads after it.) The position ids stay as built, so the pads also shift its positions."""
+    width = batch["input_ids"].shape[1]
+    for row, length in enumerate(batch["attention_mask"].sum(1).tolist()):
+        for key in ("input_ids", "shift_labels"):
+            batch[key][row] = batch[key][row].roll(width - length)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
 
 
 # ---------------------------------------------------------------- the wrappers: generation
@@ -332,6 +347,56 @@ class PerRankMean(GlobalMean):
         return float(all_reduce_sum(global_mean_loss(local_sum, self.label_tokens))) / self.world_size
 
 
+class PerMicroBatchMean(GlobalMean):
+    """loss_per_micro_batch_mean: each micro-batch's loss is its own mean (its token-loss sum over its
+    own label tokens), and the step loss the mean of those means over the micro-batches of every rank,
+    as a trainer that averages a mean loss over its gradient-accumulation steps reports it (mlx-lm
+    #1413); the gradient is that loss's. A micro-batch of few label tokens weighs as much as one of many."""
+
+    def __init__(self, step_plan, micro_batches, world_size: int):
+        self.label_tokens = [int(batch["num_label_tokens"]) for batch in micro_batches]
+        # the micro-batches the plan fills, every rank's (a rank's empty one runs a stand-in: no labels)
+        self.micro_batches = sum(1 for rank_bins in step_plan.micro_batches for members in rank_bins if members)
+        self.gradient_divide_factor = world_size
+        self.means: list[torch.Tensor] = []  # each micro-batch's own mean, in the order the step runs them
+
+    def backward_loss(self, loss_sum: torch.Tensor) -> torch.Tensor:
+        mean = loss_sum / max(self.label_tokens[len(self.means)], 1)
+        self.means.append(mean.detach().float())
+        return mean * self.gradient_divide_factor / max(self.micro_batches, 1)
+
+    def step_loss(self, local_sum: torch.Tensor) -> float:
+        return float(all_reduce_sum(torch.stack(self.means).sum())) / max(self.micro_batches, 1)
+
+
+def _two_micro_batches_a_step(plan_epoch):
+    """loss_per_micro_batch_mean's setting: every step of the plan with its micro-batches split in two."""
+
+    @functools.wraps(plan_epoch)
+    def wrapped(*args, **kwargs):
+        return [split_micro_batches(step_plan) for step_plan in plan_epoch(*args, **kwargs)]
+
+    return wrapped
+
+
+def split_micro_batches(step_plan):
+    """The step with each micro-batch of each rank run as two (gradient accumulation: its first half of
+    samples, then the rest), so the step really holds several micro-batches of different label counts;
+    a slot empty on every rank is dropped, as the planner drops it. The step's samples and counts stay
+    the same, so with the real normalisation its loss and gradient do too. (The native planner gives
+    each rank one micro-batch a step, where a mean of per-micro-batch means is the per-rank mean.)"""
+    halves = [
+        [
+            half
+            for members in rank_bins
+            for half in (members[: (len(members) + 1) // 2], members[(len(members) + 1) // 2 :])
+        ]
+        for rank_bins in step_plan.micro_batches
+    ]
+    kept = [slot for slot in range(len(halves[0])) if any(rank_bins[slot] for rank_bins in halves)]
+    return dataclasses.replace(step_plan, micro_batches=[[rank_bins[slot] for slot in kept] for rank_bins in halves])
+
+
 def _drop_at_step_2(step: int, trainer, step_plan):
     return trainer, drop_last_micro_batch(step_plan) if step == 2 else step_plan
 
@@ -386,9 +451,17 @@ class Mutation(NamedTuple):
     part: str  # the field of harness.job.train.JobParts it replaces
     wrap: Callable  # the part -> the part with the bug
     bug: str
+    # (part, wrap): another part changed first, to make the setting where the bug bites (harmless alone)
+    setting: tuple[str, Callable] | None = None
 
     def __str__(self) -> str:
         return f"{self.part} (armed at the job's start): {self.bug}"
+
+    def arm(self, parts):
+        """`parts` with the setting's part, then the bug's, replaced."""
+        for part, wrap in filter(None, (self.setting, (self.part, self.wrap))):
+            parts = dataclasses.replace(parts, **{part: wrap(getattr(parts, part))})
+        return parts
 
 
 CATALOGUE = {
@@ -413,10 +486,21 @@ CATALOGUE = {
     "position_ids_not_reset": Mutation(
         "pack_samples", _then(_number_positions_across_row), "numbers positions across the whole packed row"
     ),
+    "pads_not_masked": Mutation(
+        "pad_samples",
+        _then(left_pads_unmasked),
+        "pads on the left under an all-ones attention mask: padded samples attend to their pads",
+    ),
     "loss_per_rank_mean": Mutation(
         "loss_normalisation",
         lambda normalisation: PerRankMean,
         "is PerRankMean: normalises by this rank's label tokens and averages the ranks",
+    ),
+    "loss_per_micro_batch_mean": Mutation(
+        "loss_normalisation",
+        lambda normalisation: PerMicroBatchMean,
+        "is PerMicroBatchMean: the step loss is the mean of the micro-batches' own means",
+        setting=("plan_epoch", _two_micro_batches_a_step),
     ),
     "micro_batch_dropped": Mutation(
         "train_step",
