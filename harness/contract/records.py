@@ -215,6 +215,7 @@ GATE_FIELDS = (
     "device",
     "output_dir",
     "dataset",
+    "stack_python",
     "packing",
     "loss_threshold",
     "backend",
