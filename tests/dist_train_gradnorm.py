@@ -100,9 +100,7 @@ def main() -> None:
     configs = [
         run_config(name, args.work_dir, args.max_samples, args.max_tokens_per_gpu) for name in args.models.split(",")
     ]
-    for (
-        cfg
-    ) in configs:  # before the process group, as harness.job.train.main does (save_pretrained is rank-gated after)
+    for cfg in configs:  # before the process group, as the native worker does (save_pretrained is rank-gated after)
         job_caches.prepare_caches(cfg)
     ctx = dist_lib.init_distributed("cpu")
     results = {}

@@ -1,5 +1,6 @@
-"""The harness's own trainer (harness.job.train) under torchrun: the reference the other stacks are
-judged against, and the only one whose internals (preflight, data accounting, sharding) the gate sees."""
+"""The harness's own trainer (harness.job.train, each rank through harness.backends.native_worker) under
+torchrun: the reference the other stacks are judged against, and the only one whose internals (preflight,
+data accounting, sharding) the gate sees."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from harness.backends import BackendTraits
 from harness.contract.records import BackendProbe, BackendRecord, RunConfig, WorkerReport, read_worker_report
 from harness.runtime.launch import JobOutcome, Topology, torchrun_command
 
+WORKER = "harness.backends.native_worker"
 # Judged from inside its own job: the evaluation, preflight, accounting and tower records are the job's.
 TRAITS = BackendTraits(
     judged_from_checkpoint=False, follows_memory_plan=True, warmup_starts_at_zero=False, not_available=()
@@ -23,7 +25,8 @@ def probe(spec, config) -> BackendProbe:
 
 
 def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[str]]:
-    return [torchrun_command(Path(cfg.output_dir) / "job.json", topology, job_index, python=cfg.stack_python)]
+    job_path = Path(cfg.output_dir) / "job.json"
+    return [torchrun_command(job_path, topology, job_index, module=WORKER, python=cfg.stack_python)]
 
 
 def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:

@@ -1,8 +1,8 @@
 """The overfit trainer: one model, every rank of one torchrun job, FSDP2.
 
-Run by launch.py as `python -m torch.distributed.run ... -m harness.job.train --job job.json`. main() takes
-the job's parts (JobParts: the steps a test may replace, the real ones unless harness.testing arms a bug or
-a fault), prepares the caches and joins the process group. train() reads top to bottom: build (model, data,
+Started under torchrun by the native backend's worker (harness.backends.native_worker), which takes the
+job's parts (JobParts: the steps a test may replace, the real ones unless harness.testing arms a bug or a
+fault), prepares the caches and joins the process group. train() reads top to bottom: build (model, data,
 sharding, optimizer, schedule) -> run_epochs (step, metrics, early stop) -> finish (evaluation, checkpoint,
 generation check, worker.json). Everything it uses is a small component elsewhere (loading, data, loss,
 distributed, preflight, evaluate, generation, metrics).
@@ -10,10 +10,7 @@ distributed, preflight, evaluate, generation, metrics).
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,8 +35,6 @@ from harness.contract.records import (
     StepMetrics,
     Timings,
     WorkerReport,
-    record_job_error,
-    write_worker_report,
 )
 from harness.job import attention as attention_lib
 from harness.job import caches as job_caches
@@ -247,32 +242,6 @@ class JobParts:
 
 
 # ---------------------------------------------------------------- the job
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="one overfit training job (started by torchrun)")
-    parser.add_argument("--job", type=Path, required=True)
-    cfg = RunConfig.from_json(parser.parse_args(argv).job)
-    rank = int(os.environ.get("RANK", 0))  # torchrun's; the process group does not exist yet
-    # Filled in by train() as the job learns it, so a crash still reports the load record and so on.
-    report = WorkerReport(world_size=int(os.environ.get("WORLD_SIZE", 1)), rank=rank, config=cfg)
-    try:
-        from harness.testing import arm  # test-only
-
-        # The one seam for test-only bugs and faults: the real parts when their variables are unset.
-        # Before the caches: a mutation can change the tokenised data and its key.
-        parts = arm(cfg.spec.name, rank, JobParts())
-        parts.prepare_caches(cfg, parts.labelling)  # before init_distributed: one writer per cache entry
-        ctx = dist_lib.init_distributed(cfg.device)
-        dist_lib.agree_on_job(cfg.job_identity())  # every node: the same model, settings and data
-        train(cfg, ctx, report, parts)
-        return 0
-    except Exception as exc:  # record what killed the job (and what was known), then fail the exit code
-        record_job_error(report, exc)
-        return 1
-    finally:
-        write_worker_report(cfg, report, rank)
-        dist_lib.close_distributed(clean=report.status == "finished")
 
 
 def train(
@@ -758,7 +727,3 @@ def sharding_record(model: nn.Module, ctx, fsdp_units: int) -> Sharding:
 
 def dataset_stats(dataset) -> DataStats:
     return DataStats(dataset.n_samples, dataset.n_dropped_too_long, dataset.total_tokens, dataset.total_label_tokens)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,8 +51,8 @@ class JobOutcome:
 def torchrun_command(
     job_path: Path,
     topology: Topology,
-    job_index: int = 0,
-    module: str = "harness.job.train",
+    job_index: int,
+    module: str,
     python: str | None = None,
 ) -> list[str]:
     """torchrun for one job, with `python` (a stack's own environment) or this interpreter. Multi-node:
