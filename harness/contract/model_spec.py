@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOAD_PATHS = ("causal_lm", "extract_causal_lm", "direct_vlm_load")
-BACKENDS = ("native", "trl", "instructlab")  # harness.backends: the stacks the gate can drive
+BACKENDS = ("native", "trl", "instructlab", "axolotl")  # harness.backends: the stacks the gate can drive
 DEFAULT_LOSS_THRESHOLD = 0.05
 
 
