@@ -84,7 +84,7 @@ def test_unknown_backend_is_one_line_with_a_suggestion(tmp_path):
     done = run_cli("--models", "gemma-3-270m", "--backend", "trll", "--dry-run", "--output-dir", str(tmp_path))
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: unknown backend 'trll' Did you mean trl?; valid: native, trl, instructlab"
+        "error: unknown backend 'trll' Did you mean trl?; valid: native, trl, instructlab, axolotl"
     ]
 
 
@@ -106,7 +106,7 @@ def test_instructlab_on_cpu_is_refused_up_front(tmp_path):
     )
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("error: --backend instructlab runs only on CUDA")
+    assert line.startswith("error: --backend instructlab trains only on CUDA")
     assert not list(tmp_path.glob("*/*/train.log"))  # nothing started
 
 

@@ -63,6 +63,9 @@ class BackendTraits:
     # transformers' linear warm-up (TRL, instructlab) runs step 1 at lr 0: allowed, by convention.
     warmup_starts_at_zero: bool = True
     not_available: tuple[str, ...] = NOT_AVAILABLE_OUTSIDE  # the gate's checks it cannot make
+    # Its probe runs the stack's own code, so the stack must be importable where the gate plans (else the
+    # probe replicates the stack's rule and runs anywhere, --dry-run in the harness's environment included).
+    probe_needs_stack: bool = True
 
 
 def backend(name: str) -> ModuleType:
@@ -80,14 +83,14 @@ def check_usable(name: str, device: str, installed_here: bool = True) -> None:
     in this environment; --stack's own environment proved itself when its probe ran there), a CUDA-only
     stack on CPU."""
     requirement = traits(name).requirement
+    if traits(name).cuda_only and device != "cuda":  # first: no install helps a CPU machine
+        raise UsageError(
+            f"--backend {name} trains only on CUDA ({requirement.distribution} sets a CUDA device per rank); "
+            "use --device cuda on a GPU machine, or --backend native|trl on CPU"
+        )
     if installed_here and requirement and importlib.util.find_spec(requirement.module) is None:
         raise UsageError(
             f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"
-        )
-    if traits(name).cuda_only and device != "cuda":
-        raise UsageError(
-            f"--backend {name} runs only on CUDA ({requirement.distribution} sets a CUDA device at start); "
-            "use --device cuda on a GPU machine, or --backend native|trl on CPU"
         )
 
 

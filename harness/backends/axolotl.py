@@ -55,7 +55,7 @@ class StackOnlyRequirement(Requirement):
 
 
 REQUIREMENT = StackOnlyRequirement(module="axolotl", distribution="axolotl", version="0.21.0", extra="axolotl")
-TRAITS = BackendTraits(requirement=REQUIREMENT, cuda_only=True)
+TRAITS = BackendTraits(requirement=REQUIREMENT, cuda_only=True, probe_needs_stack=False)  # its rule, replicated
 PLUGIN = "harness.backends.axolotl_worker.HarnessPlugin"
 JOB_ENV = "SFT_HARNESS_JOB"  # the plugin finds the job (RunConfig) through it, in every rank
 CONFIG_FILE = "axolotl.yaml"

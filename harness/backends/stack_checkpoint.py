@@ -19,6 +19,7 @@ import os
 import shutil
 from pathlib import Path
 
+from harness.contract.files import write_text_atomic
 from harness.contract.records import RunConfig
 from harness.runtime.cache import build_once
 from harness.runtime.paths import cache_dir
@@ -27,8 +28,21 @@ SYNTHETIC_SAVE_DTYPE = "bfloat16"  # what the hub ships; the stack's own dtype c
 MAX_SHARD_SIZE = "4GB"
 
 
+INPUT_RECORD = "input_checkpoint.txt"  # in the model's folder: where this job's input checkpoint was written
+
+
 def input_checkpoint_path(cfg: RunConfig) -> Path:
-    """Where the stack's input checkpoint lives: a function of what shapes its content only."""
+    """Where this job's input checkpoint lives: as the preparation step (the harness's interpreter)
+    recorded it, so a stack in an environment of its own (--stack, another transformers) reads the same
+    folder; before that step, what its key gives."""
+    recorded = Path(cfg.output_dir) / INPUT_RECORD
+    if recorded.is_file():
+        return Path(recorded.read_text().strip())
+    return keyed_input_checkpoint_path(cfg)
+
+
+def keyed_input_checkpoint_path(cfg: RunConfig) -> Path:
+    """The cache folder of an input checkpoint: a function of what shapes its content only."""
     import transformers
 
     from harness.job.data import tokenizer_fingerprint
@@ -49,12 +63,14 @@ def input_checkpoint_path(cfg: RunConfig) -> Path:
 def input_checkpoint(cfg: RunConfig) -> Path:
     from harness.models.weights import verify_checkpoint
 
-    return build_once(
-        input_checkpoint_path(cfg),
+    folder = build_once(
+        keyed_input_checkpoint_path(cfg),
         lambda folder: write_input_checkpoint(cfg, folder),
         verify_checkpoint,
         f"hub-layout checkpoint of {cfg.spec.name} ({cfg.weights} weights)",
     )
+    write_text_atomic(Path(cfg.output_dir) / INPUT_RECORD, f"{folder}\n")
+    return folder
 
 
 def write_input_checkpoint(cfg: RunConfig, folder: Path) -> None:

@@ -174,7 +174,7 @@ class RunConfig(JsonRecord):
         "native: save the trained model under <model>/checkpoint and evaluate it as an external stack's",
         switch=True,
     )
-    backend: str = "native"  # the stack that trains: native | trl | instructlab (harness.backends)
+    backend: str = "native"  # the stack that trains: native | trl | instructlab | axolotl (harness.backends)
     schema_version: int = SCHEMA_VERSION
 
     @property

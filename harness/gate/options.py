@@ -47,8 +47,9 @@ class CommandLine:
     run_id: str | None = option(None, "name of the run folder (default: a timestamp)", group="run")
     backend: str | None = option(
         None,
-        "the stack that trains: native (the harness's trainer), trl (TRL SFTTrainer) or instructlab "
-        "(instructlab-training, CUDA only); default: each model's registry backend:, else native",
+        "the stack that trains: native (the harness's trainer), trl (TRL SFTTrainer), instructlab "
+        "(instructlab-training, CUDA only) or axolotl (CUDA only, with --stack); default: each model's "
+        "registry backend:, else native",
         group="run",
     )
     weights: str = option(

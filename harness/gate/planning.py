@@ -97,7 +97,7 @@ def probe_backend(name: str, spec: ModelSpec, config) -> BackendProbe:
     """The stack's own prediction from the config (its extra must be installed: it runs the stack's code)."""
     module = backends.backend(name)
     requirement = module.TRAITS.requirement
-    if requirement and backends.installed_version(requirement) is None:
+    if module.TRAITS.probe_needs_stack and requirement and backends.installed_version(requirement) is None:
         raise UsageError(
             f"--backend {name} needs {requirement.distribution}, which is not installed: {requirement.install_command}"
         )

@@ -38,6 +38,7 @@ STALE_FILES = (
     "metrics.jsonl",
     "result.json",
     "checkpoint_eval.json",
+    "input_checkpoint.txt",  # backends.stack_checkpoint.INPUT_RECORD
 )  # a rerun must not read a previous attempt's
 
 

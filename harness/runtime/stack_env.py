@@ -93,7 +93,7 @@ RECORD = "stack.json"
 PTH_NAME = "zzz_sft_harness.pth"  # sorts after the stack's own .pth files: their paths come first
 STUB_INSTALLER = "sft-harness-stack-env"  # INSTALLER of a harness distribution's metadata-only mirror
 # The versions every StackEnv reports, besides the stack's own distribution.
-WATCHED = ("transformers", "torch", "accelerate", "trl", "instructlab-training")
+WATCHED = ("transformers", "torch", "accelerate", "trl", "instructlab-training", "axolotl")
 UV_INSTALL = "pip install 'uv>=0.13' (or pip install -e . in the harness checkout)"
 SPEC_FORMS = "a pip requirement (trl==1.15.0), a wheel or sdist, a source folder or a git+https:// URL"
 VCS_SCHEMES = ("git", "hg", "svn", "bzr")
