@@ -307,3 +307,92 @@ def test_the_real_gemma_270m_wrapped_in_a_vlm_is_not_flagged_on_its_start(gemma_
     entropy = first_step_entropy(extracted, gemma_tokenizer(), short_replies)
     assert entropy < 0.5 * LN_262K, entropy
     assert judge(real_run(14.45, entropy)).verdict == "PASS"
+
+
+# ---------------------------------------------------------------- a stack judged from its checkpoint
+
+
+def saved(**fields):
+    from harness.contract.records import CheckpointCheck
+
+    values = dict(folder="checkpoint", prompt_loss=6.970, prompt_tokens=210, saved_chat_template="same")
+    values.update(fields)
+    return CheckpointCheck(**values)
+
+
+def trl_run(checkpoint=None, eval_loss: float = 0.015, **overrides) -> VerdictInput:
+    """A healthy TRL run as the sweep judges it: from the harness's look at the checkpoint it saved."""
+    values = dict(backend="trl", eval_loss=eval_loss, eval_label_tokens=260, lrs=[0.0] + [1e-3] * 7)
+    values.update(overrides)
+    return healthy(checkpoint=saved() if checkpoint is None else checkpoint, **values)
+
+
+@pytest.mark.parametrize(
+    "prompt_loss, reply_loss, named",
+    [
+        (6.970, 0.015, False),  # measured: TRL, tiny Llama, replies only
+        (6.573, 0.793, False),  # measured: TRL, tiny Qwen3, end of turn unlabelled (its replies score high)
+        (0.134, 0.0017, True),  # measured: TRL with assistant_only_loss=False
+        (1.0, 0.01, False),  # at the floor
+        (0.99, 0.01, True),
+    ],
+)
+def test_prompts_the_saved_model_reproduces_are_labels_not_masked(prompt_loss, reply_loss, named):
+    verdict = judge(trl_run(saved(prompt_loss=prompt_loss), eval_loss=reply_loss))
+    reasons = [r for r in verdict.reasons if r.startswith("labels_not_masked: the saved model reproduces")]
+    assert bool(reasons) == named, verdict.reasons
+    if named:
+        assert f"prompt-token loss {prompt_loss:.3f} vs reply {reply_loss:.3f} over 210 prompt tokens" in reasons[0]
+        assert reasons[0].endswith("the stack trained on prompt tokens")
+    if reply_loss < 0.05:
+        assert verdict.verdict == ("FAIL" if named else "PASS")
+
+
+def test_prompt_loss_is_not_judged_without_a_measurement_or_for_the_native_trainer():
+    assert judge(trl_run(saved(prompt_loss=None, prompt_tokens=None))).verdict == "PASS"
+    assert judge(trl_run(saved(prompt_loss=0.0, prompt_tokens=0))).verdict == "PASS"  # no prompt token scored
+    # the native trainer's own preflight label check judges it (its --save-checkpoint look is not decisive)
+    assert judge(healthy(checkpoint=saved(prompt_loss=0.01), eval_loss=0.01, eval_label_tokens=100)).verdict == "PASS"
+
+
+@pytest.mark.parametrize(
+    "never_ended, token_accuracy, named",
+    [
+        (16, 0.97, False),
+        (17, 0.97, True),
+        (32, 0.931, True),  # as measured: TRL, tiny Qwen3, end of turn unlabelled (16 of 16 ran on, 93.1%)
+        (32, 0.59, False),  # an untrained model runs on too, with its tokens wrong
+    ],
+)
+def test_replies_that_never_end_name_eot_not_labelled(never_ended, token_accuracy, named):
+    check = generation(exact=32 - never_ended, token_accuracy=token_accuracy, no_end_of_turn=never_ended)
+    reasons = [r for r in judge(trl_run(generation=check)).reasons if r.startswith("eot_not_labelled:")]
+    assert reasons == (
+        [
+            f"eot_not_labelled: {never_ended} of 32 replies never end ({token_accuracy:.1%} of their tokens right): "
+            "the end-of-turn token was not trained"
+        ]
+        if named
+        else []
+    )
+    if named:  # the native trainer: its generation reason says so, and its preflight label check names the class
+        assert only_reason(healthy(generation=check)).startswith("generation check failed")
+
+
+def test_a_saved_chat_template_other_than_trainings_is_named():
+    difference = (
+        "sample 0's conversation differs at token 0: '<' with the saved tokenizer, '<|begin_of_text|>' with the one "
+        "the stack was given"
+    )
+    (reason,) = judge(trl_run(saved(saved_chat_template="other", template_difference=difference))).reasons
+    assert reason == (
+        "generation_template_differs: the chat template trl saved with the model is not the one it was given to "
+        "train with: " + difference
+    )
+    # the same template text, tokenised otherwise (measured: tiny Qwen2.5 through TRL, whose AutoTokenizer
+    # loads the harness's tokenizer files as Qwen2Tokenizer, with its own pre-tokenizer)
+    (reason,) = judge(trl_run(saved(template_difference=difference))).reasons
+    assert reason.startswith("tokenizer_differs: the tokenizer trl saved with the model tokenises the training")
+    assert judge(trl_run(saved(saved_chat_template="other"))).verdict == "PASS"  # renders to the same tokens
+    assert judge(trl_run(saved(saved_chat_template=None))).verdict == "PASS"  # no tokenizer saved: nothing to compare
+    assert judge(healthy(checkpoint=saved(template_difference=difference))).verdict == "PASS"  # native: not judged

@@ -3,6 +3,11 @@ weights only, along the path its config resolves to: a stack that extracted save
 one that kept the VLM saved the VLM), evaluate every sample with the harness's tokenisation and label
 mask, and see whether the towers it saved moved. One process (`python -m harness.backends.checkpoint_eval
 --job job.json`), after the stack's job; it writes checkpoint_eval.json (job.CheckpointCheck).
+
+What the native trainer checks from inside (its preflight label check) is read here from what the stack
+saved: the loss on the prompt tokens (the user turns' content: a stack that labels prompts memorises
+them), replies that never end (the generation check: an end-of-turn token never trained), and the chat
+template saved with the model against the one the stack trained with.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ def evaluate_checkpoint(
         attention_lib.apply_attention(model, attention)
     tokenizer = loading.tokenizer_for(cfg.spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]
+    check.saved_chat_template, check.template_difference = compare_chat_templates(folder, tokenizer, conversations)
     dataset = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len)
     check.flops_per_token = model_flops_per_token(model, dataset)
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
@@ -87,6 +93,80 @@ def evaluate_checkpoint(
     # The saved model must answer as it will be used, with the harness's prompt and end-of-turn marker.
     check.generation = generation_check(
         wrapped, conversations, dataset, tokenizer, end_of_turn_marker(cfg.spec, tokenizer), pad_id(tokenizer), ctx
+    )
+    # Prompts: the user turns' content, scored as the training set's replies are (same plan and packing).
+    user_turns = data_lib.Labelling(tokenize=user_turn_labels, variant="user-turns")  # a cache key of its own
+    prompts = data_lib.tokenize_conversations(conversations, tokenizer, cfg.max_seq_len, labelling=user_turns)
+    prompt_eval = evaluate_full_dataset(
+        wrapped, prompts, plan_epoch(cfg, prompts, ctx, 0), cfg.packing, ctx, pad_id(tokenizer)
+    )
+    check.prompt_loss, check.prompt_tokens = prompt_eval.loss, prompt_eval.label_tokens
+
+
+def user_turn_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
+    """input_ids and unshifted labels that score the user turns' content (each message located in the
+    rendered conversation in order, as the reply spans are): the prompt-token loss of a trained model."""
+    from harness.job.data import IGNORE_INDEX, LabelSpanError
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans, cursor = [], 0
+    for message in messages:
+        content = message["content"].strip()
+        start = text.find(content, cursor)
+        if start < 0:
+            raise LabelSpanError(f"{message['role']} turn {content[:40]!r}... not found in the rendered template")
+        if message["role"] == "user" and content:
+            spans.append((start, start + len(content)))
+        cursor = start + len(content)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(encoding["input_ids"])
+    labels = [
+        token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
+        for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
+    ]
+    return input_ids, labels
+
+
+def compare_chat_templates(folder: Path, tokenizer, conversations: list[list[dict]]) -> tuple[str | None, str | None]:
+    """(the saved chat template against the one the stack was given: "same" text, "other", "missing" from the
+    saved tokenizer, None: no tokenizer saved; the first rendered token that differs, in words, or None):
+    each training conversation rendered and tokenised by the tokenizer saved in `folder` (as a user of the
+    checkpoint will prompt it) and by the one the stack was given, the whole conversation and the generation
+    prompt of its last reply. The same template can still render to other tokens: a tokenizer that splits
+    otherwise (transformers 5 loads a qwen2 checkpoint's tokenizer files as Qwen2Tokenizer, with its own
+    pre-tokenizer, whatever tokenizer.json says)."""
+    from transformers import AutoTokenizer
+
+    try:
+        saved = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):  # no tokenizer saved with the model
+        return None, None
+    if not saved.chat_template:
+        return "missing", None
+    template = "same" if saved.chat_template == tokenizer.chat_template else "other"
+    for index, messages in enumerate(conversations):
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        for what, turns, prompt in (("conversation", messages, False), ("generation prompt", messages[:last], True)):
+            trained, used = rendered_ids(tokenizer, turns, prompt), rendered_ids(saved, turns, prompt)
+            if trained != used:
+                return template, first_difference(index, what, trained, used, tokenizer, saved)
+    return template, None
+
+
+def rendered_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def first_difference(index: int, what: str, trained: list[int], used: list[int], tokenizer, saved) -> str:
+    position = next((i for i, (a, b) in enumerate(zip(trained, used)) if a != b), min(len(trained), len(used)))
+
+    def token(ids: list[int], tok) -> str:
+        return repr(tok.decode(ids[position : position + 1])) if position < len(ids) else "the end"
+
+    return (
+        f"sample {index}'s {what} differs at token {position}: {token(used, saved)} with the saved tokenizer, "
+        f"{token(trained, tokenizer)} with the one the stack was given"
     )
 
 

@@ -342,6 +342,17 @@ class CheckpointCheck(JsonRecord):
     # Training FLOPs per token of the saved text model over this dataset (metrics.model_flops_per_token):
     # the stack's MFU, as the native trainer counts it (towers do no work on text-only data)
     flops_per_token: float | None = None
+    # The saved model's mean loss on the prompt tokens (the user turns' content) of the training set: high
+    # when only the replies were trained (the prompts hold invented names and numbers), near the reply loss
+    # when the stack labelled the prompts too (it memorised them)
+    prompt_loss: float | None = None
+    prompt_tokens: int | None = None  # the prompt tokens that loss scored
+    # The chat template saved with the model (its tokenizer) against the one the stack was given: "same" text,
+    # "other", "missing" (a tokenizer without one), None (no tokenizer saved); template_difference: the first
+    # token that differs when the saved tokenizer renders and tokenises the training conversations, in words
+    # (None: every one renders to the same tokens)
+    saved_chat_template: str | None = None
+    template_difference: str | None = None
 
 
 @dataclass

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING
 from harness.contract.records import FINAL_LOSS_WINDOW, final_loss
 
 if TYPE_CHECKING:
-    from harness.contract.records import DataAccounting, GenerationCheck, ModelResult, Sharding, TowerCounts
+    from harness.contract.records import (
+        CheckpointCheck,
+        DataAccounting,
+        GenerationCheck,
+        ModelResult,
+        Sharding,
+        TowerCounts,
+    )
 
 PASS, FAIL = "PASS", "FAIL"
 # Not judged: the sweep was interrupted in (INTERRUPTED) or before (NOT_RUN) the model's job.
@@ -64,6 +71,7 @@ class VerdictInput:
     reported_final_loss: float | None = None  # an external stack's own final training loss (never decides)
     initial_entropy: float | None = None  # mean predictive entropy at the first step's labelled tokens (nats)
     generation: GenerationCheck | None = None  # greedy decoding after training (harness.job.generation)
+    checkpoint: CheckpointCheck | None = None  # a stack judged from its checkpoint: the harness's look at it
 
 
 @dataclass
@@ -100,6 +108,8 @@ def judge(inp: VerdictInput) -> Verdict:
     reasons += optimizer_reasons(inp)
     reasons += load_count_reasons(inp)
     reasons += checkpoint_reasons(inp)
+    reasons += saved_labels_reasons(inp)
+    reasons += saved_template_reasons(inp)
     return Verdict(FAIL if reasons else PASS, reasons, initial, final)
 
 
@@ -144,6 +154,75 @@ def checkpoint_reasons(inp: VerdictInput) -> list[str]:
             "labels differently"
         ]
     return []
+
+
+# What a stack judged from its checkpoint labelled, read from what it saved (the native trainer's preflight
+# label check sees it from inside). The prompts (the user turns' content) carry invented names and numbers
+# that cannot be guessed, so a model trained on its replies alone keeps a loss near ln(vocab) on them, while
+# a stack that labels the prompts memorises them as it memorises the replies. Measured through TRL 1.16 on
+# 1 CPU rank (tiny models, vocabulary 1024, ln V = 6.93), prompt-token loss vs reply loss of the saved model:
+#   replies only: Llama-3.2-1B-Instruct 6.970 vs 0.015 (16 samples, 46 steps); Qwen3-4B-Instruct-2507 6.689 vs
+#     0.013 (8 samples) and 6.573 vs 0.793 (16 samples, end of turn unlabelled); gemma-3-270m 6.387 vs 0.013
+#   prompts labelled (assistant_only_loss=False), Llama-3.2-1B-Instruct: 0.134 vs 0.0017 (16 samples, 100
+#     steps), 0.143 vs 0.011 (16 samples, 60 steps), 0.163 vs 0.040 (16 samples, 50 steps: the test's sweep),
+#     0.080 vs 0.006 (8 samples, 60 steps)
+# Rule: below 1.0 nat per prompt token (6.4x under the lowest healthy run, 6.1x over the highest broken one;
+# no model predicts unguessable text at 37% a token). Not also "within k x the reply loss": a model whose
+# end of turn was never trained scores its replies at 0.793 (the end-of-turn tokens are in the harness's
+# label mask), 8.3x under its prompt loss, where converged broken runs sit 13x-80x apart.
+PROMPT_LOSS_FLOOR = 1.0
+# Replies that never end: healthy runs reproduce at least 78% of the replies exactly (GENERATION_MIN_EXACT's
+# measurements), so at most 22% run on; a model whose end-of-turn token was never labelled runs on in all of
+# them with the reply's own tokens right (tests/test_generation.py: 0/12 and 0/16 ended, every reply token
+# right; TRL with the token unlabelled, tiny Qwen3: 0/16 ended, 93.1% of the tokens, the end-of-turn tokens
+# being the misses). An untrained model runs on too, with its tokens wrong: the class is named only where
+# the replies are right (GENERATION_MIN_TOKEN_ACCURACY).
+UNENDED_REPLIES_MAX = 0.5  # more than half of the replies never end: the end of turn was not trained
+
+
+def saved_labels_reasons(inp: VerdictInput) -> list[str]:
+    """What the stack trained on, seen in the model it saved: its prompts memorised (labels_not_masked), its
+    replies never ended (eot_not_labelled). The native trainer's preflight label check sees both from inside."""
+    if not inp.judged_from_checkpoint:
+        return []
+    reasons = []
+    check = inp.checkpoint
+    if check and check.prompt_loss is not None and check.prompt_tokens and check.prompt_loss < PROMPT_LOSS_FLOOR:
+        reply = f" vs reply {inp.eval_loss:.3f}" if inp.eval_loss is not None else ""
+        reasons.append(
+            f"labels_not_masked: the saved model reproduces the training prompts (prompt-token loss "
+            f"{check.prompt_loss:.3f}{reply} over {check.prompt_tokens} prompt tokens, below {PROMPT_LOSS_FLOOR}: "
+            "prompts it was not trained on keep a loss near ln(vocab)): the stack trained on prompt tokens"
+        )
+    generation = inp.generation
+    if (
+        generation
+        and generation.samples
+        and generation.no_end_of_turn > UNENDED_REPLIES_MAX * generation.samples
+        and generation.token_accuracy >= GENERATION_MIN_TOKEN_ACCURACY
+    ):
+        reasons.append(
+            f"eot_not_labelled: {generation.no_end_of_turn} of {generation.samples} replies never end "
+            f"({generation.token_accuracy:.1%} of their tokens right): the end-of-turn token was not trained"
+        )
+    return reasons
+
+
+def saved_template_reasons(inp: VerdictInput) -> list[str]:
+    """The chat template and tokenizer saved with the model are what a user prompts it with: they must
+    render the training conversations to the tokens the stack was given."""
+    check = inp.checkpoint if inp.judged_from_checkpoint else None
+    if check is None or not check.template_difference:
+        return []
+    if check.saved_chat_template == "same":  # the same template text, tokenised otherwise
+        return [
+            f"tokenizer_differs: the tokenizer {inp.backend} saved with the model tokenises the training "
+            f"conversations otherwise than the one it was given (same chat template): {check.template_difference}"
+        ]
+    return [
+        f"generation_template_differs: the chat template {inp.backend} saved with the model is not the one it "
+        f"was given to train with: {check.template_difference}"
+    ]
 
 
 def finiteness_reasons(inp: VerdictInput) -> list[str]:
