@@ -120,13 +120,16 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     from harness.backends.stack_checkpoint import input_checkpoint_path
     from harness.contract.dataset_file import load_chat_dataset
     from harness.job.distributed import cap_gpu_memory
+    from harness.testing.external import arm_trl  # test-only: bugs injected through TRL's own seams
 
     started = time.monotonic()
+    # The one read of SFT_HARNESS_MUTATION: unset (always, outside tests), every seam below is unchanged.
+    bugs = arm_trl(cfg.spec.name, cfg.spec.chat_family)
     folder = input_checkpoint_path(cfg)
     record = report.backend
     record.version = trl.__version__
     conversations = load_chat_dataset(cfg.dataset)[: cfg.max_samples]
-    options = recipe_options(cfg, report.world_size)
+    options = bugs.options(recipe_options(cfg, report.world_size))
     record.recipe = {k: v for k, v in options.items() if k != "output_dir"}
     tokenizer = AutoTokenizer.from_pretrained(folder)
     callback = HarnessCallback(cfg, report.world_size, started)
@@ -139,12 +142,14 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     report.gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     cap_gpu_memory(device, cfg.gpu_memory_gib)
     with recording_the_model_trl_builds(cfg, report, AutoConfig.from_pretrained(folder)):
-        trainer = trl.SFTTrainer(
-            model=str(folder),
-            args=trl.SFTConfig(**options),
-            train_dataset=dataset_of(conversations),
-            processing_class=tokenizer,
-            callbacks=[callback],
+        trainer = bugs.trainer(
+            trl.SFTTrainer(
+                model=str(folder),
+                args=trl.SFTConfig(**options),
+                train_dataset=dataset_of(conversations),
+                processing_class=tokenizer,
+                callbacks=[callback],
+            )
         )
 
     steps_per_epoch = math.ceil(
@@ -156,6 +161,7 @@ def train_with_trl(cfg: RunConfig, report: WorkerReport) -> None:
     load_done = time.monotonic()
     trainer.train()
     train_done = time.monotonic()
+    bugs.before_save(trainer)
     trainer.save_model(str(cfg.checkpoint_dir))  # every rank: FSDP gathers the full state dict for rank 0
     saved = time.monotonic()
 
