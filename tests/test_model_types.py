@@ -12,6 +12,13 @@ class the plan trains is built from the config the harness builds it from (the t
 and runs one forward with input_ids and labels and a backward: a finite loss and finite gradients reaching the
 embeddings. MusicGen was planned as causal_lm and crashed in the job: this sweep is what catches that.
 
+Head parity, for every trained type of both sweeps: the trainer's loss (train.TrainableLM: the backbone's last
+hidden state through the chunked loss) equals the cross-entropy of the model's own logits, in eval mode, with
+the vector weights moved off their init, the head's weight and bias drawn large and the head's config scalars off
+their defaults (head_parity). A head the
+harness does not compute fails it; a refused one (model_support.HEAD_NOT_PLAIN, LOGITS_SLICED_TO) must still fail
+it, so that the table stays true.
+
 A type the harness cannot train on text-only input ids must be refused up front (plan.resolve_load_path ->
 harness/models/model_support.py) with a reason naming why. Nothing is skipped silently: a type with no tiny
 model here is in KNOWN_LIMITS or NOT_BUILT with the reason, and an entry that starts working fails the test
@@ -204,6 +211,14 @@ LIMITS_BEFORE: dict[str, tuple[str, str]] = {
 SEQ_LEN = 16
 MAX_INPUT_ID = 512
 RESULTS: dict[str, tuple[str, str]] = {}  # model type -> (trained | refused | limit | environment, detail)
+# Head parity. The head's config scalars (logit_scale, logits_scaling, lm_head_multiplier, output_multiplier,
+# logits_mup_width_multiplier, final_logit_softcapping, logits_soft_cap, ...: float fields named like this) are
+# multiplied by HEAD_FIELD_FACTOR first: most default to 1, where a head that ignores them looks plain.
+HEAD_FIELDS = re.compile(r"logit|lm_head|multiplier|soft_?cap")
+HEAD_FIELD_FACTOR = 0.37
+HEAD_WEIGHT_STD = 0.25  # the head's weight (logits of a few units: a soft cap of 30 x 0.37 bends them); its bias: 1
+HEAD_PARITY_RTOL = 1e-5  # fp32; plain heads agree to 3e-7 (transformers 5.25), refused ones differ by 3e-3 or more
+HEAD_PARITY: dict[str, float] = {}  # model type ("<type> (refused)" for a table entry) -> relative difference
 
 
 def known_limit(model_type: str) -> str | None:
@@ -269,6 +284,48 @@ def tiny_config(model_type: str):
     return tiny_configs.shrink_config(config, TINY_FIXES.get(model_type))
 
 
+def move_head_fields(config) -> None:
+    """The config's and its text config's float fields named like HEAD_FIELDS, times HEAD_FIELD_FACTOR."""
+    for cfg in {id(c): c for c in (config, config.get_text_config(decoder=True))}.values():
+        for name, value in list(vars(cfg).items()):
+            if isinstance(value, float) and HEAD_FIELDS.search(name):
+                setattr(cfg, name, value * HEAD_FIELD_FACTOR)
+
+
+def head_parity(model) -> tuple[float, float]:
+    """(the trainer's mean token loss, the cross-entropy of the model's own logits) on a text batch, in eval mode,
+    every vector and scalar weight moved off its init (norm weights off 1, biases off 0, a learned logit scale off
+    its constant; the matrices are random already), the head's weight drawn large enough that a scale or a soft
+    cap moves the loss, its bias (where it has one) of unit size. The model's logits, not its `.loss`:
+    BartForCausalLM and its kin (bart, blenderbot, marian, mbart, mvp, pegasus, plbart, trocr, whisper, xlm, xlnet,
+    ...) do not shift their labels, ProphetNet's adds its n-gram streams, GIT's expects image tokens first."""
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() <= 1:  # redrawing every matrix would double the sweep's time
+                param.add_(torch.randn(param.shape, generator=generator, dtype=param.dtype) * 0.02)
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * HEAD_WEIGHT_STD)
+        if getattr(head, "bias", None) is not None:
+            head.bias.copy_(torch.randn(head.bias.shape, generator=generator))
+        batch = text_batch(model)
+        ids = batch["input_ids"]
+        ours = float(TrainableLM(model)(**batch)) / (SEQ_LEN - 1)
+        logits = model(input_ids=ids, use_cache=False, **loading.extra_forward_inputs(model, ids)).logits
+        own = float(torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:]))
+    return ours, own
+
+
+def check_head_parity(model_type: str, model) -> None:
+    ours, own = head_parity(model)
+    HEAD_PARITY[model_type] = abs(ours - own) / abs(own)
+    assert math.isclose(ours, own, rel_tol=HEAD_PARITY_RTOL), (
+        f"the trainer's loss {ours:.6f} is not the model's own head's {own:.6f}: compute its head in "
+        "harness/job/loss.py (model_support.head_terms) or refuse it (model_support.HEAD_NOT_PLAIN)"
+    )
+
+
 def write_checkpoint(config, decision, folder: Path) -> str:
     """The checkpoint users download: the VLM class with its towers (CHECKPOINT_CLASSES where no mapping
     names it, else the causal-LM class). Where the VLM class needs a package this venv lacks (timm), the
@@ -316,6 +373,7 @@ def test_model_type_is_trained_or_refused(model_type, tmp_path):
 
 def trained_or_refused(model_type: str, tmp_path: Path) -> None:
     config = tiny_config(model_type)
+    move_head_fields(config)
     try:
         decision = resolve_load_path(config)
     except UnsupportedModelError as exc:
@@ -342,6 +400,7 @@ def trained_or_refused(model_type: str, tmp_path: Path) -> None:
     towers_with_grad = [n for n, p in loading.tower_parameters(model).items() if p.grad is not None]
     if decision.load_path == "direct_vlm_load":
         assert not towers_with_grad, f"frozen tower parameters got gradients: {towers_with_grad[:5]}"
+    check_head_parity(model_type, model)
     RESULTS[model_type] = ("trained", f"{decision.load_path} {record.classes['model']} from {written}")
 
 
@@ -363,6 +422,7 @@ def planned_class_trains(model_type: str) -> None:
     config = tiny_config(model_type)
     tiny_decision = resolve_load_path(config)
     assert (tiny_decision.load_path, tiny_decision.model_class) == (decision.load_path, decision.model_class)
+    move_head_fields(config)
     model = build_planned(config, decision)
     loss = loss_with_labels(model)
     loss.backward()
@@ -372,6 +432,7 @@ def planned_class_trains(model_type: str) -> None:
     assert all(bool(torch.isfinite(g).all()) for g in grads.values()), "a gradient is not finite"
     embeddings = model.get_input_embeddings().weight
     assert embeddings.grad is not None and bool(embeddings.grad.abs().sum() > 0), "no gradient reached the embeddings"
+    check_head_parity(model_type, model)
     RESULTS[model_type] = ("trained", f"{decision.load_path} {type(model).__name__} built from {type(config).__name__}")
 
 
@@ -440,6 +501,50 @@ def test_text_weights_under_a_prefix_are_extracted(model_type, tmp_path):
     assert all(torch.equal(loaded[k], expected[k]) for k in expected), "a text weight differs from the checkpoint's"
 
 
+HEAD_TABLE_TYPES = sorted(model_support.HEAD_NOT_PLAIN) + sorted(model_support.LOGITS_SLICED_TO)
+SLICED_BELOW_VOCAB = 24  # LOGITS_SLICED_TO entries: the field set this far below the vocabulary
+
+
+@pytest.mark.parametrize("model_type", HEAD_TABLE_TYPES)
+def test_a_head_the_loss_does_not_compute_is_refused(model_type):
+    """An entry of model_support.HEAD_NOT_PLAIN (or LOGITS_SLICED_TO, its field set below the vocabulary) is refused
+    with head_not_plain, and the class the plan would train still computes another loss than the trainer's (or
+    fails in the trainer: ELECTRA's and RemBERT's projections change the width), else the entry is stale."""
+    if model_type not in CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {model_type}")
+    config = tiny_config(model_type)
+    if model_type in model_support.LOGITS_SLICED_TO:
+        text_config = config.get_text_config(decoder=True)
+        setattr(text_config, model_support.LOGITS_SLICED_TO[model_type], text_config.vocab_size - SLICED_BELOW_VOCAB)
+    else:
+        with pytest.raises(UnsupportedModelError, match=r"\(head_not_plain\)"):
+            resolve_load_path(default_config(model_type))
+    with pytest.raises(UnsupportedModelError, match=r"\(head_not_plain\): its LM head \(\w+\) "):
+        resolve_load_path(config)
+    move_head_fields(config)
+    model = build_planned(config, plan.decide_load_path(config))
+    try:
+        ours, own = head_parity(model)
+    except AssertionError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the trainer cannot run the head: refused rightly)
+        HEAD_PARITY[f"{model_type} (refused)"] = math.inf
+        print(f"{model_type}: the trainer fails on its head: {type(exc).__name__}: {str(exc)[:120]}")
+        return
+    HEAD_PARITY[f"{model_type} (refused)"] = abs(ours - own) / abs(own)
+    assert not math.isclose(ours, own, rel_tol=HEAD_PARITY_RTOL), (
+        f"{model_type}'s head now gives the trainer's loss ({ours:.6f}): drop its entry from model_support"
+    )
+
+
+def test_logit_scales_name_fields_of_their_types():
+    """Each model_support.LOGIT_SCALES entry names a field its type's config has (an entry for a type the installed
+    transformers lacks stays unused). Whether the head applies it as the entry says is head parity's to check."""
+    for model_type, (field, _) in model_support.LOGIT_SCALES.items():
+        if model_type in CONFIG_MAPPING:
+            assert hasattr(CONFIG_MAPPING[model_type](), field), f"{model_type} has no {field}"
+
+
 def check_really_needs_non_text_inputs(config, folder: Path) -> None:
     """An observed-failure refusal (model_support.NEEDS_NON_TEXT_INPUTS) must still fail text-only."""
     from harness.models.plan import decide_load_path
@@ -478,6 +583,15 @@ def test_zz_counts_trained_and_refused(capsys):
     for kind, members in sorted(refusals.items(), key=lambda item: -len(item[1])):
         shown = ", ".join(members) if len(members) <= 40 else ", ".join(members[:12]) + ", ..."
         lines.append(f"  refused, {kind}: {len(members)}: {shown}")
+    if HEAD_PARITY:
+        trained = {t: rel for t, rel in HEAD_PARITY.items() if not t.endswith("(refused)")}
+        refused = {t: rel for t, rel in HEAD_PARITY.items() if t.endswith("(refused)")}
+        worst = max(trained, key=trained.get, default=None)
+        lines.append(
+            f"  head parity: {len(trained)} trained types, largest relative difference "
+            + (f"{trained[worst]:.1e} ({worst})" if worst else "-")
+            + (f"; {len(refused)} refused heads differ by {min(refused.values()):.1e} or more" if refused else "")
+        )
     for model_type, (outcome, detail) in sorted(RESULTS.items()):
         if outcome in ("limit", "environment"):
             lines.append(f"  {'known limit' if outcome == 'limit' else 'not on this machine'}, {model_type}: {detail}")

@@ -8,6 +8,12 @@ gradients straight away (a custom autograd Function, so no logits are saved for 
 Normalisation: the step loss is sum(token losses) / (label tokens of the whole step, all ranks and
 micro-batches). Each rank backpropagates local_sum / global_label_tokens per micro-batch, so the
 sum over ranks and micro-batches is the step loss whatever the world size, packing or micro-batching.
+
+The head computed is softcap(logit_scale * (hidden @ W^T + b)): W the output embeddings' weight, b their bias
+where the head has one (phi, gptj, codegen: nn.Linear(..., bias=True)), logit_scale the scalar a head multiplies
+its logits by (Cohere's logit_scale; Granite divides by logits_scaling), the soft cap Gemma 2/3's. A model
+without a bias, scale or cap runs none of their ops. Heads that do more (a transform before the projection)
+are refused by the plan (harness/models/model_support.py, head_not_plain).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, cap: float | None) -> torch.Tensor:
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cap: float | None
+) -> torch.Tensor:
     # The matmul runs in the model's dtype; the logits are upcast before softmax, as transformers does.
-    return softcap((hidden @ weight.t()).float(), cap)
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return softcap(logits.float(), cap)
 
 
 def _token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,18 +52,23 @@ def _flatten_labelled(hidden_states: torch.Tensor, shift_labels: torch.Tensor):
 
 
 def _chunk_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, cap: float | None
 ) -> torch.Tensor:
     """Sum of one chunk's token losses."""
-    return _token_cross_entropy(_chunk_logits(hidden, weight, cap), labels).sum()
+    return _token_cross_entropy(_chunk_logits(hidden, weight, bias, cap), labels).sum()
 
 
 def _chunk_logit_grad(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float | None, grad_total: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    cap: float | None,
+    grad_total: torch.Tensor,
 ) -> torch.Tensor:
-    """d(loss sum)/d(hidden @ W^T) of one chunk, in the weight's dtype. Eagerly, at most the fp32
+    """d(loss sum)/d(hidden @ W^T + b) of one chunk, in the weight's dtype. Eagerly, at most the fp32
     logits and one fp32 buffer live at once (the bf16 product is freed by the upcast)."""
-    logits = _chunk_logits(hidden, weight, cap)
+    logits = _chunk_logits(hidden, weight, bias, cap)
     # d(logsumexp - picked)/d(capped logits) = softmax - onehot
     grad = torch.softmax(logits, dim=-1)
     grad[torch.arange(grad.shape[0], device=grad.device), labels] -= 1
@@ -76,31 +90,38 @@ def _chunk_functions(compiled: bool):
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Sum of cross-entropy over rows of `hidden` (all labelled), chunk by chunk."""
+    """Sum of cross-entropy over rows of `hidden` (all labelled), chunk by chunk. bias: None, or the
+    head's bias added to every chunk's logits."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_tokens, cap, compiled):
+    def forward(ctx, hidden, weight, bias, labels, chunk_tokens, cap, compiled):
         loss_sum, _ = _chunk_functions(compiled)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
-            total += loss_sum(hidden[start : start + chunk_tokens], weight, labels[start : start + chunk_tokens], cap)
-        ctx.save_for_backward(hidden, weight, labels)
+            rows = slice(start, start + chunk_tokens)
+            total += loss_sum(hidden[rows], weight, bias, labels[rows], cap)
+        ctx.save_for_backward(hidden, weight, bias, labels)
         ctx.chunk_tokens, ctx.cap, ctx.compiled = chunk_tokens, cap, compiled
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, labels = ctx.saved_tensors
+        hidden, weight, bias, labels = ctx.saved_tensors
         _, logit_grad = _chunk_functions(ctx.compiled)
         grad_hidden = torch.empty_like(hidden)
-        # fp32 accumulator across chunks, so bf16 weights do not lose precision chunk after chunk.
+        # fp32 accumulators across chunks, so bf16 weights do not lose precision chunk after chunk.
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_bias = None if bias is None else torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
-            chunk = hidden[start : start + ctx.chunk_tokens]
-            grad_logits = logit_grad(chunk, weight, labels[start : start + ctx.chunk_tokens], ctx.cap, grad_total)
-            grad_hidden[start : start + ctx.chunk_tokens] = grad_logits @ weight
+            rows = slice(start, start + ctx.chunk_tokens)
+            chunk = hidden[rows]
+            grad_logits = logit_grad(chunk, weight, bias, labels[rows], ctx.cap, grad_total)
+            grad_hidden[rows] = grad_logits @ weight
             grad_weight += (grad_logits.t() @ chunk).float()
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
+            if grad_bias is not None:
+                grad_bias += grad_logits.sum(0, dtype=torch.float32)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight.to(weight.dtype), grad_bias, None, None, None, None
 
 
 def chunked_cross_entropy_sum(
@@ -110,26 +131,40 @@ def chunked_cross_entropy_sum(
     chunk_tokens: int = 2048,
     final_logit_softcapping: float | None = None,
     compiled: bool = False,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
-    """Sum over labelled tokens of cross_entropy(softcap(hidden @ W^T), label), as an fp32 scalar.
+    """Sum over labelled tokens of cross_entropy(softcap(logit_scale * (hidden @ W^T + b)), label), as an
+    fp32 scalar.
 
     hidden_states [..., H] and shift_labels [...] (already shifted, IGNORE_INDEX = -100 where not
-    trained). Only labelled positions go through the LM head. lm_head_weight must be a plain
-    (unsharded) tensor: under FSDP2 call this where the LM head's parameters are gathered.
+    trained). Only labelled positions go through the LM head. lm_head_weight and lm_head_bias (None: the
+    head has none) must be plain (unsharded) tensors: under FSDP2 call this where the LM head's parameters
+    are gathered. logit_scale None: no scaling (nor its op).
     Returns a zero that still carries gradients (zeros) when nothing is labelled, so dummy
     micro-batches run the same backward as real ones. compiled: the per-chunk softmax work runs
     torch.compile'd (under torch.compiler's force_eager stance it runs eagerly).
     """
     hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
     # index_select's backward scatters the gradient back to the labelled positions, zeros elsewhere.
+    hidden, lm_head_bias = _scaled(hidden.index_select(0, labelled), lm_head_bias, logit_scale)
     return _ChunkedLinearCrossEntropy.apply(
-        hidden.index_select(0, labelled),
+        hidden,
         lm_head_weight,
+        lm_head_bias,
         labels[labelled],
         chunk_tokens,
         final_logit_softcapping,
         compiled,
     )
+
+
+def _scaled(hidden: torch.Tensor, bias: torch.Tensor | None, scale: float | None):
+    """The head's logit scale moved onto its inputs: s * (h @ W^T + b) = (s * h) @ W^T + s * b, one op on
+    [tokens, hidden] instead of one on [tokens, vocab]; nothing where there is no scale."""
+    if scale is None:
+        return hidden, bias
+    return hidden * scale, None if bias is None else bias * scale
 
 
 def global_mean_loss(local_sum: torch.Tensor, global_label_tokens: int) -> torch.Tensor:
@@ -167,15 +202,16 @@ class GlobalMean:
         return float(global_mean_loss(all_reduce_sum(local_sum), self.label_tokens))
 
 
-def _per_labelled_token(per_chunk, hidden_states, lm_head_weight, shift_labels, chunk_tokens, softcap) -> torch.Tensor:
+def _per_labelled_token(per_chunk, hidden_states, shift_labels, chunk_tokens, head) -> torch.Tensor:
     """per_chunk(logits, labels) at every labelled token (fp32, shaped like shift_labels, 0 elsewhere),
-    the logits of at most chunk_tokens tokens at a time."""
+    the logits of at most chunk_tokens tokens at a time. head: (weight, bias, softcap, logit_scale)."""
+    weight, bias, cap, scale = head
     hidden, labels, labelled = _flatten_labelled(hidden_states, shift_labels)
     values = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, labelled.numel(), chunk_tokens):
         index = labelled[start : start + chunk_tokens]
-        logits = _chunk_logits(hidden.index_select(0, index), lm_head_weight, softcap)
-        values[index] = per_chunk(logits, labels[index])
+        chunk, chunk_bias = _scaled(hidden.index_select(0, index), bias, scale)
+        values[index] = per_chunk(_chunk_logits(chunk, weight, chunk_bias, cap), labels[index])
     return values.reshape(shift_labels.shape)
 
 
@@ -191,12 +227,13 @@ def chunked_token_losses(
     shift_labels: torch.Tensor,
     chunk_tokens: int = 2048,
     final_logit_softcapping: float | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """Per-token cross-entropy (fp32, shaped like shift_labels, 0 where not labelled), chunk by
-    chunk; for evaluation, where each sample's own loss is wanted."""
-    return _per_labelled_token(
-        _token_cross_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens, final_logit_softcapping
-    )
+    chunk; for evaluation, where each sample's own loss is wanted. The head as chunked_cross_entropy_sum's."""
+    head = (lm_head_weight, lm_head_bias, final_logit_softcapping, logit_scale)
+    return _per_labelled_token(_token_cross_entropy, hidden_states, shift_labels, chunk_tokens, head)
 
 
 @torch.no_grad()
@@ -206,10 +243,11 @@ def chunked_token_entropy(
     shift_labels: torch.Tensor,
     chunk_tokens: int = 2048,
     final_logit_softcapping: float | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    logit_scale: float | None = None,
 ) -> torch.Tensor:
     """Per-token entropy (nats) of the predicted distribution over the vocabulary (fp32, shaped like
     shift_labels, 0 where not labelled), chunk by chunk. Random weights predict near-uniformly
     (close to ln(vocab)); a pretrained model is far more certain, even where it is wrong."""
-    return _per_labelled_token(
-        _token_entropy, hidden_states, lm_head_weight, shift_labels, chunk_tokens, final_logit_softcapping
-    )
+    head = (lm_head_weight, lm_head_bias, final_logit_softcapping, logit_scale)
+    return _per_labelled_token(_token_entropy, hidden_states, shift_labels, chunk_tokens, head)

@@ -51,7 +51,7 @@ from harness.job.metrics import (
     peak_bf16_flops,
     peak_memory_gib,
 )
-from harness.models import loading
+from harness.models import loading, model_support
 from harness.models import plan as plan_lib
 
 # Checksums go over parameters in slices: a float64 copy of Gemma 3n's 2.3B-entry per-layer
@@ -63,8 +63,11 @@ class TrainableLM(nn.Module):
     """The FSDP root around the loaded model. forward() returns the SUM of the labelled tokens' losses,
     what a step backpropagates; token_losses, token_entropy and hidden_states serve the evaluation and
     the checks. Losses are computed in chunks so the [tokens, vocab] logits never exist at once (Gemma's
-    vocabulary is 262k). FSDP2 gathers the root's own parameters around forward only: shard_model
-    registers the other entry points (FSDP_FORWARD_METHODS) to run like it."""
+    vocabulary is 262k), with the model's own head: the output embeddings' weight, their bias where they
+    have one, the logit scale and soft cap its config sets (model_support.head_terms; a head that does more
+    is refused by the plan). FSDP2 gathers the root's own parameters (the head's among them) around forward
+    only: shard_model registers the other entry points (FSDP_FORWARD_METHODS) to run like it, and the head's
+    tensors are read from the module on each call, never kept from before sharding."""
 
     FSDP_FORWARD_METHODS = ("token_losses", "token_entropy", "hidden_states")
 
@@ -79,21 +82,26 @@ class TrainableLM(nn.Module):
         self.lm = lm
         self.varlen = varlen  # tell the varlen kernel where packed samples start
         self._no_split_modules = getattr(lm, "_no_split_modules", None)
-        text_config = lm.config.get_text_config(decoder=True)
-        self.softcap = getattr(text_config, "final_logit_softcapping", None)
+        head = model_support.head_terms(lm.config.get_text_config(decoder=True))
+        self.softcap, self.logit_scale = head.softcap, head.logit_scale
+        self.head_has_bias = getattr(lm.get_output_embeddings(), "bias", None) is not None
         self.chunk_tokens = chunk_tokens
         self.compiled_loss = False  # the loss chunks' softmax work compiled (set with --compile)
         self._extra_forward_inputs = extra_forward_inputs
 
     def forward(self, input_ids, position_ids, shift_labels, attention_mask=None) -> torch.Tensor:
         """The sum of the labelled tokens' losses: an fp32 scalar that carries gradients."""
+        hidden = self._last_hidden_state(input_ids, position_ids, attention_mask)
+        weight, bias = self._head()
         return chunked_cross_entropy_sum(
-            self._last_hidden_state(input_ids, position_ids, attention_mask),
-            self.lm.get_output_embeddings().weight,
+            hidden,
+            weight,
             shift_labels,
             chunk_tokens=self.chunk_tokens,
             final_logit_softcapping=self.softcap,
             compiled=self.compiled_loss,
+            lm_head_bias=bias,
+            logit_scale=self.logit_scale,
         )
 
     def token_losses(self, input_ids, position_ids, shift_labels, attention_mask=None) -> torch.Tensor:
@@ -114,13 +122,23 @@ class TrainableLM(nn.Module):
         return self._extra_forward_inputs(self.lm, input_ids)
 
     def _per_token(self, per_token, input_ids, position_ids, shift_labels, attention_mask) -> torch.Tensor:
+        hidden = self._last_hidden_state(input_ids, position_ids, attention_mask)
+        weight, bias = self._head()
         return per_token(
-            self._last_hidden_state(input_ids, position_ids, attention_mask),
-            self.lm.get_output_embeddings().weight,
+            hidden,
+            weight,
             shift_labels,
             chunk_tokens=self.chunk_tokens,
             final_logit_softcapping=self.softcap,
+            lm_head_bias=bias,
+            logit_scale=self.logit_scale,
         )
+
+    def _head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output embeddings' weight and bias as they are now: inside forward (or a registered method)
+        under FSDP2, the gathered full tensors, as the weight always was."""
+        head = self.lm.get_output_embeddings()
+        return head.weight, head.bias if self.head_has_bias else None
 
     def _last_hidden_state(self, input_ids, position_ids, attention_mask) -> torch.Tensor:
         extra = self.extra_inputs(input_ids)

@@ -22,6 +22,12 @@ line, before any job starts). The rules, each with the kind of reason it gives:
 - drafter:         an assistant model for speculative decoding, fed another model's states.
 - no_text_backbone: its text model is neither at `.model` nor at its base_model_prefix (Kosmos-2 keeps
                    it at `.text_model`), so the trainer has no backbone to call for hidden states.
+- head_not_plain:  its LM head computes more than the trainer's chunked loss does (harness.job.loss:
+                   softcap(scale * (hidden @ W^T + b)), read by head_terms): a transform or projection before the
+                   vocabulary projection (the BERT/RoBERTa family, ELECTRA, RemBERT, ModernBERT decoder), logits
+                   from another stream than the last hidden state (ProphetNet), a learned per-token logit scale
+                   (Dory) (HEAD_NOT_PLAIN, observed: tests/test_model_types.py checks each entry), or logits sliced
+                   to an unpadded vocabulary (LOGITS_SLICED_TO: Inkling where its unpadded_vocab_size is set).
 
 Classes whose backbone sits at their base_model_prefix instead of `.model` (GitForCausalLM: `.git`)
 are trained: loading.text_backbone finds it.
@@ -33,6 +39,7 @@ import inspect
 import re
 import sys
 from dataclasses import dataclass
+from typing import Literal
 
 import transformers
 from torch import nn
@@ -76,8 +83,98 @@ TEXT_ONLY_DESPITE_SUB_CONFIGS = {
     "vocabulary; the audio codebooks, the Mimi audio encoder and the depth decoder its MoshiConfig describes "
     "are MoshiForConditionalGeneration's, whose checkpoints hold this model at decoder.*",
 }
+# The LM head the trainer's chunked loss computes: softcap(scale * (hidden @ W^T + b)), W and b the output
+# embeddings' weight and bias (where the head has one: phi, gptj, codegen, ctrl, reformer, bert-generation), hidden
+# the backbone's last hidden state. The soft cap goes by one of these config names (Gemma 2/3, recurrent_gemma,
+# xLSTM); the scale by its text model type, a field its CausalLM class multiplies or divides its logits by (observed
+# on transformers 5.25: tests/test_model_types.py compares every trained type's loss with its own head's, with these
+# fields set off their defaults, most of which are 1).
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+_GRANITE_TEXT_TYPES = (
+    "granite",
+    "granite_swa",
+    "granitemoe",
+    "granitemoe_swa",
+    "granitemoehybrid",
+    "granitemoeshared",
+    "granite4_vision_text",
+    "granite_docling_text",
+)
+LOGIT_SCALES: dict[str, tuple[str, Literal["multiply", "divide"]]] = {
+    **dict.fromkeys(("cohere", "cohere2", "cohere2_moe"), ("logit_scale", "multiply")),
+    **dict.fromkeys(_GRANITE_TEXT_TYPES, ("logits_scaling", "divide")),
+    "hyperclovax": ("logits_scaling", "multiply"),  # the same name as Granite's, the other way round
+    "falcon_h1": ("lm_head_multiplier", "multiply"),
+    "muse_glimmer_text": ("output_multiplier", "multiply"),  # before the soft cap, as the scale always is
+    "muse_spark_text": ("output_multiplier", "multiply"),
+    "inkling_text": ("logits_mup_width_multiplier", "divide"),  # divides the hidden state: the same logits
+}
+# LM heads that compute more than that, by model type (observed on transformers 5.25, eval mode, random weights:
+# tests/test_model_types.py checks that each entry's own loss still differs from the harness's, or that the harness
+# fails on it). What each head does beyond the plain projection:
+_BERT_TRANSFORM = "applies a dense layer, an activation and a LayerNorm ({}.transform) before the vocabulary projection"
+_ROBERTA_TRANSFORM = (
+    "applies a dense layer, GELU and a LayerNorm ({}: dense, layer_norm) before the vocabulary projection"
+)
+HEAD_NOT_PLAIN = {
+    **{
+        t: _BERT_TRANSFORM.format(head)
+        for t, head in (
+            ("bert", "BertLMPredictionHead"),
+            ("big_bird", "BigBirdLMPredictionHead"),
+            ("ernie", "ErnieLMPredictionHead"),
+            ("megatron-bert", "MegatronBertLMPredictionHead"),
+            ("roc_bert", "RoCBertLMPredictionHead"),
+            ("roformer", "RoFormerLMPredictionHead"),
+        )
+    },
+    **{
+        t: _ROBERTA_TRANSFORM.format(head)
+        for t, head in (
+            ("camembert", "CamembertLMHead"),
+            ("data2vec-text", "Data2VecTextLMHead"),
+            ("roberta", "RobertaLMHead"),
+            ("roberta-prelayernorm", "RobertaPreLayerNormLMHead"),
+            ("xlm-roberta", "XLMRobertaLMHead"),
+            ("xlm-roberta-xl", "XLMRobertaXLLMHead"),
+            ("xmod", "XmodLMHead"),
+        )
+    },
+    "electra": "applies generator_predictions (a dense layer to embedding_size, GELU and a LayerNorm) "
+    "before the vocabulary projection (generator_lm_head)",
+    "rembert": "applies a dense layer to output_embedding_size, an activation and a LayerNorm "
+    "(RemBertLMPredictionHead) before the vocabulary projection",
+    "modernbert-decoder": "applies ModernBertDecoderPredictionHead (a dense layer, an activation and a norm) "
+    "before the vocabulary projection (decoder)",
+    "prophetnet": "projects the first n-gram predicting stream, not the main stream's last hidden state that "
+    "the trainer takes (and its own loss trains the further n-gram streams too)",
+    "dory": "multiplies each vocabulary entry's logit by a learned scale after the projection "
+    "(DoryLMHead.logit_scale, one per token)",
+}
+# Heads that slice their logits to the first N entries where this config field N is below vocab_size (an
+# unpadded vocabulary; by model type, observed as HEAD_NOT_PLAIN is). Inkling 2 sizes its head by its
+# unpadded_vocab_size instead: a plain head, not listed.
+LOGITS_SLICED_TO = {"inkling_text": "unpadded_vocab_size"}
 DRAFTER_FIELDS = ("backbone_hidden_size",)  # the hidden size of the model whose states it reads
 DRAFTER_INPUTS = ("shared_kv_states",)  # another model's key/value states
+
+
+@dataclass(frozen=True)
+class HeadTerms:
+    """What the chunked loss computes beside the output embeddings' weight (and bias): None where the head
+    has no such term, so that none of its ops run (a scale of 1 is none)."""
+
+    logit_scale: float | None
+    softcap: float | None
+
+
+def head_terms(text_config) -> HeadTerms:
+    """The LM head's logit scale and soft cap, from the config its class reads them from (the text config)."""
+    softcap = next((getattr(text_config, f) for f in SOFTCAP_FIELDS if getattr(text_config, f, None) is not None), None)
+    field, how = LOGIT_SCALES.get(getattr(text_config, "model_type", None), (None, None))
+    value = getattr(text_config, field, None) if field else None
+    scale = None if value is None else float(value if how == "multiply" else 1 / value)
+    return HeadTerms(logit_scale=None if scale == 1.0 else scale, softcap=softcap)
 
 
 @dataclass(frozen=True)
@@ -98,7 +195,7 @@ def refusal(config, decision) -> Unsupported | None:
     trained = getattr(transformers, decision.model_class, None)
     own = [getattr(transformers, name, None) for name in _own_class_names(model_type)]
     own = [cls for cls in own if cls is not None]
-    for check in (_no_forward, _diffusion, _drafter, _codebooks, _non_text_inputs, _no_text_backbone):
+    for check in (_no_forward, _diffusion, _drafter, _codebooks, _non_text_inputs, _no_text_backbone, _head_not_plain):
         found = check(model_type, config, decision, trained, own)
         if found is not None:
             return found
@@ -241,6 +338,25 @@ def _no_text_backbone(model_type, config, decision, trained, own) -> Unsupported
         f"{trained.__name__} keeps its text model at {where}, not at .model or at "
         f"its base_model_prefix {prefix!r}: the trainer has no backbone to call for "
         "hidden states",
+    )
+
+
+def _head_not_plain(model_type, config, decision, trained, own) -> Unsupported | None:
+    """The trained class's LM head computes more than the chunked loss (HEAD_NOT_PLAIN by the type the class is
+    built for, or LOGITS_SLICED_TO where the config makes it slice its logits)."""
+    text_config = config.get_text_config(decoder=True)
+    types = (decision.text_model_type, model_type)
+    what = next((HEAD_NOT_PLAIN[t] for t in types if t in HEAD_NOT_PLAIN), None)
+    field = next((LOGITS_SLICED_TO[t] for t in types if t in LOGITS_SLICED_TO), None)
+    kept, vocab = getattr(text_config, field, None) if field else None, getattr(text_config, "vocab_size", None)
+    if what is None and kept is not None and vocab is not None and kept < vocab:
+        what = f"slices its logits to their first {field}={kept} of vocab_size={vocab} entries after the projection"
+    if what is None:
+        return None
+    return Unsupported(
+        "head_not_plain",
+        f"its LM head ({decision.model_class}) {what}, which the harness's chunked loss does not compute: "
+        "the loss it would train is not the model's",
     )
 
 
