@@ -26,7 +26,9 @@ from harness.contract.model_spec import BACKENDS
 
 # What the gate checks only inside its own trainer: for another stack these are "not available", never passed.
 NOT_AVAILABLE_OUTSIDE = (
-    "preflight (label mask, packing isolation, extraction parity, first-step loss and gradient references)",
+    "preflight: packing isolation, extraction parity, first-step loss and gradient references (a loss averaged "
+    "per rank does not show in the saved weights); the label mask is judged from the saved checkpoint instead "
+    "(its prompt-token loss, whether its replies end, the chat template and tokenizer saved with it)",
     "data accounting (every sample once per epoch)",
     "sharding record (each rank's share of the parameters)",
     "trainable-parameter checksum (the saved checkpoint's evaluation stands in for it)",

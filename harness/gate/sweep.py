@@ -315,6 +315,7 @@ def verdict_input(
         observed_class=stack.observed_class,
         stack_towers=stack.towers,
         checkpoint_error=saved.error if saved else not_evaluated if traits.judged_from_checkpoint else None,
+        checkpoint=saved,
         reported_final_loss=stack.reported_final_loss,
         initial_entropy=report.initial_entropy,
         generation=report.generation,
