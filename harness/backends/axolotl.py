@@ -37,8 +37,9 @@ from harness.contract.records import (
     WorkerReport,
     final_loss,
     read_worker_report,
+    replace_metrics,
 )
-from harness.runtime.launch import JobOutcome, Topology
+from harness.runtime.launch import JobOutcome, Topology, accelerate_launch_command
 
 
 @dataclass(frozen=True)
@@ -307,36 +308,12 @@ def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[st
 
 
 def launch_command(cfg: RunConfig, topology: Topology, job_index: int) -> list[str]:
+    """What `axolotl train` runs: accelerate launch of axolotl.cli.train, in the stack's environment."""
     work = stack_dir(cfg)
-    command = [
-        "env",
-        "AXOLOTL_DO_NOT_TRACK=1",  # its telemetry is on unless this is set
-        f"{JOB_ENV}={Path(cfg.output_dir) / 'job.json'}",
-        cfg.stack_python or sys.executable,  # the stack's own environment (--stack), else this one
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(work / ACCELERATE_CONFIG),
-        "--num_processes",
-        str(topology.nproc_per_node * topology.nnodes),
-        "--num_machines",
-        str(topology.nnodes),
-    ]
-    if topology.nnodes > 1:  # model k of the sweep meets at port + k, as the native jobs do
-        host, _, port = topology.rdzv_endpoint.rpartition(":")
-        command += [
-            "--machine_rank",
-            str(topology.node_rank),
-            "--main_process_ip",
-            host,
-            "--main_process_port",
-            str(int(port or 29500) + job_index),
-        ]
-    else:
-        from harness.backends.trl import free_port
-
-        command += ["--main_process_port", str(free_port())]  # accelerate's default 29500 may be taken
-    return command + ["-m", "axolotl.cli.train", str(work / CONFIG_FILE)]
+    target = ["-m", "axolotl.cli.train", str(work / CONFIG_FILE)]
+    launch = accelerate_launch_command(work / ACCELERATE_CONFIG, topology, job_index, target, cfg.stack_python)
+    # its telemetry is on unless AXOLOTL_DO_NOT_TRACK is set; the plugin finds the job through JOB_ENV
+    return ["env", "AXOLOTL_DO_NOT_TRACK=1", f"{JOB_ENV}={Path(cfg.output_dir) / 'job.json'}", *launch]
 
 
 def accelerate_config(topology: Topology) -> str:
@@ -370,7 +347,7 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
 
         record.recipe = recipe_record(yaml.safe_load(written.read_text()), cfg)
     metrics = read_log_history(trainer_state_path(cfg), report.world_size or 1)
-    write_metrics(cfg, metrics)
+    replace_metrics(cfg.metrics_path, metrics)
     report.steps = metrics[-1].step if metrics else report.steps
     losses = [m.loss for m in metrics]
     record.reported_final_loss = final_loss(losses)
@@ -442,15 +419,6 @@ def read_log_history(path: Path, world_size: int = 1) -> list[StepMetrics]:
             )
         )
     return metrics
-
-
-def write_metrics(cfg: RunConfig, metrics: list[StepMetrics]) -> None:
-    from harness.contract.records import MetricsWriter
-
-    cfg.metrics_path.unlink(missing_ok=True)
-    writer = MetricsWriter(cfg.metrics_path, enabled=True)
-    for step in metrics:
-        writer.write(step)
 
 
 def saved_class(folder: Path) -> str | None:

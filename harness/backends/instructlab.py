@@ -23,6 +23,7 @@ from harness.contract.records import (
     WorkerReport,
     final_loss,
     read_worker_report,
+    replace_metrics,
 )
 from harness.runtime.launch import JobOutcome, Topology
 
@@ -111,7 +112,7 @@ def collect(cfg: RunConfig, outcome: JobOutcome) -> WorkerReport:
     report = read_worker_report(cfg)
     record = report.backend = report.backend or BackendRecord("instructlab")
     metrics = read_stack_metrics(stack_dir(cfg) / "ckpt" / METRICS_FILE, report.world_size or 1)
-    write_metrics(cfg, metrics)
+    replace_metrics(cfg.metrics_path, metrics)
     report.steps = len(metrics)
     losses = [m.loss for m in metrics]
     record.reported_final_loss = final_loss(losses)
@@ -162,15 +163,6 @@ def read_stack_metrics(path: Path, world_size: int = 1) -> list[StepMetrics]:
         # it logs get_last_lr() after the scheduler stepped: the lr of the NEXT step (step 1's is not logged)
         logged_lr = row.get("lr")
     return metrics
-
-
-def write_metrics(cfg: RunConfig, metrics: list[StepMetrics]) -> None:
-    from harness.contract.records import MetricsWriter
-
-    cfg.metrics_path.unlink(missing_ok=True)
-    writer = MetricsWriter(cfg.metrics_path, enabled=True)
-    for step in metrics:
-        writer.write(step)
 
 
 def move_last_checkpoint(cfg: RunConfig) -> None:

@@ -8,13 +8,12 @@ The worker (harness.backends.trl_worker) records what TRL built, its per-step lo
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
 from harness.backends import BackendTraits, Requirement
 from harness.contract.records import BackendProbe, RunConfig, WorkerReport, read_worker_report
-from harness.runtime.launch import JobOutcome, Topology, torchrun_command
+from harness.runtime.launch import JobOutcome, Topology, accelerate_launch_command, torchrun_command
 
 REQUIREMENT = Requirement(module="trl", distribution="trl", version="1.16.0", extra="trl")
 TRAITS = BackendTraits(requirement=REQUIREMENT)
@@ -56,42 +55,8 @@ def commands(cfg: RunConfig, topology: Topology, job_index: int) -> list[list[st
         return [prepare, torchrun_command(job_path, topology, job_index, module=WORKER, python=cfg.stack_python)]
     config_path = Path(cfg.output_dir) / ACCELERATE_CONFIG
     config_path.write_text(accelerate_fsdp2_config(cfg, topology))
-    return [prepare, accelerate_command(config_path, job_path, topology, job_index, cfg.stack_python)]
-
-
-def accelerate_command(
-    config_path: Path, job_path: Path, topology: Topology, job_index: int, python: str | None = None
-) -> list[str]:
-    command = [
-        python or sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(config_path),
-        "--num_processes",
-        str(topology.nproc_per_node * topology.nnodes),
-        "--num_machines",
-        str(topology.nnodes),
-    ]
-    if topology.nnodes > 1:
-        host, _, port = topology.rdzv_endpoint.rpartition(":")
-        command += [
-            "--machine_rank",
-            str(topology.node_rank),
-            "--main_process_ip",
-            host,
-            "--main_process_port",
-            str(int(port or 29500) + job_index),
-        ]
-    else:
-        command += ["--main_process_port", str(free_port())]  # accelerate's default 29500 may be taken
-    return command + ["-m", WORKER, "--job", str(job_path)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    target = ["-m", WORKER, "--job", str(job_path)]
+    return [prepare, accelerate_launch_command(config_path, topology, job_index, target, cfg.stack_python)]
 
 
 def accelerate_fsdp2_config(cfg: RunConfig, topology: Topology) -> str:

@@ -543,6 +543,13 @@ class MetricsWriter:
             handle.flush()
 
 
+def replace_metrics(path: Path, metrics: list[StepMetrics]) -> None:
+    """metrics.jsonl written anew from a stack's own log (what its collect() read)."""
+    writer = MetricsWriter(path, enabled=True)  # starts the file empty
+    for step in metrics:
+        writer.write(step)
+
+
 FINAL_LOSS_WINDOW = 5  # a run's final training loss is the mean of its last steps
 
 

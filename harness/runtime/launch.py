@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -74,6 +75,43 @@ def torchrun_command(
     else:
         command.append("--standalone")  # a free local port: jobs never collide
     return command + ["-m", module, "--job", str(job_path)]
+
+
+def accelerate_launch_command(
+    config_path: Path, topology: Topology, job_index: int, target: list[str], python: str | None = None
+) -> list[str]:
+    """`accelerate launch` of `target` (["-m", module, args...]) with `python` (a stack's own environment)
+    or this interpreter. Multi-node: model k of the sweep meets at port + k, as torchrun jobs do."""
+    command = [
+        python or sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_path),
+        "--num_processes",
+        str(topology.nproc_per_node * topology.nnodes),
+        "--num_machines",
+        str(topology.nnodes),
+    ]
+    if topology.nnodes > 1:
+        host, _, port = topology.rdzv_endpoint.rpartition(":")
+        command += [
+            "--machine_rank",
+            str(topology.node_rank),
+            "--main_process_ip",
+            host,
+            "--main_process_port",
+            str(int(port or 29500) + job_index),
+        ]
+    else:
+        command += ["--main_process_port", str(free_port())]  # accelerate's default 29500 may be taken
+    return command + target
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def job_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
