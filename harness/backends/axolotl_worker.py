@@ -27,7 +27,7 @@ from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
 from harness.backends.axolotl import JOB_ENV, STATE_FILE, UNMAPPED, stack_dir
-from harness.backends.trl_worker import STOP_EPOCHS, STOP_MARGIN
+from harness.backends.trl_worker import STOP_EPOCHS, target_reached
 from harness.contract.records import (
     PROGRESS_PREFIX,
     BackendRecord,
@@ -181,12 +181,7 @@ class HarnessCallback(TrainerCallback):
             control.should_training_stop = True
             return
         self.recent.append(loss)
-        threshold = self.job.loss_threshold
-        if (
-            len(self.recent) == self.recent.maxlen
-            and max(self.recent) < threshold
-            and sum(self.recent) / len(self.recent) < STOP_MARGIN * threshold
-        ):
+        if target_reached(self.recent, self.job.loss_threshold):
             self.stop_reason = "target_reached"
             control.should_training_stop = True
 

@@ -106,7 +106,7 @@ def evaluate_checkpoint(
 def user_turn_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[int]]:
     """input_ids and unshifted labels that score the user turns' content (each message located in the
     rendered conversation in order, as the reply spans are): the prompt-token loss of a trained model."""
-    from harness.job.data import IGNORE_INDEX, LabelSpanError
+    from harness.job.data import LabelSpanError, tokens_labelled_in_spans
 
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans, cursor = [], 0
@@ -118,13 +118,7 @@ def user_turn_labels(messages: list[dict], tokenizer) -> tuple[list[int], list[i
         if message["role"] == "user" and content:
             spans.append((start, start + len(content)))
         cursor = start + len(content)
-    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(encoding["input_ids"])
-    labels = [
-        token if any(start < span_end and end > span_start for span_start, span_end in spans) else IGNORE_INDEX
-        for token, (start, end) in zip(input_ids, encoding["offset_mapping"])
-    ]
-    return input_ids, labels
+    return tokens_labelled_in_spans(text, spans, tokenizer)
 
 
 def compare_chat_templates(folder: Path, tokenizer, conversations: list[list[dict]]) -> tuple[str | None, str | None]:

@@ -39,6 +39,15 @@ from harness.contract.records import (
 STOP_MARGIN = 0.5
 STOP_EPOCHS = 2
 
+
+def target_reached(recent: deque, threshold: float) -> bool:
+    """The stacks' stop rule (TRL, axolotl): a full window of step losses, each below the threshold and
+    their mean below STOP_MARGIN of it (the harness's evaluation of the saved model then decides)."""
+    return (
+        len(recent) == recent.maxlen and max(recent) < threshold and sum(recent) / len(recent) < STOP_MARGIN * threshold
+    )
+
+
 # What the recipe cannot say in SFTConfig's terms (also in README's backend section).
 UNMAPPED = [
     "token budget: TRL packs samples (best-fit decreasing) into rows of max_length = max_tokens_per_gpu tokens, "
@@ -265,12 +274,7 @@ class HarnessCallback(TrainerCallback):
             control.should_training_stop = True
             return
         self.recent.append(loss)
-        threshold = self.cfg.loss_threshold
-        if (
-            len(self.recent) == self.recent.maxlen
-            and max(self.recent) < threshold
-            and sum(self.recent) / len(self.recent) < STOP_MARGIN * threshold
-        ):
+        if target_reached(self.recent, self.cfg.loss_threshold):
             self.stop_reason = "target_reached"
             control.should_training_stop = True
 

@@ -150,7 +150,12 @@ def tokenize_with_labels(
 ) -> tuple[list[int], list[int]]:
     """input_ids and unshifted labels: token ids inside assistant spans, IGNORE_INDEX elsewhere."""
     text, spans = assistant_char_spans(messages, tokenizer, find_reply)
-    # The template writes BOS itself where the family uses one; do not add a second.
+    return tokens_labelled_in_spans(text, spans, tokenizer)
+
+
+def tokens_labelled_in_spans(text: str, spans: list[tuple[int, int]], tokenizer) -> tuple[list[int], list[int]]:
+    """text's input_ids, and labels that keep the tokens overlapping a character span (IGNORE_INDEX
+    elsewhere). The template writes BOS itself where the family uses one; no second is added."""
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(encoding["input_ids"])
     labels = [
