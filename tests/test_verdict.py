@@ -268,6 +268,23 @@ def test_generation_thresholds_both_sides(exact, token_accuracy, verdict):
         assert ("e.g. sample 7: expected 'Since 1597.<|im_end|>', got 'Since 1597. Since'" in reason) == (exact < 32)
 
 
+@pytest.mark.parametrize(
+    "weights, exact, unended, verdict",
+    [
+        ("synthetic", 29, 0, "PASS"),  # 91%: the lowest full-size healthy run measured
+        ("synthetic", 28, 0, "FAIL"),  # 88%
+        ("real", 31, 1, "FAIL"),  # one reply runs on: at full size that is a defect, not noise
+        ("tiny", 16, 3, "PASS"),  # tiny keeps its margin: half exact, some replies may run on
+    ],
+)
+def test_full_size_runs_must_reproduce_90_percent_with_every_reply_ending(weights, exact, unended, verdict):
+    inp = healthy(weights=weights, generation=generation(exact=exact, token_accuracy=0.95, no_end_of_turn=unended))
+    result = judge(inp)
+    assert result.verdict == verdict, result.reasons
+    if verdict == "FAIL":
+        assert f"{weights} weights need at least 90% exact and 60% of the tokens, every reply ending" in only_reason(inp)
+
+
 def test_the_generation_reason_says_why_when_it_can():
     reason = only_reason(healthy(generation=generation(exact=0, token_accuracy=0.96, no_end_of_turn=32)))
     assert "32 replies never emitted the end-of-turn token" in reason

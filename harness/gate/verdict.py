@@ -100,7 +100,7 @@ def judge(inp: VerdictInput) -> Verdict:
     reasons += initial_loss_reasons(initial, inp)
     final = inp.eval_loss if inp.eval_loss is not None else final_loss(inp.losses)
     reasons += final_loss_reasons(final, inp)
-    reasons += generation_reasons(inp.generation, trained=inp.clean_exit and bool(inp.losses))
+    reasons += generation_reasons(inp.generation, trained=inp.clean_exit and bool(inp.losses), weights=inp.weights)
     reasons += tower_reasons(inp)
     reasons += accounting_reasons(inp.data_accounting)
     reasons += sharding_reasons(inp.sharding)
@@ -291,14 +291,43 @@ def pretrained_entropy_reasons(entropy: float | None, uniform: float) -> list[st
 #     rows 2/12 exact, 20.7% of the tokens (5/16, 46.6%); packed samples seeing each other 3/12, 62.5%
 #     (2/16, 35.3%); the prompt in another family's template 4/12, 12.5% (3/16, 5.6%); end-of-turn not
 #     labelled 0/12 (0/16): never ended, every reply token right
-# Thresholds: half of the replies exact (28 points under the lowest healthy run, 17 over the highest
-# broken one); 60% of the tokens (23 under the lowest healthy run: the token rate alone would miss a
-# reply that runs on, and packed cross-attention kept 62.5%).
-GENERATION_MIN_EXACT = 0.5  # replies reproduced exactly, end-of-turn included
+# Thresholds, by weights mode:
+# - tiny (CPU-sized models, a few hundred steps): half of the replies exact (28 points under the lowest
+#   healthy run, 17 over the highest broken one) and 60% of the tokens (23 under the lowest healthy run: the
+#   token rate alone would miss a reply that runs on, and packed cross-attention kept 62.5%);
+# - full size (real or synthetic weights): full-size runs on a GPU reproduce 29-32 of 32 replies, every one
+#   ending (bench/results: gemma-3-4b-it --weights synthetic, H200 29/32-32/32 over six runs with
+#   and without compilation, H100 80GB 30/32 and 31/32; gemma-3n-E4B-it H200 30/32; none left a reply unended), so
+#   a full-size PASS needs 90% exact and every reply ending: one reply that runs on is a template or
+#   end-of-turn defect at full size, not noise.
+GENERATION_MIN_EXACT = 0.5  # tiny: replies reproduced exactly, end-of-turn included
 GENERATION_MIN_TOKEN_ACCURACY = 0.6  # expected tokens reproduced at their position
+FULL_SIZE_MIN_EXACT = 0.9  # real or synthetic weights
 
 
-def generation_reasons(check: GenerationCheck | None, trained: bool = True) -> list[str]:
+@dataclass(frozen=True)
+class GenerationRule:
+    """What the generation check must reach for a weights mode."""
+
+    min_exact: float
+    min_token_accuracy: float
+    every_reply_ends: bool
+
+    @staticmethod
+    def for_weights(weights: str) -> GenerationRule:
+        if weights == "tiny":
+            return GenerationRule(GENERATION_MIN_EXACT, GENERATION_MIN_TOKEN_ACCURACY, every_reply_ends=False)
+        return GenerationRule(FULL_SIZE_MIN_EXACT, GENERATION_MIN_TOKEN_ACCURACY, every_reply_ends=True)
+
+    def met_by(self, check: GenerationCheck) -> bool:
+        return (
+            check.exact_match_rate >= self.min_exact
+            and check.token_accuracy >= self.min_token_accuracy
+            and not (self.every_reply_ends and check.no_end_of_turn)
+        )
+
+
+def generation_reasons(check: GenerationCheck | None, trained: bool = True, weights: str = "tiny") -> list[str]:
     """A model whose loss is low but that does not answer as it will be used: it never ends its turn,
     is prompted with another template than training's, or decodes with other positions or cache.
     Every job that trained and exited cleanly records the check (native in the job, other stacks in the
@@ -307,12 +336,15 @@ def generation_reasons(check: GenerationCheck | None, trained: bool = True) -> l
         return ["no generation check was recorded: whether the trained model answers is unproven"] if trained else []
     if not check.samples:
         return ["generation check decoded no sample"]
-    if check.exact_match_rate >= GENERATION_MIN_EXACT and check.token_accuracy >= GENERATION_MIN_TOKEN_ACCURACY:
+    rule = GenerationRule.for_weights(weights)
+    if rule.met_by(check):
         return []
+    ending = ", every reply ending" if rule.every_reply_ends else ""
     reason = (
         f"generation check failed: greedy decoding with the KV cache reproduced {check.exact_matches}/{check.samples} "
-        f"training replies exactly ({check.exact_match_rate:.0%}, at least {GENERATION_MIN_EXACT:.0%} needed) and "
-        f"{check.token_accuracy:.1%} of their tokens (at least {GENERATION_MIN_TOKEN_ACCURACY:.0%})"
+        f"training replies exactly ({check.exact_match_rate:.0%}) and {check.token_accuracy:.1%} of their tokens; "
+        f"{weights} weights need at least {rule.min_exact:.0%} exact and {rule.min_token_accuracy:.0%} of the "
+        f"tokens{ending}"
     )
     if check.no_end_of_turn:
         reason += f"; {check.no_end_of_turn} replies never emitted the end-of-turn token"
