@@ -282,7 +282,8 @@ def test_full_size_runs_must_reproduce_90_percent_with_every_reply_ending(weight
     result = judge(inp)
     assert result.verdict == verdict, result.reasons
     if verdict == "FAIL":
-        assert f"{weights} weights need at least 90% exact and 60% of the tokens, every reply ending" in only_reason(inp)
+        rule = f"{weights} weights need at least 90% exact and 60% of the tokens, every reply ending"
+        assert rule in only_reason(inp)
 
 
 def test_the_generation_reason_says_why_when_it_can():
