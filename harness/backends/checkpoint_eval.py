@@ -166,17 +166,28 @@ def first_difference(index: int, what: str, trained: list[int], used: list[int],
 
 def changed_towers(before: Path, after: Path) -> list[str] | None:
     """Tower tensors (outside the language model and lm_head) whose values differ between the input
-    checkpoint and the saved one, compared in the input's dtype. None: the saved model has no towers."""
+    checkpoint and the saved one, compared in the input's dtype. None: the saved model has no towers.
+    Names are matched as transformers' loader reads them: a stack may save the classes' layout
+    (`model.vision_tower.*`) from an input in the hub's (`vision_tower.*`), or the other way round."""
+    from transformers import AutoConfig
+
     from harness.models.checkpoints import read_index
+    from harness.models.loading import checkpoint_renames, renamed_key
 
     saved = tower_keys(after)
     if not saved:
         return None
+    renames = checkpoint_renames(AutoConfig.from_pretrained(after).model_type)
     old, new = read_index(before), read_index(after)
-    common = sorted(set(saved) & set(old.files))
-    if not common:
-        raise ValueError(f"the saved towers' tensors ({len(saved)}) have none of the input checkpoint's names")
-    return [key for key in common if not same_tensor(old, new, key)]
+    input_names = {renamed_key(key, renames): key for key in old.files}
+    pairs = {key: input_names.get(renamed_key(key, renames)) for key in saved}
+    pairs = {key: old_key for key, old_key in sorted(pairs.items()) if old_key is not None}
+    if not pairs:
+        raise ValueError(
+            f"the saved towers' tensors ({len(saved)}, e.g. {saved[0]}) have none of the input checkpoint's "
+            "names, even through transformers' checkpoint renames"
+        )
+    return [key for key, old_key in pairs.items() if not same_tensor(old, old_key, new, key)]
 
 
 def tower_keys(folder: Path) -> list[str]:
@@ -192,13 +203,13 @@ def tower_keys(folder: Path) -> list[str]:
     return [key for key in read_index(folder).files if not key.startswith(text_prefixes)]
 
 
-def same_tensor(old, new, key: str) -> bool:
+def same_tensor(old, old_key: str, new, new_key: str) -> bool:
     import torch
 
     from harness.models.checkpoints import read_tensors
 
-    before = read_tensors(old, {key: key}, None)[key]
-    after = read_tensors(new, {key: key}, None)[key]
+    before = read_tensors(old, {old_key: old_key}, None)[old_key]
+    after = read_tensors(new, {new_key: new_key}, None)[new_key]
     return before.shape == after.shape and torch.equal(before, after.to(before.dtype))
 
 

@@ -294,13 +294,30 @@ def extract_with_key_conversion(
 def vlm_key_mapping(config, decision: LoadPathDecision) -> dict[str, str]:
     """Regex renames: the VLM type's checkpoint renames (transformers' conversion mapping; the weight
     merges are left to the text class's own), then its language-model path -> `model.`."""
+    renames = checkpoint_renames(config.model_type)
+    renames[rf"^{re.escape(vlm_language_model_path(config, decision))}\."] = "model."
+    return renames
+
+
+def checkpoint_renames(model_type: str) -> dict[str, str]:
+    """transformers' key renames for a type's checkpoints (a hub layout -> its classes' names), as regex
+    pattern -> replacement; merges and splits of tensors are not renames and are left out."""
     renames = {}
-    for transform in get_checkpoint_conversion_mapping(config.model_type) or []:
+    for transform in get_checkpoint_conversion_mapping(model_type) or []:
         if getattr(transform, "operations", None):  # a merge or split of tensors, not a rename
             continue
         renames.update(zip(transform.source_patterns, transform.target_patterns))
-    renames[rf"^{re.escape(vlm_language_model_path(config, decision))}\."] = "model."
     return renames
+
+
+def renamed_key(key: str, renames: dict[str, str]) -> str:
+    """A checkpoint key under the class's names: the first rename that matches, as transformers applies
+    them; a key already in the class's layout matches none and stays."""
+    for pattern, replacement in renames.items():
+        new, count = re.subn(pattern, replacement, key, count=1)
+        if count:
+            return new
+    return key
 
 
 def vlm_language_model_path(config, decision: LoadPathDecision) -> str:
