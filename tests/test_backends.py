@@ -230,20 +230,24 @@ def test_instructlab_data_conversion_on_the_overfit_set(tmp_path):
 # ---------------------------------------------------------------- the verdict on what a stack saved
 
 
-def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> tuple[RunConfig, object]:
-    """A model folder as a TRL job that 'succeeded' leaves it: a finished report and converged losses."""
-    from harness.contract.records import BackendRecord, MetricsWriter, StepMetrics, WorkerReport
-
-    spec = registry.lookup(name)
-    cfg = RunConfig(
-        model=spec.to_dict(),
+def stack_job_config(tmp_path: Path, name: str, backend: str, max_samples: int) -> RunConfig:
+    """A tiny CPU job of `backend` on the registry's model `name`, over the default dataset."""
+    return RunConfig(
+        model=registry.lookup(name).to_dict(),
         weights="tiny",
         device="cpu",
         output_dir=str(tmp_path),
         dataset=str(DEFAULT_DATASET),
-        max_samples=16,
-        backend="trl",
+        max_samples=max_samples,
+        backend=backend,
     )
+
+
+def finished_stack_job(tmp_path: Path, name: str = "Llama-3.2-1B-Instruct") -> tuple[RunConfig, object]:
+    """A model folder as a TRL job that 'succeeded' leaves it: a finished report and converged losses."""
+    from harness.contract.records import BackendRecord, MetricsWriter, StepMetrics, WorkerReport
+
+    cfg = stack_job_config(tmp_path, name, "trl", max_samples=16)
     cfg.to_json(tmp_path / "job.json")
     report = WorkerReport(
         status="finished",
@@ -349,15 +353,7 @@ def test_a_vlm_saved_in_the_classes_layout_is_evaluated_against_an_input_in_the_
     assert "model.vision_tower.post_layernorm.weight" in load_file(next(saved.glob("*.safetensors")))
 
     assert changed_towers(given, saved) == []
-    cfg = RunConfig(
-        model=spec.to_dict(),
-        weights="tiny",
-        device="cpu",
-        output_dir=str(tmp_path),
-        dataset=str(DEFAULT_DATASET),
-        max_samples=8,
-        backend="instructlab",
-    )
+    cfg = stack_job_config(tmp_path, "gemma-3-4b-it", "instructlab", max_samples=8)
     check = CheckpointCheck(folder=str(saved))
     evaluate_checkpoint(cfg, saved, check, input_checkpoint=given)
     assert check.towers_changed == [] and check.saved_class == "Gemma3ForConditionalGeneration"
