@@ -87,6 +87,7 @@ def test_the_real_parts_are_the_job_modules_functions():
         data.pad_samples,
     )
     assert real.labelling.tokenize is data.tokenize_with_labels and real.labelling.variant == ""
+    assert (real.load_steps.resolve, real.load_steps.extract) == (loading.resolve_load_path, loading.extract_causal_lm)
 
 
 def test_unset_variables_arm_nothing(parts):
@@ -212,6 +213,25 @@ def test_loss_per_micro_batch_mean_splits_the_step_and_only_the_normalisation_is
     assert mutated.loss != pytest.approx(whole.loss, rel=1e-3) and mutated.grad_norm != pytest.approx(
         whole.grad_norm, rel=1e-3
     )
+
+
+def test_loader_mutations_change_the_steps_load_model_is_given_not_the_loader(parts, monkeypatch):
+    """resolver_returns_causal_lm: the armed steps decide Gemma 3's load path by the causal-LM mapping
+    (the full VLM class); the loader module's own functions stay the real ones."""
+    from harness.gate import registry
+    from harness.models.configs import load_config
+
+    before = [getattr(owner, name) for owner, name in MODULE_FUNCTIONS]
+    monkeypatch.setenv(mutations.ENV_VAR, "resolver_returns_causal_lm/gemma-3-4b-it")
+    mutations.parse.cache_clear()
+    armed = arm("gemma-3-4b-it", 0, parts)
+    config = load_config(registry.lookup("gemma-3-4b-it"))
+    assert loading.resolve_load_path(config).load_path == "extract_causal_lm"
+    decision = armed.load_steps.resolve(config)
+    assert (decision.load_path, decision.model_class) == ("causal_lm", "Gemma3ForConditionalGeneration")
+    assert armed.load_steps.extract is loading.extract_causal_lm and armed.load_model is loading.load_model
+    assert [getattr(owner, name) for owner, name in MODULE_FUNCTIONS] == before
+    mutations.parse.cache_clear()
 
 
 def test_label_mutations_change_the_labelling_and_its_cache_key(parts, monkeypatch):

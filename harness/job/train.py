@@ -246,6 +246,7 @@ class JobParts:
 
     prepare_caches: Callable[..., None] = job_caches.prepare_caches
     load_model: Callable[..., loading.LoadedModel] = loading.load_model
+    load_steps: loading.LoadSteps = loading.LoadSteps()  # the load path decision and the extraction, inside load_model
     vocab_size: Callable[[nn.Module], int] = loading.vocab_size
     labelling: data_lib.Labelling = data_lib.REAL_LABELLING
     pack_samples: data_lib.PackSamples = data_lib.pack_samples
@@ -321,7 +322,7 @@ def load_inputs(cfg: RunConfig, ctx, parts: JobParts, report: WorkerReport) -> J
     memory: one fp32 copy per node, not one per rank)."""
     read_by_rank0 = cfg.weights != "synthetic" and ctx.world_size > 1
     on_meta = cfg.weights == "synthetic" or (read_by_rank0 and not ctx.is_main)
-    loaded = parts.load_model(cfg.spec, cfg.weights, on_meta=on_meta)
+    loaded = parts.load_model(cfg.spec, cfg.weights, on_meta=on_meta, steps=parts.load_steps)
     report.load_record, report.vocab_size = loaded.record, parts.vocab_size(loaded.model)
     tokenizer = loading.tokenizer_for(cfg.spec, cfg.weights)
     conversations = data_lib.load_chat_dataset(Path(cfg.dataset))[: cfg.max_samples]

@@ -23,6 +23,7 @@ import dataclasses
 import inspect
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,18 +84,20 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     on_meta: bool = False,
+    steps: LoadSteps | None = None,
 ) -> LoadedModel:
     """The model ready for training (towers frozen or absent) and how it was loaded."""
+    steps = steps or LoadSteps()
     if weights not in WEIGHTS_MODES:
         raise UsageError(f"weights {weights!r} is not one of {WEIGHTS_MODES}")
     start = time.perf_counter()
     if weights == "synthetic":
-        model, record = build_synthetic(spec, dtype, on_meta)
+        model, record = build_synthetic(spec, dtype, on_meta, steps)
     elif on_meta:
-        model, record = checkpoint_structure(*checkpoint_folder(spec, weights), dtype, weights)
+        model, record = checkpoint_structure(*checkpoint_folder(spec, weights), dtype, weights, steps)
     else:
         folder, source = checkpoint_folder(spec, weights)
-        model, record = load_checkpoint(folder, dtype, weights, source)
+        model, record = load_checkpoint(folder, dtype, weights, source, steps)
     record.load_time_s = round(time.perf_counter() - start, 3)
     return LoadedModel(model, record)
 
@@ -122,11 +125,14 @@ def hub_snapshot(repo_id: str) -> Path:
     return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
-def load_checkpoint(folder: Path, dtype: torch.dtype, weights: str, source: str) -> tuple[nn.Module, LoadRecord]:
+def load_checkpoint(
+    folder: Path, dtype: torch.dtype, weights: str, source: str, steps: LoadSteps | None = None
+) -> tuple[nn.Module, LoadRecord]:
+    steps = steps or LoadSteps()
     config = AutoConfig.from_pretrained(folder)
-    decision = resolve_load_path(config)
+    decision = steps.resolve(config)
     if decision.load_path == "extract_causal_lm":
-        model, loaded, checkpoint_total = extract_causal_lm(folder, config, decision, dtype)
+        model, loaded, checkpoint_total = steps.extract(folder, config, decision, dtype)
     else:
         model, loaded, checkpoint_total = from_pretrained_counted(folder, decision, dtype)
     if decision.load_path == "direct_vlm_load":
@@ -241,6 +247,16 @@ def extract_causal_lm(folder: Path, config, decision: LoadPathDecision, dtype: t
     initialize_meta_buffers(model)
     assert_nothing_on_meta(model, decision.model_class)
     return model, sum(t.numel() for t in tensors.values()), index.numel()
+
+
+@dataclass(frozen=True)
+class LoadSteps:
+    """The two decisions inside a load that a test may replace (harness.job.train.JobParts.load_steps):
+    which class and load path a config takes, and how a text model is read out of a VLM checkpoint.
+    The real ones by default; load_model and everything below it take them as an argument."""
+
+    resolve: Callable[..., LoadPathDecision] = resolve_load_path
+    extract: Callable[..., tuple[nn.Module, int, int]] = extract_causal_lm
 
 
 def extract_with_key_conversion(
@@ -384,10 +400,12 @@ def assert_nothing_on_meta(model: nn.Module, class_name: str) -> None:
 # ---------------------------------------------------------------- synthetic weights
 
 
-def build_along_path(config, dtype: torch.dtype) -> tuple[LoadPathDecision, nn.Module]:
+def build_along_path(
+    config, dtype: torch.dtype, resolve: Callable[..., LoadPathDecision] = resolve_load_path
+) -> tuple[LoadPathDecision, nn.Module]:
     """The class the load path decides, built on the meta device from the config it is built from
     (the text config where the text model is extracted), towers frozen where the VLM is kept."""
-    decision = resolve_load_path(config)
+    decision = resolve(config)
     build_config = extraction_text_config(config) if decision.load_path == "extract_causal_lm" else config
     model = build_on_meta(model_class(decision.model_class), build_config, dtype)
     if embeddings_should_tie(model) and not embeddings_tied(model):
@@ -397,18 +415,24 @@ def build_along_path(config, dtype: torch.dtype) -> tuple[LoadPathDecision, nn.M
     return decision, model
 
 
-def checkpoint_structure(folder: Path, source: str, dtype: torch.dtype, weights: str) -> tuple[nn.Module, LoadRecord]:
+def checkpoint_structure(
+    folder: Path, source: str, dtype: torch.dtype, weights: str, steps: LoadSteps | None = None
+) -> tuple[nn.Module, LoadRecord]:
     """What load_checkpoint builds, on the meta device, no tensor read: for the ranks that receive
     their shards from rank 0 (its record, written by rank 0, is the one reported)."""
-    decision, model = build_along_path(AutoConfig.from_pretrained(folder), dtype)
+    steps = steps or LoadSteps()
+    decision, model = build_along_path(AutoConfig.from_pretrained(folder), dtype, steps.resolve)
     counts = count_parameters(model, checkpoint_total=None, loaded=0)
     return model, make_record(decision, model, weights, f"{source} (read by rank 0, broadcast)", counts, dtype)
 
 
-def build_synthetic(spec: ModelSpec, dtype: torch.dtype, on_meta: bool) -> tuple[nn.Module, LoadRecord]:
+def build_synthetic(
+    spec: ModelSpec, dtype: torch.dtype, on_meta: bool, steps: LoadSteps | None = None
+) -> tuple[nn.Module, LoadRecord]:
     """The full-size architecture from the shipped config, random weights, no download."""
+    steps = steps or LoadSteps()
     config = load_config(spec)
-    decision, model = build_along_path(config, dtype)
+    decision, model = build_along_path(config, dtype, steps.resolve)
     if not on_meta:
         materialize(model, "cpu")
     counts = count_parameters(model, checkpoint_total=None, loaded=0)

@@ -13,7 +13,6 @@ that names it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -221,31 +220,14 @@ def _own_rank_mesh(shard_model):
 # ---------------------------------------------------------------- the wrappers: upstream bug classes in loading
 
 
-def _inside_load(name: str, wrap: Callable):
-    """A load_model whose loader calls `wrap(harness.models.loading.<name>)` instead of that step, for
-    the length of the call only: the loader's own steps lie in harness.models, below the job's parts."""
+def _in_load_steps(step: str, wrap: Callable):
+    """A change of one of the loader's own steps (harness.models.loading.LoadSteps: resolve, extract),
+    which the job hands to load_model as JobParts.load_steps."""
 
-    def wrap_load(load_model):
-        @functools.wraps(load_model)
-        def wrapped(*args, **kwargs):
-            from harness.models import loading
+    def wrap_steps(steps):
+        return dataclasses.replace(steps, **{step: wrap(getattr(steps, step))})
 
-            with _swapped(loading, name, wrap(getattr(loading, name))):
-                return load_model(*args, **kwargs)
-
-        return wrapped
-
-    return wrap_load
-
-
-@contextlib.contextmanager
-def _swapped(owner, name: str, value):
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
+    return wrap_steps
 
 
 def _causal_lm_mapping_trusted(resolve_load_path):
@@ -534,8 +516,8 @@ CATALOGUE = {
         "renders the generation prompts with another family's chat template than training's",
     ),
     "resolver_returns_causal_lm": Mutation(
-        "load_model",
-        _inside_load("resolve_load_path", _causal_lm_mapping_trusted),
+        "load_steps",
+        _in_load_steps("resolve", _causal_lm_mapping_trusted),
         "trusts the causal-LM mapping: Gemma 3 loads as the full VLM",
     ),
     "token_type_ids_dropped": Mutation(
@@ -549,8 +531,8 @@ CATALOGUE = {
         "reads the vocabulary size off the top-level config, not text_config",
     ),
     "silent_random_load": Mutation(
-        "load_model",
-        _inside_load("extract_causal_lm", _trusting_from_pretrained),
+        "load_steps",
+        _in_load_steps("extract", _trusting_from_pretrained),
         "extracts by a plain from_pretrained of the text class and trusts it",
     ),
 }
