@@ -386,6 +386,9 @@ def trained_or_refused(model_type: str, tmp_path: Path) -> None:
     model, record = loading.load_checkpoint(tmp_path, torch.float32, "tiny", f"tiny {written}")
     params = record.params
     assert record.load_path == decision.load_path
+    # the other ranks (and synthetic weights) build the same model on the meta device, from the config alone
+    on_meta, _ = loading.checkpoint_structure(tmp_path, "tiny", torch.float32, "tiny")
+    assert shapes(on_meta) == shapes(model), "the meta build differs from the model rank 0 loads"
     assert params["loaded"] >= params["model_total"], f"{params}: a weight was not loaded"  # loaded: buffers too
     if decision.load_path == "extract_causal_lm":
         assert not loading.is_multimodal(model), "extraction built a model with towers"
@@ -402,6 +405,10 @@ def trained_or_refused(model_type: str, tmp_path: Path) -> None:
         assert not towers_with_grad, f"frozen tower parameters got gradients: {towers_with_grad[:5]}"
     check_head_parity(model_type, model)
     RESULTS[model_type] = ("trained", f"{decision.load_path} {record.classes['model']} from {written}")
+
+
+def shapes(model) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(param.shape) for name, param in model.named_parameters()}
 
 
 @pytest.mark.parametrize("model_type", OTHER_TYPES)

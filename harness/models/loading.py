@@ -406,13 +406,30 @@ def build_along_path(
     """The class the load path decides, built on the meta device from the config it is built from
     (the text config where the text model is extracted), towers frozen where the VLM is kept."""
     decision = resolve(config)
-    build_config = extraction_text_config(config) if decision.load_path == "extract_causal_lm" else config
-    model = build_on_meta(model_class(decision.model_class), build_config, dtype)
+    cls = model_class(decision.model_class)
+    if decision.load_path == "extract_causal_lm":
+        build_config = extraction_text_config(config)
+    else:
+        build_config = config_the_class_reads(cls, config)
+    model = build_on_meta(cls, build_config, dtype)
     if embeddings_should_tie(model) and not embeddings_tied(model):
         model.tie_weights()
     if decision.load_path == "direct_vlm_load":
         freeze_towers(model)
     return decision, model
+
+
+def config_the_class_reads(cls: type, config):
+    """The config `cls` is built from: the config itself, or the text config where the causal-LM mapping
+    names a text class for a composite config (llama4, qwen3_5, qwen3_5_moe, qwen4_exp, dots3_note: their
+    class raises on the full config), as its from_pretrained reads the checkpoint's config.json and
+    AutoModelForCausalLM.from_config picks it: the meta build of the other ranks and of synthetic
+    weights must match the model rank 0 loads."""
+    wanted = getattr(cls, "config_class", None)
+    if wanted is None or isinstance(config, wanted):
+        return config
+    text = config.get_text_config(decoder=True)
+    return text if isinstance(text, wanted) else config
 
 
 def checkpoint_structure(
