@@ -145,7 +145,7 @@ def test_a_trained_model_reproduces_every_reply(trained):
     assert check.no_end_of_turn == check.prompts_unlike_training == 0 and check.worst == []
     replies = [generation.last_reply(s.shift_labels)[1] for s in dataset.samples]
     assert check.expected_tokens == sum(min(len(r), generation.MAX_REPLY_TOKENS) for r in replies)
-    assert generation_reasons(check) == []
+    assert generation_reasons(check, "tiny") == []
 
 
 def test_another_template_at_generation_is_caught(trained, monkeypatch):
@@ -156,7 +156,7 @@ def test_another_template_at_generation_is_caught(trained, monkeypatch):
     check = check_of(model, tokenizer, chosen, dataset, parts.generation_check)
     assert check.prompts_unlike_training == TRAIN_SAMPLES
     assert check.exact_match_rate < GENERATION_MIN_EXACT, check  # 4/12 measured
-    (reason,) = generation_reasons(check)
+    (reason,) = generation_reasons(check, "tiny")
     assert reason.startswith("generation check failed") and "differs from their training text" in reason
 
 
@@ -169,7 +169,7 @@ def test_a_model_trained_without_end_of_turn_runs_on_and_is_caught(conversations
     assert loss < 0.02  # the teacher-forced loss sees nothing wrong
     check = check_of(model, tokenizer, chosen, dataset)
     assert check.exact_matches == 0 and check.no_end_of_turn >= TRAIN_SAMPLES // 2, check
-    (reason,) = generation_reasons(check)
+    (reason,) = generation_reasons(check, "tiny")
     assert "never emitted the end-of-turn token" in reason
 
 

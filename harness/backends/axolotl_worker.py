@@ -27,9 +27,8 @@ from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
 from harness.backends.axolotl import JOB_ENV, STATE_FILE, UNMAPPED, stack_dir
-from harness.backends.trl_worker import STOP_EPOCHS, target_reached
+from harness.backends.trl_worker import STOP_EPOCHS, follow_logged_loss
 from harness.contract.records import (
-    PROGRESS_PREFIX,
     BackendRecord,
     DataStats,
     RunConfig,
@@ -174,16 +173,7 @@ class HarnessCallback(TrainerCallback):
         loss = float(logs["loss"])
         self.steps = state.global_step
         self.first_step_s = self.first_step_s or now - self.started
-        if state.is_world_process_zero and state.global_step % max(1, self.job.log_every) == 0:
-            print(f"{PROGRESS_PREFIX}step {state.global_step} (budget {state.max_steps}) loss {loss:.4f}", flush=True)
-        if not math.isfinite(loss):
-            self.stop_reason, self.non_finite_step = "non_finite", state.global_step
-            control.should_training_stop = True
-            return
-        self.recent.append(loss)
-        if target_reached(self.recent, self.job.loss_threshold):
-            self.stop_reason = "target_reached"
-            control.should_training_stop = True
+        follow_logged_loss(self, state, control, loss, self.job.log_every, self.job.loss_threshold)
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:

@@ -48,6 +48,23 @@ def target_reached(recent: deque, threshold: float) -> bool:
     )
 
 
+def follow_logged_loss(watcher, state, control, loss: float, log_every: int, threshold: float) -> None:
+    """What the stacks' callbacks (TRL, axolotl) do with each logged step loss: the progress line every
+    `log_every` steps, then the stop rules. A non-finite loss ends training (stop_reason non_finite); a
+    window below the target ends it (target_reached). `watcher` keeps stop_reason, non_finite_step and
+    `recent`, the window."""
+    if state.is_world_process_zero and state.global_step % max(1, log_every) == 0:
+        print(f"{PROGRESS_PREFIX}step {state.global_step} (budget {state.max_steps}) loss {loss:.4f}", flush=True)
+    if not math.isfinite(loss):
+        watcher.stop_reason, watcher.non_finite_step = "non_finite", state.global_step
+        control.should_training_stop = True
+        return
+    watcher.recent.append(loss)
+    if target_reached(watcher.recent, threshold):
+        watcher.stop_reason = "target_reached"
+        control.should_training_stop = True
+
+
 # What the recipe cannot say in SFTConfig's terms (also in README's backend section).
 UNMAPPED = [
     "token budget: TRL packs samples (best-fit decreasing) into rows of max_length = max_tokens_per_gpu tokens, "
@@ -267,16 +284,7 @@ class HarnessCallback(TrainerCallback):
         )
         self.writer.write(metrics)
         self.losses.append(loss)
-        if state.is_world_process_zero and state.global_step % max(1, self.cfg.log_every) == 0:
-            print(f"{PROGRESS_PREFIX}step {state.global_step} (budget {state.max_steps}) loss {loss:.4f}", flush=True)
-        if not math.isfinite(loss):
-            self.stop_reason, self.non_finite_step = "non_finite", state.global_step
-            control.should_training_stop = True
-            return
-        self.recent.append(loss)
-        if target_reached(self.recent, self.cfg.loss_threshold):
-            self.stop_reason = "target_reached"
-            control.should_training_stop = True
+        follow_logged_loss(self, state, control, loss, self.cfg.log_every, self.cfg.loss_threshold)
 
     def watch_epochs(self, steps_per_epoch: int) -> None:
         """The stop window spans STOP_EPOCHS epochs (every packed row seen twice), at least `patience` steps."""

@@ -327,7 +327,7 @@ class GenerationRule:
         )
 
 
-def generation_reasons(check: GenerationCheck | None, trained: bool = True, weights: str = "tiny") -> list[str]:
+def generation_reasons(check: GenerationCheck | None, weights: str, trained: bool = True) -> list[str]:
     """A model whose loss is low but that does not answer as it will be used: it never ends its turn,
     is prompted with another template than training's, or decodes with other positions or cache.
     Every job that trained and exited cleanly records the check (native in the job, other stacks in the
